@@ -1,0 +1,167 @@
+"""The `bigbatch` command: subcommands only, no training logic.
+
+    bigbatch train  [RECIPE] [--out DIR] [--section.field=VALUE ...]
+    bigbatch config [RECIPE] [--world-size N] [--section.field=VALUE ...]
+    bigbatch verify [RECIPE] [--float64] [--section.field=VALUE ...]
+    bigbatch sample RUN_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
+
+Bad input is one line on stderr and exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigbatch.errors import UsageError
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+@dataclass
+class RunArgs:
+    """What a recipe-taking subcommand was given: the recipe, overrides, and its own flags."""
+
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    flags: dict[str, str | bool] = field(default_factory=dict)
+
+
+def parse_run_args(args: list[str], valued: set[str], switches: set[str]) -> RunArgs:
+    """Split `[RECIPE] [--flag VALUE] [--switch] [--section.field=VALUE]` by hand, because a
+    space-separated override value (`--data.seq_len 128`) must not be taken for the recipe."""
+    parsed = RunArgs()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, has_value, value = arg.partition("=")
+        if name in switches:
+            parsed.flags[name] = True
+        elif name in valued:
+            if not has_value:
+                if i + 1 >= len(args):
+                    raise UsageError(f"{name} needs a value")
+                i, value = i + 1, args[i + 1]
+            parsed.flags[name] = value
+        elif arg.startswith("--") and "." in name:
+            parsed.overrides.append(arg)
+            if not has_value and i + 1 < len(args):
+                i += 1
+                parsed.overrides.append(args[i])
+        elif not arg.startswith("-") and parsed.recipe is None:
+            parsed.recipe = arg
+        else:
+            allowed = sorted(valued | switches)
+            raise UsageError(f"unexpected argument {arg!r}: expected a recipe file, "
+                             f"--section.field=VALUE overrides, or one of {', '.join(allowed)}")
+        i += 1
+    return parsed
+
+
+def cmd_train(args: list[str]) -> int:
+    from bigbatch.config import load_config
+    from bigbatch.run import train
+
+    run = parse_run_args(args, valued={"--out"}, switches={"--debug"})
+    cfg = load_config(run.recipe, run.overrides)
+    stem = Path(run.recipe).stem if run.recipe else "default"
+    out = Path(str(run.flags.get("--out") or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    train(cfg, out)
+    return 0
+
+
+def cmd_config(args: list[str]) -> int:
+    from bigbatch.batching import plan_batch
+    from bigbatch.config import config_to_toml, field_docs, load_config
+
+    run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--fields"})
+    if run.flags.get("--fields"):
+        for key, default, doc in field_docs():
+            print(f"{key} = {default!r}\n    {doc}")
+        return 0
+    cfg = load_config(run.recipe, run.overrides)
+    world_size = _positive_int(run.flags.get("--world-size", "1"), "--world-size")
+    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                      world_size)
+    print(config_to_toml(cfg))
+    print(f"# {plan.describe()}")
+    print(f"# num_micro_steps = global_tokens / (micro_batch_size * seq_len * world_size) = "
+          f"{plan.global_tokens} / ({plan.micro_batch_size} * {plan.seq_len} * "
+          f"{plan.world_size}) = {plan.num_micro_steps}")
+    return 0
+
+
+def cmd_verify(args: list[str]) -> int:
+    from bigbatch.config import load_config
+    from bigbatch.verify import verify
+
+    run = parse_run_args(args, valued=set(), switches={"--debug", "--float64"})
+    result = verify(load_config(run.recipe, run.overrides), float64=bool(run.flags.get("--float64")))
+    verdict = "OK" if result.passed else "FAILED"
+    print(f"accumulation check ({result.dtype}): {result.num_micro_steps} micro-steps of "
+          f"{result.micro_batch_size} sequences (target tokens {result.target_counts}) vs one "
+          f"batch: max relative error {result.max_relative_error:.2e} "
+          f"(tolerance {result.tolerance:.0e}) {verdict}")
+    return 0 if result.passed else 1
+
+
+def cmd_sample(args: list[str]) -> int:
+    import torch
+
+    from bigbatch.artifacts import load_model
+
+    parser = argparse.ArgumentParser(prog="bigbatch sample")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true")
+    opts = parser.parse_args(args)
+    if opts.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens = {opts.max_new_tokens} must be a positive integer")
+    model, tokenizer = load_model(opts.run_dir)
+    ids = tokenizer.encode(opts.prompt).ids or [tokenizer.token_to_id("<|endoftext|>")]
+    generator = torch.Generator().manual_seed(opts.seed)
+    out = model.generate(torch.tensor([ids]), opts.max_new_tokens, opts.temperature,
+                         opts.top_k, generator)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample}
+
+
+def _positive_int(text: str | bool, name: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise UsageError(f"{name} = {text!r} must be a positive integer")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage:\n{USAGE}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"bigbatch: error: unknown command {command!r}: choose one of "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except UsageError as err:
+        if "--debug" in rest:
+            raise
+        print(f"bigbatch: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

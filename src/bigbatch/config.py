@@ -1,0 +1,291 @@
+"""Run configuration: one frozen dataclass per section, read from TOML and `--section.field=VALUE`.
+
+Every field carries its documentation in `metadata["doc"]` so that `bigbatch config --help-fields`
+and error messages can show it. Unknown keys, wrong types and impossible values raise `UsageError`
+naming the key. Only serialisable values live here; live objects are built from them elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import tomllib
+
+from bigbatch.errors import UsageError
+
+
+def option(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _require(condition: bool, key: str, value: Any, valid: str) -> None:
+    if not condition:
+        raise UsageError(f"{key} = {value!r} is invalid: {valid}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = option("", "Text file or directory; empty means the embedded default corpus "
+                           "(this Python's standard-library sources, tests excluded).")
+    pattern: str = option("*", "Glob for files when `path` is a directory (searched recursively).")
+    seq_len: int = option(256, "Tokens per training sequence (the model's context length).")
+    vocab_size: int = option(8192, "Size of the byte-level BPE trained on the training split "
+                                   "(ignored when `tokenizer` names a directory).")
+    tokenizer: str = option("", "Directory of a Hugging Face tokenizer to use instead of training one.")
+    val_fraction: float = option(0.05, "Fraction of documents held out for validation.")
+    doc_chars: int = option(16384, "Files longer than this are cut at line breaks into documents "
+                                   "of about this many characters, so one big file still splits "
+                                   "into training and validation documents.")
+    cache_dir: str = option("", "Where tokenizers and token arrays are cached; empty means "
+                                "$XDG_CACHE_HOME/bigbatch (or ~/.cache/bigbatch).")
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "an integer >= 8")
+        _require(256 + 1 <= self.vocab_size <= 2**31 - 1, "data.vocab_size", self.vocab_size,
+                 "an integer > 256 (the byte alphabet plus merges)")
+        _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
+                 "a number in (0, 0.5)")
+        _require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = option(4, "Number of Transformer blocks.")
+    d_model: int = option(384, "Width of the residual stream.")
+    n_head: int = option(6, "Attention heads; must divide d_model.")
+    dropout: float = option(0.0, "Dropout probability (0 keeps training deterministic and fast).")
+
+    def __post_init__(self) -> None:
+        _require(self.n_layer >= 1, "model.n_layer", self.n_layer, "an integer >= 1")
+        _require(self.n_head >= 1, "model.n_head", self.n_head, "an integer >= 1")
+        _require(self.d_model >= 1 and self.d_model % self.n_head == 0, "model.d_model",
+                 self.d_model, f"a positive multiple of model.n_head ({self.n_head})")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    global_tokens: int = option(65536, "Tokens per optimizer step across all ranks: the batch, "
+                                       "said once. Micro-steps are derived from it.")
+    micro_batch_size: int = option(16, "Sequences per forward/backward per rank: the memory knob.")
+
+    def __post_init__(self) -> None:
+        _require(self.global_tokens >= 1, "batch.global_tokens", self.global_tokens,
+                 "a positive integer")
+        _require(self.micro_batch_size >= 1, "batch.micro_batch_size", self.micro_batch_size,
+                 "a positive integer")
+
+
+OPTIMIZERS = ("adamw",)
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = option("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
+    lr: float = option(1e-3, "Peak learning rate, reached at the end of warmup.")
+    weight_decay: float = option(0.1, "Decoupled weight decay, applied to weights of 2+ dims only.")
+    beta1: float = option(0.9, "Adam beta1.")
+    beta2: float = option(0.95, "Adam beta2.")
+    eps: float = option(1e-8, "Adam epsilon.")
+    clip_norm: float = option(1.0, "Clip the global L2 norm of the gradients to this; 0 disables.")
+    clip_value: float = option(0.0, "Clip every gradient element to [-v, v] (L-inf); 0 disables.")
+    warmup_steps: int = option(10, "Linear warmup from ~0 to `lr` over this many steps.")
+    decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)}.")
+    min_lr_ratio: float = option(0.1, "Floor of the decay, as a fraction of `lr`.")
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {OPTIMIZERS}")
+        _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
+        _require(self.eps > 0, "optim.eps", self.eps, "a positive number")
+        _require(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0 (0 = off)")
+        _require(self.clip_value >= 0, "optim.clip_value", self.clip_value,
+                 "a number >= 0 (0 = off)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
+                 "an integer >= 0")
+        _require(self.decay in DECAYS, "optim.decay", self.decay, f"one of {DECAYS}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
+                 "a number in [0, 1]")
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    dtype: str = option("bf16", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling).")
+    init_scale: float = option(2.0**16, "fp16: initial loss scale.")
+    growth_factor: float = option(2.0, "fp16: scale multiplier after `growth_interval` good steps.")
+    backoff_factor: float = option(0.5, "fp16: scale multiplier after an overflow.")
+    growth_interval: int = option(2000, "fp16: good steps between scale increases.")
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, "precision.dtype", self.dtype, f"one of {DTYPES}")
+        _require(self.init_scale > 0, "precision.init_scale", self.init_scale, "a positive number")
+        _require(self.growth_factor > 1, "precision.growth_factor", self.growth_factor,
+                 "a number > 1")
+        _require(0 < self.backoff_factor < 1, "precision.backoff_factor", self.backoff_factor,
+                 "a number in (0, 1)")
+        _require(self.growth_interval >= 1, "precision.growth_interval", self.growth_interval,
+                 "a positive integer")
+
+
+ALLOCATORS = ("tuned", "system")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = option(80, "Optimizer steps to train for.")
+    eval_every: int = option(20, "Evaluate on the validation split every this many steps "
+                                 "(and at the end); 0 evaluates only at the end.")
+    eval_tokens: int = option(131072, "Validation tokens per evaluation (fewer if the split is "
+                                      "smaller).")
+    seed: int = option(1337, "Seed for initialisation and data order.")
+    log_every: int = option(1, "Print a log line every this many steps (when not on a terminal).")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    max_bad_steps: int = option(20, "Stop after this many consecutive skipped (non-finite) steps.")
+    allocator: str = option("tuned", "tuned: keep freed large CPU buffers mapped (glibc "
+                                     "mallopt), 1.3-2x faster here; system: leave malloc alone.")
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "a positive integer")
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        _require(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens,
+                 "a positive integer")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "a positive integer")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps,
+                 "a positive integer")
+        _require(self.allocator in ALLOCATORS, "train.allocator", self.allocator,
+                 f"one of {ALLOCATORS}")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type; ints are accepted where floats are expected."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise UsageError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
+    return value
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UsageError(f"unknown config key {name}.{key}: valid keys in [{name}] are "
+                             f"{', '.join(sorted(known))}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(doc: dict[str, Any]) -> Config:
+    sections = {}
+    for name, values in doc.items():
+        if name not in SECTIONS:
+            raise UsageError(f"unknown config section [{name}]: valid sections are "
+                             f"{', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UsageError(f"config section [{name}] must be a table of keys, got {values!r}")
+        sections[name] = _build_section(name, values)
+    return Config(**sections)
+
+
+def parse_override_value(text: str) -> Any:
+    """`--a.b=3e-4` is a float, `=true` a bool, `=[1,2]` a list; anything not TOML is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn `--section.field=VALUE` / `--section.field VALUE` arguments into a nested dict."""
+    nested: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UsageError(f"unexpected argument {arg!r}: overrides look like "
+                             "--section.field=VALUE")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise UsageError(f"override {arg} has no value: write {arg}=VALUE")
+        section, _, name = key.partition(".")
+        if not name or "." in name:
+            raise UsageError(f"override --{key} must name one field as --section.field")
+        nested.setdefault(section, {})[name] = parse_override_value(text)
+        i += 1
+    return nested
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Dataclass defaults, then the recipe's TOML, then command-line overrides."""
+    doc: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise UsageError(f"recipe {str(recipe)!r} is not a file: give a TOML file such as "
+                             "configs/tiny.toml")
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"recipe {str(recipe)!r} is not valid TOML: {err}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"recipe {str(recipe)!r} is not a UTF-8 text file") from None
+    for section, values in parse_overrides(overrides or []).items():
+        if isinstance(doc.get(section), dict):
+            doc[section] = {**doc[section], **values}
+        else:
+            doc[section] = values
+    return config_from_dict(doc)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def field_docs() -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every field, for `bigbatch config --fields`."""
+    rows = []
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"{name}.{f.name}", f.default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Data path: sources -> tokenizer -> cached token arrays -> packed rows -> rank-aware loader."""

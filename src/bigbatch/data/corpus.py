@@ -1,0 +1,114 @@
+"""Sources -> tokens: tokenize once, in parallel, into memory-mapped arrays cached for later runs.
+
+The cache key covers the source files (paths, sizes, mtimes), the split and chunking settings and
+the tokenizer, so a changed corpus or setting never reuses stale tokens. Documents are joined with
+the end-of-text token; `packing.py` masks the targets that would cross from one to the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from bigbatch.config import DataConfig
+from bigbatch.data.sources import read_documents, source_files, sources_fingerprint, split_documents
+from bigbatch.data.tokenizer import EOT, eot_id, load_tokenizer_dir, save_atomically, train_bpe
+from bigbatch.errors import UsageError
+
+
+@dataclass
+class Corpus:
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray  # 1-D memmap, documents separated by the end-of-text token
+    val_tokens: np.ndarray
+    eot_id: int
+    cache_dir: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats/token) of the training split's token frequencies: the loss of a model
+        that learned nothing but how often each token occurs."""
+        counts = np.bincount(self.train_tokens, minlength=self.vocab_size).astype(np.float64)
+        probs = counts[counts > 0] / counts.sum()
+        return float(-(probs * np.log(probs)).sum())
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bigbatch"
+
+
+def _write_tokens(path: Path, ids: list[list[int]], eot: int, dtype: np.dtype) -> None:
+    """Concatenate documents with a trailing end-of-text token each, write atomically."""
+    total = sum(len(doc) + 1 for doc in ids)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+    position = 0
+    for doc in ids:
+        array[position:position + len(doc)] = doc
+        array[position + len(doc)] = eot
+        position += len(doc) + 1
+    array.flush()
+    del array
+    os.replace(tmp, path)
+
+
+def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    # encode_batch runs in parallel across the machine's cores (Rust threads).
+    return [enc.ids for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def prepare_corpus(cfg: DataConfig) -> Corpus:
+    files = source_files(cfg.path, cfg.pattern)
+    settings = f"{sources_fingerprint(files)}|{cfg.doc_chars}|{cfg.val_fraction}"
+    if cfg.tokenizer:
+        tokenizer_dir = Path(cfg.tokenizer).expanduser()
+        tok_files = sorted(p for p in tokenizer_dir.glob("*") if p.is_file())
+        settings += f"|tok:{sources_fingerprint(tok_files)}"
+    else:
+        settings += f"|bpe:{cfg.vocab_size}"
+    key = hashlib.sha256(settings.encode()).hexdigest()[:20]
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache = cache / key
+    meta_path = cache / "meta.json"
+
+    if not meta_path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        docs = list(read_documents(files, cfg.doc_chars, strip=EOT))
+        if not docs:
+            raise UsageError(f"data.path = {cfg.path!r} holds no readable text")
+        train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+        if not val_docs:
+            raise UsageError(f"data.path = {cfg.path!r} is one document of "
+                             f"{len(docs[0].text)} characters: too little to split; lower "
+                             "data.doc_chars or give more text")
+        if cfg.tokenizer:
+            tokenizer = load_tokenizer_dir(cfg.tokenizer)
+        else:
+            tokenizer = train_bpe([d.text for d in train_docs], cfg.vocab_size)
+        save_atomically(tokenizer, cache / "tokenizer.json")
+        eot = eot_id(tokenizer)
+        dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32)
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            _write_tokens(cache / f"{split}.npy", _tokenize(tokenizer, [d.text for d in split_docs]),
+                          eot, dtype)
+        meta = {"sources": len(files), "train_docs": len(train_docs), "val_docs": len(val_docs),
+                "settings": settings}
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_path)  # written last: its presence means the cache is complete
+
+    tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
+    return Corpus(tokenizer=tokenizer,
+                  train_tokens=np.load(cache / "train.npy", mmap_mode="r"),
+                  val_tokens=np.load(cache / "val.npy", mmap_mode="r"),
+                  eot_id=eot_id(tokenizer), cache_dir=cache)

@@ -1,0 +1,120 @@
+"""Packed rows -> rank-aware micro-batches, with a resumable sampler.
+
+The sampler draws each optimizer step's *global* batch of window indices from a seeded
+per-epoch permutation, independent of the world size; rank r then takes its contiguous shard
+and cuts it into micro-batches. So a run on 2 ranks sees exactly the samples a run on 1 rank
+sees, and the union over ranks and micro-steps is always the whole global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigbatch.batching import BatchPlan
+from bigbatch.data.packing import IGNORE_INDEX, gather_windows, num_windows
+from bigbatch.errors import UsageError
+
+
+@dataclass
+class MicroBatch:
+    inputs: torch.Tensor   # (micro_batch_size, seq_len) token ids
+    targets: torch.Tensor  # same shape; IGNORE_INDEX where no loss is taken
+
+    def num_targets(self) -> torch.Tensor:
+        return (self.targets != IGNORE_INDEX).sum()
+
+    def to(self, device: torch.device) -> MicroBatch:
+        return MicroBatch(self.inputs.to(device, non_blocking=True),
+                          self.targets.to(device, non_blocking=True))
+
+
+class GlobalBatchSampler:
+    """Window indices for each optimizer step; every window once per epoch, in a seeded order.
+
+    The windows left over at the end of an epoch (fewer than one global batch) are skipped, and
+    the next epoch starts a fresh permutation.
+    """
+
+    def __init__(self, num_windows: int, global_sequences: int, seed: int) -> None:
+        self.num_windows = num_windows
+        self.global_sequences = global_sequences
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+
+    def next_global_batch(self) -> np.ndarray:
+        if self.position + self.global_sequences > self.num_windows:
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        batch = self._order[self.position:self.position + self.global_sequences]
+        self.position += self.global_sequences
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_windows": self.num_windows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_windows"] != self.num_windows or state["seed"] != self.seed:
+            raise UsageError("the checkpoint's data sampler was built for another corpus or seed "
+                             f"({state['num_windows']} windows, seed {state['seed']}; now "
+                             f"{self.num_windows} windows, seed {self.seed})")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def shard_micro_batches(global_batch: np.ndarray, rank: int, world_size: int,
+                        micro_batch_size: int) -> list[np.ndarray]:
+    """This rank's contiguous shard of the global batch, cut into micro-batches (pure)."""
+    per_rank = len(global_batch) // world_size
+    shard = global_batch[rank * per_rank:(rank + 1) * per_rank]
+    return [shard[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+class TokenLoader:
+    """The training stream of one rank: `next_step()` returns its micro-batches for one step."""
+
+    def __init__(self, tokens: np.ndarray, eot_id: int, plan: BatchPlan, rank: int,
+                 seed: int) -> None:
+        windows = num_windows(len(tokens), plan.seq_len)
+        if windows < plan.global_sequences:
+            raise UsageError(f"the training split holds {windows} sequences of "
+                             f"data.seq_len = {plan.seq_len} tokens, fewer than one global batch "
+                             f"({plan.global_sequences}): lower batch.global_tokens or "
+                             "data.seq_len, or give more text")
+        self.tokens, self.eot_id, self.plan, self.rank = tokens, eot_id, plan, rank
+        self.sampler = GlobalBatchSampler(windows, plan.global_sequences, seed)
+
+    def next_step(self) -> list[MicroBatch]:
+        global_batch = self.sampler.next_global_batch()
+        return [MicroBatch(*gather_windows(self.tokens, idx, self.plan.seq_len, self.eot_id))
+                for idx in shard_micro_batches(global_batch, self.rank, self.plan.world_size,
+                                               self.plan.micro_batch_size)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def eval_micro_batches(tokens: np.ndarray, eot_id: int, seq_len: int, eval_tokens: int,
+                       micro_batch_size: int, rank: int, world_size: int) -> list[MicroBatch]:
+    """A fixed validation set: the first windows of the split, dealt to ranks in turn."""
+    count = min(num_windows(len(tokens), seq_len), max(1, eval_tokens // seq_len))
+    if count == 0:
+        raise UsageError(f"the validation split is shorter than one sequence of "
+                         f"data.seq_len = {seq_len} tokens: lower data.seq_len or give more text")
+    chunks = [np.arange(i, min(i + micro_batch_size, count))
+              for i in range(0, count, micro_batch_size)]
+    return [MicroBatch(*gather_windows(tokens, idx, seq_len, eot_id))
+            for idx in chunks[rank::world_size]]

@@ -1,0 +1,32 @@
+"""Packed rows, pure: a token stream cut into `seq_len + 1` windows, one every `seq_len` tokens.
+
+Window i covers stream[i*seq_len : i*seq_len + seq_len + 1]; its inputs are the first seq_len
+tokens and its targets the last seq_len, so consecutive windows share one token and every stream
+token after the first is a target exactly once per epoch (bar the remainder past the last window).
+
+Documents are separated by the end-of-text token. A target whose input is that token would be
+the next document's first token predicted from the previous document: it is masked with
+IGNORE_INDEX, so no target crosses a document boundary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def num_windows(num_tokens: int, seq_len: int) -> int:
+    return max(0, (num_tokens - 1) // seq_len)
+
+
+def gather_windows(tokens: np.ndarray, indices: np.ndarray | list[int], seq_len: int,
+                   eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (len(indices), seq_len) int64, targets masked at boundaries."""
+    starts = np.asarray(indices, dtype=np.int64)[:, None] * seq_len
+    rows = np.asarray(tokens[starts + np.arange(seq_len + 1)], dtype=np.int64)
+    inputs = torch.from_numpy(rows[:, :-1].copy())
+    targets = torch.from_numpy(rows[:, 1:].copy())
+    targets[inputs == eot_id] = IGNORE_INDEX
+    return inputs, targets

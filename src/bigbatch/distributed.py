@@ -1,0 +1,66 @@
+"""torch.distributed, decided once: who am I (DistInfo from torchrun's environment), no_sync, sums.
+
+bigbatch never implements its own collective engine: DDP/FSDP do the gradient all-reduce, and the
+helpers here only add the few scalar reductions exact normalisation needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE_PROCESS = DistInfo()
+
+
+def dist_info_from_env() -> DistInfo:
+    """Read once at start-up; torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
+    return DistInfo(rank=int(os.environ.get("RANK", 0)),
+                    local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_process_group(info: DistInfo, device: torch.device) -> None:
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def maybe_no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() around forward *and* backward of every micro-step but the last.
+
+    Wrapping only the backward would still all-reduce on every micro-step.
+    """
+    if enabled and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,1 @@
+"""Training engine: schedule (pure), optimizer, train_step (gradient arithmetic), fit (the loop)."""

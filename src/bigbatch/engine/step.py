@@ -1,0 +1,104 @@
+"""`train_step()`: the one place of gradient arithmetic.
+
+For an optimizer step made of k micro-batches (per rank) it
+
+1. counts the target tokens of the *whole* step, on every rank, and all-reduces that count once,
+   before the first backward;
+2. for each micro-batch, under DDP's `no_sync` for all but the last (forward and backward both
+   inside): forward under autocast, loss = sum of token losses / the global count (times the world
+   size, which undoes DDP's averaging across ranks), backward (scaled under fp16);
+3. unscales the gradients, takes their global L2 norm (logged before clipping), clips by value
+   and/or by norm, steps the optimizer unless the gradients are non-finite, zeroes the gradients.
+
+Dividing each micro-batch's *sum* by the global count makes the accumulated gradient exactly the
+gradient of the token-mean loss over the whole step, whatever the micro-batches' target counts.
+`mean / k` is exact only when every micro-batch holds the same number of targets, which packing
+and padding break.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigbatch.data.packing import IGNORE_INDEX
+from bigbatch.distributed import SINGLE_PROCESS, DistInfo, all_reduce_sum, maybe_no_sync
+from bigbatch.precision import Precision
+
+
+class Batch(Protocol):
+    def num_targets(self) -> torch.Tensor: ...
+
+
+LossSumFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def lm_loss_sum(model: nn.Module, batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over the unmasked targets (fp32 softmax)."""
+    logits = model(batch.inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor         # exact token-mean loss of the whole step, all ranks (0-dim)
+    grad_norm: torch.Tensor    # global L2 norm of the unscaled gradients, before clipping
+    num_targets: torch.Tensor  # target tokens in the step, all ranks
+    skipped: bool              # True when the gradients were non-finite and no update was made
+    loss_scale: float          # fp16 loss scale after this step (1.0 when not scaling)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[Batch], *, precision: Precision,
+               clip_norm: float = 0.0, clip_value: float = 0.0,
+               dist: DistInfo = SINGLE_PROCESS, loss_sum_fn: LossSumFn = lm_loss_sum
+               ) -> StepStats:
+    """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+    num_targets = all_reduce_sum(torch.stack([mb.num_targets() for mb in micro_batches]).sum(),
+                                 dist)
+    # DDP averages gradients over ranks; multiplying by world_size turns that into the sum
+    # of every rank's (sum / global count), the exact global token mean.
+    normaliser = num_targets.clamp(min=1).double() / dist.world_size
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=num_targets.device)
+    last = len(micro_batches) - 1
+    for i, micro_batch in enumerate(micro_batches):
+        with maybe_no_sync(model, enabled=i < last):
+            with precision.autocast():
+                micro_loss_sum = loss_sum_fn(model, micro_batch)
+            loss = micro_loss_sum / normaliser.to(micro_loss_sum.dtype)
+            precision.scaler.scale(loss).backward()
+        loss_sum += micro_loss_sum.detach().double()
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    if precision.scaling:
+        precision.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # The step's one host sync: whether to update at all depends on it.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        if clip_value > 0:
+            torch.nn.utils.clip_grad_value_(params, clip_value)
+        if clip_norm > 0:
+            norm_now = grad_norm if clip_value == 0 else None  # value clipping changed the norm
+            if norm_now is None:
+                norm_now = torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm_now)
+        if precision.scaling:
+            precision.scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if precision.scaling:
+        precision.scaler.update()  # backs the scale off after an overflow, grows it otherwise
+    optimizer.zero_grad(set_to_none=True)
+
+    loss = all_reduce_sum(loss_sum, dist) / num_targets.clamp(min=1)
+    return StepStats(loss=loss, grad_norm=grad_norm.detach(), num_targets=num_targets,
+                     skipped=not finite,
+                     loss_scale=precision.scaler.get_scale() if precision.scaling else 1.0)

@@ -1,0 +1,148 @@
+"""`train()`: wires plain objects together (config -> data, model, optimizer, precision) and calls
+`fit()`. No training arithmetic lives here; it is all in engine/step.py and engine/loop.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigbatch.allocator import tune_glibc_malloc
+from bigbatch.artifacts import save_model, unwrap
+from bigbatch.batching import BatchPlan, plan_batch
+from bigbatch.config import Config, config_to_toml
+from bigbatch.data.corpus import Corpus, prepare_corpus
+from bigbatch.data.loader import TokenLoader, eval_micro_batches
+from bigbatch.distributed import DistInfo, barrier, dist_info_from_env, init_process_group
+from bigbatch.engine.loop import TrainState, fit
+from bigbatch.engine.optim import build_optimizer
+from bigbatch.errors import UsageError
+from bigbatch.metrics import MetricsLog, Progress
+from bigbatch.model import GPT, GPTShape
+from bigbatch.precision import make_precision
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    state: TrainState
+    unigram_entropy: float
+    num_parameters: int
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{dist.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"train.device = {name!r} but this torch has no CUDA device: use cpu "
+                         "or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config, vocab_size: int) -> GPT:
+    return GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
+                        n_head=cfg.model.n_head, d_model=cfg.model.d_model,
+                        dropout=cfg.model.dropout))
+
+
+def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
+    """Rank 0 tokenizes and fills the cache; the other ranks wait, then read it."""
+    if dist.is_main:
+        corpus = prepare_corpus(cfg.data)
+    barrier(dist)
+    if not dist.is_main:
+        corpus = prepare_corpus(cfg.data)
+    return corpus
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {str(out_dir)!r} is not writable: {err.strerror}") from None
+
+
+def startup_lines(cfg: Config, plan: BatchPlan, model: GPT, device: torch.device,
+                  allocator: str) -> list[str]:
+    return [
+        f"model: GPT {model.num_parameters() / 1e6:.2f}M parameters ({cfg.model.n_layer} layers,"
+        f" d_model {cfg.model.d_model}, {cfg.model.n_head} heads, vocab {model.shape.vocab_size})",
+        f"batch: {plan.describe()}",
+        f"precision: {cfg.precision.dtype} | device: {device} | threads: "
+        f"{torch.get_num_threads()} | allocator: {allocator}",
+        f"schedule: {cfg.train.max_steps} steps = {cfg.train.max_steps * plan.global_tokens:,} "
+        f"tokens, peak lr {cfg.optim.lr:g} after {cfg.optim.warmup_steps} warmup steps, "
+        f"{cfg.optim.decay} decay to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}",
+    ]
+
+
+def train(cfg: Config, out_dir: Path, verbose: bool = True) -> TrainResult:
+    dist = dist_info_from_env()
+    allocator = "system"
+    if cfg.train.allocator == "tuned" and tune_glibc_malloc():
+        allocator = "tuned (glibc: no per-buffer mmap, no trim)"
+    device = resolve_device(cfg.train.device, dist)
+    init_process_group(dist, device)
+    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                      dist.world_size)
+    if dist.is_main:
+        prepare_out_dir(out_dir)
+    say = print if verbose and dist.is_main else (lambda *a, **k: None)
+
+    started = time.perf_counter()
+    corpus = load_corpus(cfg, dist)
+    say(f"data: {len(corpus.train_tokens):,} training and {len(corpus.val_tokens):,} validation "
+        f"tokens ({time.perf_counter() - started:.1f}s; cache {corpus.cache_dir})")
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, corpus.vocab_size).to(device)
+    for line in startup_lines(cfg, plan, model, device, allocator):
+        say(line)
+    wrapped = model
+    if dist.enabled:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    precision = make_precision(cfg.precision, device)
+    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, dist.rank, cfg.train.seed)
+    val_batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len,
+                                     cfg.train.eval_tokens, cfg.batch.micro_batch_size,
+                                     dist.rank, dist.world_size)
+    if dist.is_main:
+        (out_dir / "config.toml").write_text(config_to_toml(cfg))
+    log = MetricsLog(out_dir, enabled=dist.is_main)
+    state = TrainState()
+    progress = Progress(cfg.train.max_steps, state.step, cfg.train.log_every,
+                        enabled=verbose and dist.is_main)
+    try:
+        state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, plan=plan,
+                    precision=precision, dist=dist, device=device, state=state, log=log,
+                    progress=progress)
+    finally:
+        progress.close()
+        log.close()
+    entropy = corpus.unigram_entropy()
+    if dist.is_main:
+        save_model(unwrap(wrapped), corpus.tokenizer, out_dir)
+        say(f"done in {time.perf_counter() - started:.0f}s: {state.tokens_seen:,} tokens, "
+            f"{state.skipped_steps} skipped steps")
+        say(f"validation loss {state.last_val_loss:.4f} nats/token vs unigram entropy "
+            f"{entropy:.4f} (a model that learned only token frequencies)")
+        say(f"outputs: {out_dir}/ (model.safetensors, metrics.jsonl, config.toml, tensorboard/)")
+    return TrainResult(out_dir, state, entropy, model.num_parameters())
