@@ -39,9 +39,11 @@ LossSumFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 def lm_loss_sum(model: nn.Module, batch) -> torch.Tensor:
-    """Summed next-token cross-entropy over the unmasked targets (fp32 softmax)."""
+    """Summed next-token cross-entropy over the unmasked targets (softmax in fp32 or wider)."""
     logits = model(batch.inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
+    # Upcast bf16/fp16 logits to fp32, but never downcast a float64 model (the --float64 check).
+    softmax_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.flatten(0, 1).to(softmax_dtype), batch.targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
