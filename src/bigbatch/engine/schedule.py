@@ -14,7 +14,9 @@ def learning_rate(step: int, *, peak_lr: float, warmup_steps: int, total_steps: 
     the floor (peak * min_lr_ratio) at the last step s = total_steps - 1.
     """
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        # The fraction first: W / W is exactly 1.0, so the last warmup step is exactly the peak
+        # ((peak * W) / W can be an ulp off, e.g. 3e-3 with W = 3).
+        return peak_lr * ((step + 1) / warmup_steps)
     floor = peak_lr * min_lr_ratio
     decay_steps = total_steps - max(warmup_steps, 1)
     progress = 1.0 if decay_steps <= 0 else min(1.0, (step - max(warmup_steps - 1, 0)) / decay_steps)
