@@ -24,17 +24,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+def state_dict_for_saving(model: GPT, state: dict[str, torch.Tensor] | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """`state` (default: the model's own) on CPU; pass the gathered full one under FSDP."""
+    state = model.state_dict() if state is None else state
     # The tied output matrix is the embedding; safetensors refuses shared storage, so save it once.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     state.pop("lm_head.weight", None)
     return state
 
 
-def save_model(model: GPT, tokenizer: Tokenizer, out_dir: Path) -> None:
+def save_model(model: GPT, tokenizer: Tokenizer, out_dir: Path,
+               state: dict[str, torch.Tensor] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".model.safetensors.tmp{os.getpid()}"
-    save_file(state_dict_for_saving(model), str(tmp))
+    save_file(state_dict_for_saving(model, state), str(tmp))
     os.replace(tmp, out_dir / "model.safetensors")
     (out_dir / "model.json").write_text(json.dumps(asdict(model.shape), indent=1))
     tokenizer.save(str(out_dir / "tokenizer.json"))

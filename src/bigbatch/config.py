@@ -169,6 +169,20 @@ class TrainConfig:
                  f"one of {ALLOCATORS}")
 
 
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    strategy: str = option("ddp", "With more than one rank: ddp (a full replica per rank, "
+                                  "gradients all-reduced) or fsdp (FSDP2: parameters, gradients "
+                                  "and optimizer state sharded over the ranks).")
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in PARALLEL_STRATEGIES, "parallel.strategy", self.strategy,
+                 f"one of {PARALLEL_STRATEGIES}")
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -177,6 +191,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

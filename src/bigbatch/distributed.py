@@ -46,13 +46,36 @@ def init_process_group(info: DistInfo, device: torch.device) -> None:
 
 
 def maybe_no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """DDP's no_sync() around forward *and* backward of every micro-step but the last.
+    """DDP's no_sync() (FSDP2: set_requires_gradient_sync(False)) around forward *and* backward
+    of every micro-step but the last.
 
-    Wrapping only the backward would still all-reduce on every micro-step.
+    Wrapping only the backward would still all-reduce on every micro-step under DDP.
     """
     if enabled and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
+    if enabled and hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        return _fsdp_no_sync(model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    # Gradients accumulate unsharded on each rank; the next synced backward reduce-scatters the sum.
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of `grads`, a plain tensor even when they are FSDP's sharded DTensors.
+
+    On DTensors get_total_norm returns a partial (per-shard) result; full_tensor() reduces it
+    over the ranks, so every rank clips by the same, global norm.
+    """
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

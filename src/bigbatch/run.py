@@ -25,6 +25,7 @@ from bigbatch.engine.optim import build_optimizer
 from bigbatch.errors import UsageError
 from bigbatch.metrics import MetricsLog, Progress
 from bigbatch.model import GPT, GPTShape
+from bigbatch.parallel import full_model_state_dict, parallelize
 from bigbatch.precision import make_precision
 
 
@@ -114,10 +115,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True) -> TrainResult:
     model = build_model(cfg, corpus.vocab_size).to(device)
     for line in startup_lines(cfg, plan, model, device, allocator):
         say(line)
-    wrapped = model
-    if dist.enabled:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
     optimizer = build_optimizer(model, cfg.optim, device)
     precision = make_precision(cfg.precision, device)
     loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, dist.rank, cfg.train.seed)
@@ -138,8 +136,10 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True) -> TrainResult:
         progress.close()
         log.close()
     entropy = corpus.unigram_entropy()
+    # Under FSDP gathering the full weights is a collective: every rank takes part, rank 0 writes.
+    weights = full_model_state_dict(wrapped)
     if dist.is_main:
-        save_model(unwrap(wrapped), corpus.tokenizer, out_dir)
+        save_model(unwrap(wrapped), corpus.tokenizer, out_dir, weights)
         say(f"done in {time.perf_counter() - started:.0f}s: {state.tokens_seen:,} tokens, "
             f"{state.skipped_steps} skipped steps")
         say(f"validation loss {state.last_val_loss:.4f} nats/token vs unigram entropy "

@@ -116,5 +116,11 @@ def eval_micro_batches(tokens: np.ndarray, eot_id: int, seq_len: int, eval_token
                          f"data.seq_len = {seq_len} tokens: lower data.seq_len or give more text")
     chunks = [np.arange(i, min(i + micro_batch_size, count))
               for i in range(0, count, micro_batch_size)]
-    return [MicroBatch(*gather_windows(tokens, idx, seq_len, eot_id))
+    mine = [MicroBatch(*gather_windows(tokens, idx, seq_len, eot_id))
             for idx in chunks[rank::world_size]]
+    # FSDP gathers weights inside every forward, so all ranks must run as many: the short ranks
+    # get fully masked batches (no targets, so they add nothing to the loss sum or the count).
+    first = MicroBatch(*gather_windows(tokens, chunks[0], seq_len, eot_id))
+    while len(mine) < -(-len(chunks) // world_size):
+        mine.append(MicroBatch(first.inputs, torch.full_like(first.targets, IGNORE_INDEX)))
+    return mine

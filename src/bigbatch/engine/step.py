@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch.data.packing import IGNORE_INDEX
-from bigbatch.distributed import SINGLE_PROCESS, DistInfo, all_reduce_sum, maybe_no_sync
+from bigbatch.distributed import (
+    SINGLE_PROCESS,
+    DistInfo,
+    all_reduce_sum,
+    maybe_no_sync,
+    total_grad_norm,
+)
 from bigbatch.precision import Precision
 
 
@@ -81,7 +87,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     params = [p for p in model.parameters() if p.grad is not None]
     if precision.scaling:
         precision.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = total_grad_norm([p.grad for p in params])
     # The step's one host sync: whether to update at all depends on it.
     finite = bool(torch.isfinite(grad_norm))
     if finite:
@@ -90,7 +96,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         if clip_norm > 0:
             norm_now = grad_norm if clip_value == 0 else None  # value clipping changed the norm
             if norm_now is None:
-                norm_now = torch.nn.utils.get_total_norm([p.grad for p in params])
+                norm_now = total_grad_norm([p.grad for p in params])
             torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm_now)
         if precision.scaling:
             precision.scaler.step(optimizer)
