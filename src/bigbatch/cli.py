@@ -1,8 +1,8 @@
 """The `bigbatch` command: subcommands only, no training logic.
 
-    bigbatch train  [RECIPE] [--out DIR] [--section.field=VALUE ...]
+    bigbatch train  [RECIPE] [--out DIR] [--resume auto|PATH] [--nproc N] [--section.field=VALUE ...]
     bigbatch config [RECIPE] [--world-size N] [--section.field=VALUE ...]
-    bigbatch verify [RECIPE] [--float64] [--section.field=VALUE ...]
+    bigbatch verify [RECIPE] [--float64] [--nproc N] [--section.field=VALUE ...]
     bigbatch sample RUN_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
 
 Bad input is one line on stderr and exit code 2; `--debug` shows the traceback instead.
@@ -11,6 +11,7 @@ Bad input is one line on stderr and exit code 2; `--debug` shows the traceback i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,12 +66,16 @@ def cmd_train(args: list[str]) -> int:
     from bigbatch.config import load_config
     from bigbatch.run import train
 
-    run = parse_run_args(args, valued={"--out"}, switches={"--debug"})
+    run = parse_run_args(args, valued={"--out", "--nproc", "--resume"}, switches={"--debug"})
     cfg = load_config(run.recipe, run.overrides)
     stem = Path(run.recipe).stem if run.recipe else "default"
     out = Path(str(run.flags.get("--out") or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    train(cfg, out)
-    return 0
+    if "--nproc" in run.flags:  # every rank must get the same --out, so it is fixed here
+        from bigbatch.launch import relaunch, without_flag
+        return relaunch("train", [*without_flag(args, "--out"), "--out", str(out)],
+                        _positive_int(run.flags["--nproc"], "--nproc"))
+    # 128 + the signal number when SIGTERM/SIGINT stopped it early with a checkpoint, else 0.
+    return train(cfg, out, resume=run.flags.get("--resume")).exit_code
 
 
 def cmd_config(args: list[str]) -> int:
@@ -98,7 +103,14 @@ def cmd_verify(args: list[str]) -> int:
     from bigbatch.config import load_config
     from bigbatch.verify import verify
 
-    run = parse_run_args(args, valued=set(), switches={"--debug", "--float64"})
+    run = parse_run_args(args, valued={"--nproc"}, switches={"--debug", "--float64"})
+    if "--nproc" in run.flags:
+        from bigbatch.launch import relaunch
+        return relaunch("verify", args, _positive_int(run.flags["--nproc"], "--nproc"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also the distributed check
+        from bigbatch import verify_distributed
+        return verify_distributed.main(load_config(run.recipe, run.overrides),
+                                       float64=bool(run.flags.get("--float64")))
     result = verify(load_config(run.recipe, run.overrides), float64=bool(run.flags.get("--float64")))
     verdict = "OK" if result.passed else "FAILED"
     print(f"accumulation check ({result.dtype}): {result.num_micro_steps} micro-steps of "

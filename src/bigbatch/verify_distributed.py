@@ -186,3 +186,41 @@ def verify_distributed(cfg: Config, dist: DistInfo, max_micro_steps: int = 4,
     box = [result]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def describe(result: DistributedVerifyResult) -> list[str]:
+    early = result.early_reductions
+    verdict = "OK" if result.passed else "FAILED"
+    return [
+        f"distributed check ({result.strategy}, {result.world_size} ranks, {result.dtype}): "
+        f"{result.num_micro_steps} micro-steps of {result.micro_batch_size} sequences per rank "
+        f"(target tokens per rank {result.target_counts}) vs one process over the same samples: "
+        f"max relative error {result.max_relative_error:.2e} (tolerance "
+        f"{result.tolerance:.0e}) {'OK' if result.max_relative_error <= result.tolerance else 'FAILED'}",
+        f"gradient reductions per micro-step {dict(sorted(result.reductions.items()))}: "
+        f"{early} before the last micro-step, {result.reduced_elements:,} of "
+        f"{result.gradient_elements:,} gradient elements reduced on it {verdict}",
+    ]
+
+
+def main(cfg: Config, float64: bool) -> int:
+    """`bigbatch verify` under torchrun: rank 0 also runs the one-process accumulation check."""
+    from bigbatch.distributed import dist_info_from_env, init_process_group
+    from bigbatch.verify import verify
+
+    dist = dist_info_from_env()
+    init_process_group(dist, torch.device("cpu"))
+    passed = True
+    if dist.is_main:
+        single = verify(cfg, float64=float64)
+        passed = single.passed
+        print(f"accumulation check ({single.dtype}): max relative error "
+              f"{single.max_relative_error:.2e} (tolerance {single.tolerance:.0e}) "
+              f"{'OK' if single.passed else 'FAILED'}")
+    result = verify_distributed(cfg, dist, float64=float64)
+    if dist.is_main:
+        print("\n".join(describe(result)), flush=True)
+    box = [passed and result.passed]
+    torch_dist.broadcast_object_list(box, src=0)
+    torch_dist.destroy_process_group()
+    return 0 if box[0] else 1
