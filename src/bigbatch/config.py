@@ -184,6 +184,22 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = option(1000, "Write a full-state checkpoint (RUN_DIR/checkpoints/) every "
+                                    "this many optimizer steps; 0 = not by steps.")
+    every_minutes: float = option(30.0, "Also write one when this many minutes have passed since "
+                                        "the last; 0 = not by time.")
+    keep: int = option(2, "Keep the newest this many checkpoints; older ones are deleted.")
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps,
+                 "an integer >= 0 (0 = off)")
+        _require(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes,
+                 "a number >= 0 (0 = off)")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "a positive integer")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -191,6 +207,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,12 @@ import torch
 from bigbatch.allocator import tune_glibc_malloc
 from bigbatch.artifacts import save_model, unwrap
 from bigbatch.batching import BatchPlan, plan_batch
+from bigbatch.checkpoint import (
+    Checkpointer,
+    check_out_dir,
+    drop_metrics_after,
+    find_resume_checkpoint,
+)
 from bigbatch.config import Config, config_to_toml
 from bigbatch.data.corpus import Corpus, prepare_corpus
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
@@ -27,6 +34,7 @@ from bigbatch.metrics import MetricsLog, Progress
 from bigbatch.model import GPT, GPTShape
 from bigbatch.parallel import full_model_state_dict, parallelize
 from bigbatch.precision import make_precision
+from bigbatch.preemption import Preemption, any_rank
 
 
 @dataclass
@@ -35,6 +43,7 @@ class TrainResult:
     state: TrainState
     unigram_entropy: float
     num_parameters: int
+    exit_code: int = 0  # 128 + signal number when a signal stopped the run early
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
@@ -94,7 +103,14 @@ def startup_lines(cfg: Config, plan: BatchPlan, model: GPT, device: torch.device
     ]
 
 
-def train(cfg: Config, out_dir: Path, verbose: bool = True) -> TrainResult:
+def warn(message: str) -> None:
+    print(f"bigbatch: warning: {message}", file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None = None,
+          preemption: Preemption | None = None) -> TrainResult:
+    """Train `cfg` into `out_dir`; `resume` is "auto" or a checkpoint/run directory (--resume).
+    SIGTERM/SIGINT stop after the current step with a checkpoint (see preemption.py)."""
     dist = dist_info_from_env()
     allocator = "system"
     if cfg.train.allocator == "tuned" and tune_glibc_malloc():
@@ -105,6 +121,8 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True) -> TrainResult:
                       dist.world_size)
     if dist.is_main:
         prepare_out_dir(out_dir)
+        check_out_dir(out_dir, resume)
+    resume_from = find_resume_checkpoint(resume, out_dir, warn) if resume else None
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
 
     started = time.perf_counter()
@@ -124,14 +142,37 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True) -> TrainResult:
                                      dist.rank, dist.world_size)
     if dist.is_main:
         (out_dir / "config.toml").write_text(config_to_toml(cfg))
-    log = MetricsLog(out_dir, enabled=dist.is_main)
+    checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
+                                scaler=precision.scaler, loader=loader, dist=dist, device=device,
+                                say=say)
+    checkpointer.remove_partial_saves()
     state = TrainState()
+    if resume_from is not None:
+        checkpointer.restore(resume_from, state)
+        say(f"resumed from {resume_from} at step {state.step}")
+    elif resume:
+        say(f"no checkpoint in {out_dir / 'checkpoints'}: starting at step 0")
+    if resume and dist.is_main:  # rows past the checkpoint are about to be logged again
+        drop_metrics_after(out_dir / "metrics.jsonl", state.step if resume_from else -1)
+    log = MetricsLog(out_dir, enabled=dist.is_main)
     progress = Progress(cfg.train.max_steps, state.step, cfg.train.log_every,
                         enabled=verbose and dist.is_main)
+    preemption = preemption or Preemption()
     try:
-        state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, plan=plan,
-                    precision=precision, dist=dist, device=device, state=state, log=log,
-                    progress=progress)
+        with preemption.handling_signals():  # also covers the checkpoint written on a signal
+            state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, plan=plan,
+                        precision=precision, dist=dist, device=device, state=state, log=log,
+                        progress=progress, on_step_end=checkpointer.maybe_save,
+                        should_stop=lambda: any_rank(preemption.requested, dist, device))
+            if state.step < cfg.train.max_steps:  # a signal stopped the loop early
+                path = checkpointer.save_unless_saved(state)
+                say(f"stopped by {preemption.signal_name} after step {state.step}/"
+                    f"{cfg.train.max_steps}: checkpoint {path}")
+                say(f"to continue, run the same command with --resume auto --out {out_dir}")
+                return TrainResult(out_dir, state, corpus.unigram_entropy(),
+                                   model.num_parameters(), preemption.exit_code)
+    except UsageError as err:
+        raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
     finally:
         progress.close()
         log.close()
