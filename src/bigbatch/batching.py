@@ -39,8 +39,9 @@ class BatchPlan:
                 f"{self.num_micro_steps} micro-steps x {self.world_size} rank(s)")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, limit: int) -> list[int]:
+    """The divisors of `n` up to `limit`: bounded, so a huge batch does not take forever."""
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
 def plan_batch(global_tokens: int, seq_len: int, micro_batch_size: int,
@@ -56,7 +57,7 @@ def plan_batch(global_tokens: int, seq_len: int, micro_batch_size: int,
     hint = f"nearest valid batch.global_tokens: {' or '.join(nearest)}"
     if global_tokens % (seq_len * world_size) == 0:
         per_rank = global_tokens // (seq_len * world_size)
-        sizes = [d for d in _divisors(per_rank) if d <= max(micro_batch_size * 4, 64)]
+        sizes = _divisors(per_rank, min(max(micro_batch_size * 4, 64), 4096))
         hint += f"; or batch.micro_batch_size in {sizes}"
     else:
         hint += (f" (global_tokens must be a multiple of seq_len x world_size = "
