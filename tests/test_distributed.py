@@ -1,0 +1,163 @@
+"""Data parallelism on 2 CPU ranks (gloo) against one process over the same samples.
+
+Invariants:
+- one optimizer step on 2 ranks with k micro-steps each leaves the parameters a single process
+  leaves after the same step over all 2k micro-batches (max relative error <= 1e-6, fp32), with
+  very different target counts on the two ranks; so do the reported loss, target count and norm;
+- under DDP and FSDP the gradients are reduced on the last micro-step only, every element once;
+- FSDP clips by the *global* norm and by value exactly as one process does;
+- a `bigbatch train --nproc 2` run writes a model that one process loads, evaluates to the run's
+  own final validation loss, and samples from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigbatch.cli import main
+from bigbatch.config import PrecisionConfig, load_config
+from bigbatch.distributed import SINGLE_PROCESS
+from bigbatch.engine.loop import evaluate
+from bigbatch.engine.step import train_step
+from bigbatch.errors import UsageError
+from bigbatch.launch import torchrun_command, without_flag
+from bigbatch.precision import make_precision
+from dist_worker import SCENARIOS, Scenario, eval_batches, make_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32 = make_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu"))
+
+
+def max_relative_error(actual: dict, expected: dict) -> float:
+    """Per tensor max|a - e| / max|e|, the worst over tensors (names must match)."""
+    assert actual.keys() == expected.keys()
+    return max(float((actual[n] - e).abs().max() / e.abs().max()) for n, e in expected.items())
+
+
+def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("dist") / "results.pt"
+    proc = torchrun("tests/dist_worker.py", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def one_process(scenario: Scenario):
+    model, batches = make_problem(scenario.k)
+    stats = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), batches,
+                       precision=FP32, clip_norm=scenario.clip_norm,
+                       clip_value=scenario.clip_value)
+    counts = [int(mb.num_targets()) for mb in batches]
+    return model, stats, counts
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_two_ranks_match_one_process(two_rank_results, scenario):
+    dist_run = two_rank_results[scenario.name]
+    model, stats, counts = one_process(scenario)
+    k = scenario.k
+    assert sum(counts[:k]) > 2 * sum(counts[k:])  # the ranks' target counts really differ
+    if scenario.clip_norm:
+        assert float(stats.grad_norm) > scenario.clip_norm  # norm clipping acts
+    if scenario.clip_value:  # all |g| <= v would bound the norm by v * sqrt(n)
+        numel = sum(p.numel() for p in model.parameters())
+        assert float(stats.grad_norm) > scenario.clip_value * math.sqrt(numel)
+    expected = {n: p.detach() for n, p in model.named_parameters()}
+    assert max_relative_error(dist_run["after"], expected) <= 1e-6
+    assert max_relative_error(dist_run["before"], expected) > 1e-3  # the step moved them
+    assert dist_run["num_targets"] == sum(counts)
+    assert dist_run["loss"] == pytest.approx(float(stats.loss), rel=1e-6)
+    assert dist_run["grad_norm"] == pytest.approx(float(stats.grad_norm), rel=1e-6)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_gradients_reduced_once_per_step(two_rank_results, scenario):
+    """Reductions happen only during the k-th (last) micro-step, and cover every gradient
+    element exactly once (DDP's buckets and FSDP's units partition the parameters)."""
+    dist_run = two_rank_results[scenario.name]
+    numel = sum(t.numel() for t in dist_run["after"].values())
+    assert set(dist_run["calls"]) == {scenario.k}
+    assert dist_run["calls"][scenario.k] >= 1
+    assert dist_run["elements"] == {scenario.k: numel}
+
+
+def test_fsdp_run_end_evaluates_and_saves_full_weights(two_rank_results):
+    """Evaluation on ranks dealt 3 and 2 (+1 masked) batches equals one process over all 5;
+    the gathered state dict holds the full trained weights."""
+    scenario = next(s for s in SCENARIOS if s.strategy == "fsdp")
+    dist_run = two_rank_results[scenario.name]
+    model, _ = make_problem(scenario.k)
+    model.load_state_dict(dist_run["saved"])
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), dist_run["after"][name]), name
+    single = evaluate(model, eval_batches(rank=0, world_size=1), FP32, SINGLE_PROCESS,
+                      torch.device("cpu"))
+    assert dist_run["val_loss"] == pytest.approx(single, rel=1e-6)
+
+
+def test_train_nproc_2_end_to_end(tiny_overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigbatch", "train", "configs/tiny.toml", "--nproc", "2",
+         "--out", str(out), "--train.max_steps=2", "--train.eval_every=0",
+         "--train.eval_tokens=4096", "--precision.dtype=fp32", *tiny_overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done in") == 1  # only rank 0 prints
+    assert "micro-batch 16 x 2 micro-steps x 2 rank(s)" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows if "loss" in r] == [8192, 16384]
+
+    # One process loads the final model and finds the run's own final validation loss.
+    from bigbatch.artifacts import load_model
+    from bigbatch.data.corpus import prepare_corpus
+    from bigbatch.data.loader import eval_micro_batches
+
+    model, _ = load_model(out)
+    cfg = load_config(ROOT / "configs/tiny.toml", tiny_overrides)
+    corpus = prepare_corpus(cfg.data)
+    batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len, 4096,
+                                 cfg.batch.micro_batch_size, rank=0, world_size=1)
+    val_loss = evaluate(model, batches, FP32, SINGLE_PROCESS, torch.device("cpu"))
+    assert val_loss == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_verify_nproc_2_fsdp(tiny_overrides):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigbatch", "verify", "configs/tiny.toml", "--nproc=2",
+         "--parallel.strategy=fsdp", *tiny_overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "distributed check (fsdp, 2 ranks, float32)" in proc.stdout
+    assert "0 before the last micro-step" in proc.stdout
+    assert "FAILED" not in proc.stdout
+
+
+def test_bad_strategy_names_the_key():
+    with pytest.raises(UsageError, match="parallel.strategy"):
+        load_config(overrides=["--parallel.strategy=zero3"])
+
+
+def test_nproc_relaunches_torchrun_without_itself():
+    assert without_flag(["cfg.toml", "--nproc", "2", "--a.b=1", "--nproc=3"], "--nproc") == [
+        "cfg.toml", "--a.b=1"]
+    command = torchrun_command("train", ["cfg.toml", "--nproc", "4"], 4)
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                           "-m", "bigbatch", "train", "cfg.toml"]
