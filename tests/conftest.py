@@ -28,3 +28,17 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_overrides(shakespeare, cache_dir) -> list[str]:
     """Overrides that point configs/tiny.toml at tinyshakespeare and the session cache."""
     return [f"--data.path={shakespeare}", f"--data.cache_dir={cache_dir}"]
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for tests of tiny models: with 2 threads on a loaded 2-core machine, the
+    OpenMP workers wait on each other and a millisecond op takes seconds (measured 0.1 s -> 6 s).
+    Restored afterwards, so training runs keep their threads. Use it through
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
