@@ -260,6 +260,11 @@ def parse_override_value(text: str) -> Any:
         return text
 
 
+def _declared_type(section: str, name: str) -> Any:
+    cls = SECTIONS.get(section)
+    return typing.get_type_hints(cls).get(name) if cls is not None else None
+
+
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     """Turn `--section.field=VALUE` / `--section.field VALUE` arguments into a nested dict."""
     nested: dict[str, dict[str, Any]] = {}
@@ -279,7 +284,10 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
         section, _, name = key.partition(".")
         if not name or "." in name:
             raise UsageError(f"override --{key} must name one field as --section.field")
-        nested.setdefault(section, {})[name] = parse_override_value(text)
+        value = parse_override_value(text)
+        if _declared_type(section, name) is str and not isinstance(value, str):
+            value = text  # a path or name that reads as TOML, e.g. `--data.path=2024`
+        nested.setdefault(section, {})[name] = value
         i += 1
     return nested
 
