@@ -33,7 +33,16 @@ from pathlib import Path
 from bigbatch.config import Config
 
 # Run as a script, so this folder is on sys.path and `common` is found beside it.
-from common import ChildRun, machine_description, matmul_peak, run_child, today, write_section
+from common import (
+    ROOT,
+    ChildRun,
+    machine_description,
+    matmul_peak,
+    others_during,
+    run_child,
+    today,
+    write_section,
+)
 
 SECTION = "bench_train"
 
@@ -164,14 +173,28 @@ def measure(variant: Variant, args: argparse.Namespace, shape: Shape, scratch: P
     variant.tries.append(len(attempts))
 
 
+def measure_peaks(args: argparse.Namespace, peaks: dict[str, list[tuple[float, float]]]) -> None:
+    """Append (FLOP/s, other processes' cores meanwhile) for each dtype."""
+    for dtype in ("bf16", "fp32"):
+        peaks[dtype].append(others_during(lambda d=dtype: matmul_peak(d, args.threads)))
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join(["python", str(shown), *sys.argv[1:]])
+
+
 def render(args: argparse.Namespace, shape: Shape, variants: dict[str, Variant],
-           peaks: dict[str, float]) -> str:
+           peak_samples: dict[str, list[tuple[float, float]]]) -> str:
+    peaks = {d: max(flops for flops, _ in samples) for d, samples in peak_samples.items()}
+    peak_load = max(others for samples in peak_samples.values() for _, others in samples)
     fpt = shape.flops_per_token()
     k = args.global_tokens // (shape.micro_batch_size * shape.seq_len)
     lines = [
         "## Training throughput: `bigbatch train` vs a plain PyTorch loop",
         "",
-        f"Command: `{shlex.join(['python', *sys.argv])}` ({today()})  ",
+        f"Command: `{command_line()}` ({today()})  ",
         f"Machine: {machine_description()}  ",
         f"Model: the default recipe's GPT ({shape.n_layer} layers, d_model {shape.d_model}, "
         f"{shape.n_head} heads, vocab {shape.vocab_size}, seq {shape.seq_len}; "
@@ -183,7 +206,8 @@ def render(args: argparse.Namespace, shape: Shape, variants: dict[str, Variant],
         f"MFU: tokens/s x {fpt / 1e6:.2f} MFLOP/token (6·(12·L·d² + d·V) + 12·L·d·T) / the "
         f"matmul peak measured in this run on {args.threads} threads: bf16 "
         f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s "
-        "(square `torch.mm` 1024-4096, best of the start and the end of the run).",
+        "(square `torch.mm` of 1024 and 2048, best of the measurements before every round and "
+        f"after the last; others used up to {peak_load:.2f} cores meanwhile).",
         "",
         "| run | tokens/s (median) | per round | MFU | peak RSS (MiB) | other processes' "
         "CPU (cores, worst kept run) | tries per round |",
@@ -241,18 +265,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     shape = Shape.default_recipe()
     variants = {v.key: v for v in make_variants()}
-    peaks = {d: matmul_peak(d, args.threads) for d in ("bf16", "fp32")}
+    peaks: dict[str, list[tuple[float, float]]] = {"bf16": [], "fp32": []}
     with tempfile.TemporaryDirectory(prefix="bench_train-") as scratch:
         for r in range(args.rounds):
+            measure_peaks(args, peaks)
             order = list(variants.values())
             for variant in order if r % 2 == 0 else reversed(order):
                 measure(variant, args, shape, Path(scratch), r)
-    peaks = {d: max(peaks[d], matmul_peak(d, args.threads)) for d in peaks}
+    measure_peaks(args, peaks)
     table = render(args, shape, variants, peaks)
     print(table)
     if args.json:
         args.json.write_text(json.dumps({
-            "peaks_flops": peaks, "flops_per_token": shape.flops_per_token(),
+            "matmul_peaks_flops_and_other_cores": peaks, "flops_per_token": shape.flops_per_token(),
             "variants": {k: {"tokens_per_s": v.speeds, "tries": v.tries,
                              "peak_rss_mib": [r.peak_rss_mib for r in v.runs],
                              "other_cores": [r.other_cores for r in v.runs]}

@@ -17,8 +17,12 @@ import re
 import resource
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -96,8 +100,11 @@ def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None
                     log=log_path.read_text())
 
 
-def matmul_peak(dtype_name: str, threads: int, seconds: float = 1.5) -> float:
-    """Best FLOP/s of a large square `torch.mm` in `dtype_name` ("fp32" or "bf16")."""
+def matmul_peak(dtype_name: str, threads: int, seconds: float = 1.0) -> float:
+    """Best FLOP/s of a large square `torch.mm` in `dtype_name` ("fp32" or "bf16").
+
+    2048 is already large enough to reach the kernels' peak here; larger sizes only cost time.
+    """
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -105,10 +112,10 @@ def matmul_peak(dtype_name: str, threads: int, seconds: float = 1.5) -> float:
     torch.set_num_threads(threads)
     best = 0.0
     try:
-        for n in (1024, 2048, 4096):
+        for n in (1024, 2048):
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             torch.mm(a, b)  # warm-up: kernel selection and first-touch of the output
-            deadline = time.perf_counter() + seconds / 3
+            deadline = time.perf_counter() + seconds / 2
             while time.perf_counter() < deadline:
                 began = time.perf_counter()
                 torch.mm(a, b)
@@ -116,6 +123,18 @@ def matmul_peak(dtype_name: str, threads: int, seconds: float = 1.5) -> float:
     finally:
         torch.set_num_threads(previous)
     return best
+
+
+def others_during(measure: Callable[[], T]) -> tuple[T, float]:
+    """Run `measure()` in this process; also return the cores other processes used meanwhile."""
+    cpu_before, own_before = read_cpu_times(), own_cpu_seconds()
+    started = time.perf_counter()
+    result = measure()
+    wall = time.perf_counter() - started
+    cpu_after, own_after = read_cpu_times(), own_cpu_seconds()
+    others = (cpu_after.busy - cpu_before.busy) - (own_after - own_before)
+    others += cpu_after.steal - cpu_before.steal
+    return result, max(others, 0.0) / wall
 
 
 def machine_description() -> str:
