@@ -17,6 +17,7 @@ import tomli_w
 import tomllib
 
 from bigbatch.errors import UsageError
+from bigbatch.plan.budget import parse_bytes
 
 
 def option(default: Any, doc: str) -> Any:
@@ -53,14 +54,31 @@ class DataConfig:
         _require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
 
 
+CHECKPOINTING = ("none", "all", "every_n", "auto")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_layer: int = option(4, "Number of Transformer blocks.")
     d_model: int = option(384, "Width of the residual stream.")
     n_head: int = option(6, "Attention heads; must divide d_model.")
     dropout: float = option(0.0, "Dropout probability (0 keeps training deterministic and fast).")
+    activation_checkpointing: str = option(
+        "auto", "Recompute block activations in backward instead of keeping them: none | all | "
+                "every_n (blocks 0, n, 2n, ...) | auto (with batch.micro_batch_size = \"auto\" "
+                "the planner turns on checkpointing, then chunked loss, only if nothing fits "
+                "without; otherwise none).")
+    checkpoint_every: int = option(2, "every_n checkpointing: checkpoint every this many blocks.")
+    loss_chunk_tokens: int = option(0, "Compute the loss over slices of this many tokens so the "
+                                       "full tokens x vocab logits never exist; 0 = off.")
 
     def __post_init__(self) -> None:
+        _require(self.activation_checkpointing in CHECKPOINTING, "model.activation_checkpointing",
+                 self.activation_checkpointing, f"one of {CHECKPOINTING}")
+        _require(self.checkpoint_every >= 1, "model.checkpoint_every", self.checkpoint_every,
+                 "an integer >= 1")
+        _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens,
+                 "an integer >= 0 (0 = off)")
         _require(self.n_layer >= 1, "model.n_layer", self.n_layer, "an integer >= 1")
         _require(self.n_head >= 1, "model.n_head", self.n_head, "an integer >= 1")
         _require(self.d_model >= 1 and self.d_model % self.n_head == 0, "model.d_model",
@@ -72,13 +90,20 @@ class ModelConfig:
 class BatchConfig:
     global_tokens: int = option(65536, "Tokens per optimizer step across all ranks: the batch, "
                                        "said once. Micro-steps are derived from it.")
-    micro_batch_size: int = option(16, "Sequences per forward/backward per rank: the memory knob.")
+    micro_batch_size: int | str = option(16, "Sequences per forward/backward per rank: the "
+                                              "memory knob; \"auto\" lets the planner choose "
+                                              "it within batch.memory_budget.")
+    memory_budget: int | str = option(0, "Memory per rank the auto micro-batch must fit: bytes "
+                                         "or a string such as \"6GiB\"; 0 = 80% of the memory "
+                                         "available now (RAM, or the GPU's free memory).")
 
     def __post_init__(self) -> None:
         _require(self.global_tokens >= 1, "batch.global_tokens", self.global_tokens,
                  "a positive integer")
-        _require(self.micro_batch_size >= 1, "batch.micro_batch_size", self.micro_batch_size,
-                 "a positive integer")
+        _require(self.micro_batch_size == "auto" or isinstance(self.micro_batch_size, int)
+                 and self.micro_batch_size >= 1, "batch.micro_batch_size",
+                 self.micro_batch_size, "a positive integer or \"auto\"")
+        parse_bytes(self.memory_budget)
 
 
 OPTIMIZERS = ("adamw",)
@@ -222,7 +247,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type; ints are accepted where floats are expected."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+    takes_int = tp is int or int in typing.get_args(tp)  # int | str fields too
+    if takes_int and isinstance(value, bool) or not isinstance(value, tp):
         raise UsageError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
     return value
 

@@ -96,13 +96,16 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """Logits; or, with `return_hidden`, the final normed hidden states (B, T, d_model), so
+        a chunked loss can apply `lm_head` a slice at a time (through DDP's forward)."""
         _, time = input_ids.shape
         positions = torch.arange(time, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        hidden = self.ln_f(x)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -1,0 +1,50 @@
+"""Chunked cross-entropy: the loss and its gradient over slices of the tokens, so the full
+`tokens x vocab` logits (and their fp32 log-softmax and its gradient) never exist at once.
+
+The model returns its final hidden states once; for each slice of `chunk_tokens` tokens the
+logits -> loss computation runs under non-reentrant activation checkpointing, which keeps only
+the slice's inputs and recomputes its logits in backward, one slice at a time. The sum of the
+slices' summed losses is the unchunked summed loss, so gradients are the same up to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bigbatch.artifacts import unwrap
+from bigbatch.data.packing import IGNORE_INDEX
+from bigbatch.engine.step import LossSumFn, lm_loss_sum
+
+
+def _slice_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+                    ) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def chunked_lm_loss_sum(model: nn.Module, batch, chunk_tokens: int) -> torch.Tensor:
+    """Summed next-token cross-entropy, as `lm_loss_sum`, `chunk_tokens` tokens at a time."""
+    # Through the (possibly DDP-wrapped) model's forward, so its gradient hooks see the call.
+    hidden = model(batch.inputs, return_hidden=True).flatten(0, 1)
+    targets = batch.targets.flatten()
+    head = unwrap(model).lm_head
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(_slice_loss_sum, head, hidden[start:end], targets[start:end],
+                                   use_reentrant=False)
+    return total
+
+
+def make_loss_sum_fn(loss_chunk_tokens: int) -> LossSumFn:
+    """`lm_loss_sum` when chunking is off (0), else the chunked equivalent."""
+    if loss_chunk_tokens <= 0:
+        return lm_loss_sum
+
+    def loss_sum(model: nn.Module, batch) -> torch.Tensor:
+        return chunked_lm_loss_sum(model, batch, loss_chunk_tokens)
+
+    return loss_sum

@@ -1,0 +1,156 @@
+"""The probe: measure the peak memory and speed of real train_step calls, one fresh process each.
+
+Each candidate runs in a child process (`python -m bigbatch.plan.probe REQUEST_JSON`) so that
+its peak is its own: on CPU the peak resident set (VmHWM, which never goes down within a
+process); on CUDA `torch.cuda.max_memory_allocated`, with out-of-memory caught here, in the
+probe, never mid-run. The child builds the model exactly as training does (checkpointing,
+chunked loss, precision, fused AdamW, allocator setting), feeds random tokens (memory does not
+depend on their values), and times steps after the first; by the second step the optimizer
+state exists, so the peak is the steady state's.
+
+`fit_calibration` then fits the memory model's two constants to the measurements by least
+squares: measured - static = overhead + scale x growing bytes (see memory.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from bigbatch.plan.memory import Calibration, ModelDims, Setup, growing_bytes, static_bytes
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    dims: ModelDims
+    micro_batch_size: int
+    num_micro_steps: int = 2
+    num_steps: int = 3
+    precision: str = "fp32"
+    checkpointing: str = "none"
+    checkpoint_every: int = 1
+    loss_chunk_tokens: int = 0
+    device: str = "cpu"
+    allocator: str = "tuned"
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeRequest:
+        raw = json.loads(text)
+        return cls(**{**raw, "dims": ModelDims(**raw["dims"])})
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    micro_batch_size: int
+    peak_bytes: int | None         # None when the candidate ran out of memory
+    tokens_per_s: float | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.peak_bytes is not None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(request: ProbeRequest) -> ProbeResult:
+    """Run in the child: build, step `num_steps` times, report the peak and the best speed."""
+    if request.allocator == "tuned":
+        from bigbatch.allocator import tune_glibc_malloc
+
+        tune_glibc_malloc()  # before the first big tensor, as train() does
+    import torch
+
+    from bigbatch.activation_checkpointing import apply_activation_checkpointing
+    from bigbatch.config import OptimConfig, PrecisionConfig
+    from bigbatch.data.loader import MicroBatch
+    from bigbatch.engine.chunked_loss import make_loss_sum_fn
+    from bigbatch.engine.optim import build_optimizer
+    from bigbatch.engine.step import train_step
+    from bigbatch.model import GPT, GPTShape
+    from bigbatch.precision import make_precision
+
+    d = request.dims
+    device = torch.device(request.device)
+    torch.manual_seed(request.seed)
+    model = GPT(GPTShape(d.vocab_size, d.seq_len, d.n_layer, d.n_head, d.d_model)).to(device)
+    apply_activation_checkpointing(model, request.checkpointing, request.checkpoint_every)
+    optimizer = build_optimizer(model, OptimConfig(), device)
+    precision = make_precision(PrecisionConfig(dtype=request.precision), device)
+    loss_sum_fn = make_loss_sum_fn(request.loss_chunk_tokens)
+    shape = (request.micro_batch_size, d.seq_len)
+    batches = [MicroBatch(torch.randint(0, d.vocab_size, shape, device=device),
+                          torch.randint(0, d.vocab_size, shape, device=device))
+               for _ in range(request.num_micro_steps)]
+    seconds = []
+    try:
+        for _ in range(request.num_steps):
+            started = time.perf_counter()
+            stats = train_step(model, optimizer, batches, precision=precision, clip_norm=1.0,
+                               loss_sum_fn=loss_sum_fn)
+            float(stats.loss)  # host sync, so the timing covers the whole step
+            seconds.append(time.perf_counter() - started)
+    except torch.OutOfMemoryError as err:
+        return ProbeResult(request.micro_batch_size, None, None, f"out of memory: {err}"[:200])
+    tokens = request.micro_batch_size * d.seq_len * request.num_micro_steps
+    best = min(seconds[1:] or seconds)  # the first step allocates and warms up
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else peak_rss_bytes())
+    return ProbeResult(request.micro_batch_size, int(peak), tokens / best)
+
+
+def run_probe(request: ProbeRequest, timeout_s: float = 600.0) -> ProbeResult:
+    """Measure one candidate in a fresh child process (a killed child means it did not fit)."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "bigbatch.plan.probe", request.to_json()],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return ProbeResult(request.micro_batch_size, None, None, f"timed out after {timeout_s}s")
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        if done.returncode < 0:
+            reason = f"killed by signal {-done.returncode} (out of memory?)"
+        return ProbeResult(request.micro_batch_size, None, None, reason[:200])
+    return ProbeResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def fit_calibration(dims: ModelDims, points: list[tuple[Setup, int]],
+                    default: Calibration) -> Calibration:
+    """Least squares of measured - static = overhead + scale x growing bytes over the probes.
+
+    With one point (or points of one size) only the overhead is fitted and the scale stays 1;
+    a fit with a non-positive scale is rejected the same way (too little spread to trust).
+    """
+    xs = [growing_bytes(dims, setup) for setup, _ in points]
+    ys = [measured - static_bytes(dims, setup) for setup, measured in points]
+    if not points:
+        return default
+    label = f"fit of {len(points)} probe(s)"
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    if spread > 0:
+        scale = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
+        if scale > 0:
+            return Calibration(round(mean_y - scale * mean_x), scale, label)
+    return Calibration(round(mean_y - mean_x), 1.0, label)
+
+
+if __name__ == "__main__":
+    result = measure(ProbeRequest.from_json(sys.argv[1]))
+    print(json.dumps(asdict(result)))
