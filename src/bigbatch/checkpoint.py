@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -206,68 +207,6 @@ def checkpoint_step(path: Path) -> int:
     return int(NAME.fullmatch(path.name).group(1))
 
 
-def newest_valid(directory: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest intact checkpoint; each newer, damaged one is reported through `warn`."""
-    candidates = list_checkpoints(directory)
-    for path in reversed(candidates):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        warn(f"checkpoint {path} is unusable: {problem}; trying the one before it")
-    if candidates:
-        raise UsageError(f"none of the {len(candidates)} checkpoints in {directory} is intact: "
-                         "start a new run with another --out")
-    return None
-
-
-def find_resume_checkpoint(resume: str, out_dir: Path, warn: Callable[[str], None]
-                           ) -> Path | None:
-    """`--resume auto`: the newest intact checkpoint of `out_dir`, or None for a fresh start.
-    `--resume PATH`: that checkpoint directory, or the newest intact one of that run directory."""
-    if resume == "auto":
-        return newest_valid(out_dir / "checkpoints", warn)
-    path = Path(resume)
-    if (path / MANIFEST).exists() or NAME.fullmatch(path.name):
-        problem = verify_checkpoint(path)
-        if problem is not None:
-            raise UsageError(f"--resume {resume!r} is not a usable checkpoint: {problem}")
-        return path
-    found = newest_valid(path / "checkpoints", warn)
-    if found is None:
-        raise UsageError(f"--resume {resume!r} is neither a checkpoint directory nor a run "
-                         "directory holding checkpoints: give one, or --resume auto")
-    return found
-
-
-def check_out_dir(out_dir: Path, resume: str | None) -> None:
-    """Refuse to mix a new run into a directory that holds another run's checkpoints."""
-    existing = list_checkpoints(out_dir / "checkpoints")
-    if existing and resume is None:
-        raise UsageError(f"--out {str(out_dir)!r} already holds checkpoints of a run (newest "
-                         f"{existing[-1].name}): add --resume auto to continue it, or choose "
-                         "another --out")
-
-
-def drop_metrics_after(path: Path, step: int) -> int:
-    """Rewrite metrics.jsonl without the rows of steps after `step` (logged by the attempt that
-    was interrupted, and about to be logged again). Returns how many rows were dropped."""
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            row_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue  # a half-written last line from a killed process
-        if row_step <= step:
-            kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return len(lines) - len(kept)
-
-
 def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in doc.items():
@@ -359,7 +298,11 @@ class Checkpointer:
             self.say(f"note: settings changed since the checkpoint, so this run will not match "
                      f"an uninterrupted one: {'; '.join(changes)}")
         load_model_state(self.model, tensors)
-        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        try:  # weights_only: tensors and plain containers only, never code from a pickle
+            optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UsageError(f"checkpoint {path}/optimizer.pt holds objects other than tensors "
+                             "and plain data; refusing to load it") from None
         try:
             load_optimizer_state(self.model, self.optimizer, optim)
         except (ValueError, KeyError) as err:

@@ -17,12 +17,7 @@ import torch
 from bigbatch.allocator import tune_glibc_malloc
 from bigbatch.artifacts import save_model, unwrap
 from bigbatch.batching import BatchPlan, plan_batch
-from bigbatch.checkpoint import (
-    Checkpointer,
-    check_out_dir,
-    drop_metrics_after,
-    find_resume_checkpoint,
-)
+from bigbatch.checkpoint import Checkpointer
 from bigbatch.config import Config, config_to_toml
 from bigbatch.data.corpus import Corpus, prepare_corpus
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
@@ -35,6 +30,7 @@ from bigbatch.model import GPT, GPTShape
 from bigbatch.parallel import full_model_state_dict, parallelize
 from bigbatch.precision import make_precision
 from bigbatch.preemption import Preemption, any_rank
+from bigbatch.resume import check_out_dir, drop_metrics_after, find_resume_checkpoint
 
 
 @dataclass

@@ -1,0 +1,40 @@
+"""Helpers for the fault-tolerance tests: a very small model on tinyshakespeare, and its metrics.
+
+4 micro-steps of 8 x 64 tokens per optimizer step (k > 1), dropout on so that a resume which
+forgot the random state would diverge, warmup shorter than the run so the LR changes every step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bigbatch.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "tiny.toml"
+SMALL = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=4", "--data.seq_len=64",
+         "--batch.global_tokens=2048", "--batch.micro_batch_size=8", "--train.eval_tokens=1024",
+         "--train.max_steps=6", "--train.eval_every=3",
+         "--optim.warmup_steps=2", "--model.dropout=0.1",
+         "--train.device=cpu", "--checkpoint.every_minutes=0", "--checkpoint.every_steps=0"]
+TIMINGS = {"tokens_per_s", "step_seconds"}  # wall-clock, the only values allowed to differ
+
+
+def small_args(tiny_overrides: list[str], *extra: str) -> list[str]:
+    return [str(RECIPE), *tiny_overrides, *SMALL, *extra]
+
+
+def small_config(tiny_overrides: list[str], *extra: str) -> Config:
+    return load_config(RECIPE, [*tiny_overrides, *SMALL, *extra])
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bigbatch", *args]
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl row, timings removed."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
