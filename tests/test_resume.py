@@ -6,7 +6,9 @@ import signal
 
 import pytest
 
-from bigbatch.checkpoint import list_checkpoints
+from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.errors import UsageError
+from bigbatch.model import GPT
 from bigbatch.preemption import Preemption
 from bigbatch.run import train
 from small_runs import metric_rows, small_config
@@ -55,3 +57,37 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_overrides, 
     assert resumed_rows == straight_rows  # also: no row logged twice
     assert ((run_dir / "model.safetensors").read_bytes()
             == (straight.out_dir / "model.safetensors").read_bytes())
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_the_good_checkpoint_intact(
+        tmp_path, tiny_overrides, monkeypatch):
+    """From step 3 on the training loss is NaN: each such step is skipped and counted (weights
+    untouched), no checkpoint is written during the streak (so rotation cannot push the good
+    ones out), and after train.max_bad_steps = 3 in a row the run stops with one line naming the
+    last good checkpoint."""
+    real_forward, training_calls = GPT.forward, []
+
+    def nan_from_step_3(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            training_calls.append(1)
+            if len(training_calls) > 2 * 4:  # 4 micro-steps per step
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", nan_from_step_3)
+    run_dir = tmp_path / "run"
+    cfg = small_config(tiny_overrides, "--checkpoint.every_steps=1", "--checkpoint.keep=2",
+                       "--train.max_bad_steps=3")
+    with pytest.raises(UsageError) as err:
+        train(cfg, run_dir, verbose=False)
+    message = str(err.value)
+    assert "\n" not in message and "3 optimizer steps in a row had non-finite" in message
+    good = run_dir / "checkpoints" / "step-00000002"
+    assert f"the last checkpoint, {good} (step 2), is intact" in message
+    assert list_checkpoints(run_dir / "checkpoints") == [run_dir / "checkpoints" / "step-00000001",
+                                                         good]
+    assert verify_checkpoint(good) is None
+    rows = [row for row in metric_rows(run_dir) if "loss" in row]
+    assert [row["skipped_steps"] for row in rows] == [0, 0, 1, 2, 3]
+    assert all(row["grad_norm"] != row["grad_norm"] for row in rows[2:])  # NaN
