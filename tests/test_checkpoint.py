@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from bigbatch.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from bigbatch.config import Config
+from bigbatch.config import CheckpointConfig, Config
 from bigbatch.data.loader import TokenLoader
 from bigbatch.distributed import SINGLE_PROCESS
 from bigbatch.engine.loop import TrainState
@@ -166,3 +167,21 @@ def test_loading_never_executes_pickled_code(tmp_path):
     with pytest.raises(UsageError, match="refusing to load"):
         checkpointer_for(tmp_path, small_objects()).restore(path, TrainState())
     assert not marker.exists()
+
+
+def test_checkpoints_by_steps_and_by_minutes_with_rotation(tmp_path):
+    cfg, *live = small_objects()
+    model, optimizer, scaler, loader = live
+    by_time = Checkpointer(tmp_path, replace(cfg, checkpoint=CheckpointConfig(
+        every_steps=3, every_minutes=1.0, keep=2)), model=model, optimizer=optimizer,
+        scaler=scaler, loader=loader, dist=SINGLE_PROCESS, device=CPU, say=lambda line: None)
+    by_time.maybe_save(TrainState(step=1))
+    assert list_checkpoints(tmp_path / "checkpoints") == []  # neither 3 steps nor a minute
+    by_time.last_time -= 61
+    by_time.maybe_save(TrainState(step=2))  # a minute has passed
+    by_time.maybe_save(TrainState(step=3))  # every 3 steps
+    by_time.maybe_save(TrainState(step=4, bad_steps_in_row=1))  # never during a bad streak
+    by_time.last_time -= 61
+    by_time.maybe_save(TrainState(step=5))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step-00000003", "step-00000005"]  # keep = 2

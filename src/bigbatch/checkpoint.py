@@ -80,17 +80,17 @@ def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state: its own state_dict() in one process; under torch.distributed the
-    full (unsharded) state keyed by parameter names, gathered to rank 0's CPU."""
-    if not torch_dist.is_initialized():
-        return optimizer.state_dict()
+    """The optimizer's full (unsharded) state keyed by parameter names, whatever the world size
+    (under torch.distributed gathered to rank 0's CPU), so any world size can resume from it."""
+    if not torch_dist.is_initialized():  # the full-state options need a process group
+        return get_optimizer_state_dict(model, optimizer)
     return get_optimizer_state_dict(model, optimizer, options=FULL_ON_CPU)
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                          state: dict[str, Any]) -> None:
-    if not torch_dist.is_initialized():
-        optimizer.load_state_dict(state)  # moves each tensor to its parameter's device
+    if not torch_dist.is_initialized():  # moves each tensor to its parameter's device
+        set_optimizer_state_dict(model, optimizer, state)
         return
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
@@ -252,11 +252,13 @@ class Checkpointer:
 
     def maybe_save(self, state: TrainState) -> None:
         every = self.cfg.checkpoint
-        due = (every.every_steps > 0 and state.step % every.every_steps == 0) or (
-            every.every_minutes > 0 and time.monotonic() - self.last_time >= every.every_minutes * 60)
+        due = every.every_steps > 0 and state.step % every.every_steps == 0
+        if every.every_minutes > 0:  # clocks differ between ranks: any rank's "due" counts
+            minutes = (time.monotonic() - self.last_time) / 60
+            due = any_rank(due or minutes >= every.every_minutes, self.dist, self.device)
         # Not while steps are being skipped as non-finite: the last good checkpoint must survive
         # the rotation below if the run then stops for too many of them.
-        if any_rank(due, self.dist, self.device) and state.bad_steps_in_row == 0:
+        if due and state.bad_steps_in_row == 0:
             self.save(state)
 
     def save(self, state: TrainState) -> Path:
