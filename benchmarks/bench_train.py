@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -191,9 +192,15 @@ def render(args: argparse.Namespace, shape: Shape, variants: dict[str, Variant],
     peak_load = max(others for samples in peak_samples.values() for _, others in samples)
     fpt = shape.flops_per_token()
     k = args.global_tokens // (shape.micro_batch_size * shape.seq_len)
+    worst = max(r.other_cores for v in variants.values() for r in v.runs)
+    noisy = worst > args.max_other_cores
     lines = [
         "## Training throughput: `bigbatch train` vs a plain PyTorch loop",
         "",
+        *([f"**Measured while other processes used up to {worst:.2f} cores of "
+           f"{os.cpu_count()}: indicative only. The ratios compare runs that shared the machine "
+           "alike; the absolute tokens/s, the matmul peak and so the MFU are depressed and "
+           "uncertain. A quiet run replaces this.**", ""] if noisy else []),
         f"Command: `{command_line()}` ({today()})  ",
         f"Machine: {machine_description()}  ",
         f"Model: the default recipe's GPT ({shape.n_layer} layers, d_model {shape.d_model}, "
@@ -228,20 +235,19 @@ def render(args: argparse.Namespace, shape: Shape, variants: dict[str, Variant],
         verdict = ""
         if bar:
             verdict = f"{bar}: {'met' if statistics.median(per_round) >= 1.0 else 'NOT met'}"
+            verdict += " (on a disturbed run)" if noisy else ""
         lines.append(f"| {label} | {statistics.median(per_round):.2f}x | "
                      f"{', '.join(f'{r:.2f}' for r in per_round)} | {verdict} |")
     tuned, system = variants["bigbatch_bf16"], variants["bigbatch_bf16_system"]
     rss_ratio = (max(r.peak_rss_mib for r in tuned.runs)
                  / max(r.peak_rss_mib for r in system.runs))
     lines.append(f"| allocator: peak RSS tuned / system (bigbatch bf16) | {rss_ratio:.2f}x | | |")
-    worst = max(r.other_cores for v in variants.values() for r in v.runs)
     retried = sum(t - 1 for v in variants.values() for t in v.tries)
     lines += ["", f"Load: a run counts as disturbed when other processes used more than "
               f"{args.max_other_cores} cores during it (/proc/stat busy time minus the child's "
               f"and the harness's own CPU time, plus steal). {retried} run(s) were repeated; the "
               f"worst kept run saw {worst:.2f} cores used by others"
-              + (" — these numbers are NOISY; rerun on a quiet machine." if
-                 worst > args.max_other_cores else ".")]
+              + (" — these numbers are NOISY; rerun on a quiet machine." if noisy else ".")]
     return "\n".join(lines)
 
 
