@@ -115,6 +115,7 @@ def worker(out_path: str) -> None:
         Path(out_path).write_text(json.dumps({
             "num_params": num_params, "grad_bytes": grad_bytes, "seq_len": TOKENS_PER_SEQUENCE,
             "steps": steps, "calls": calls, "allreduce": allreduce}))
+    dist.barrier()  # a rank that leaves while another destroys the group can hang it
     dist.destroy_process_group()
 
 

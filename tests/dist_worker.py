@@ -111,6 +111,7 @@ def main(out_path: str) -> None:
     results = {s.name: run(s, rank) for s in SCENARIOS}
     if rank == 0:
         torch.save(results, out_path)
+    dist.barrier()  # a rank that leaves while another destroys the group can hang it
     dist.destroy_process_group()
 
 
