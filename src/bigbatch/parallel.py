@@ -68,11 +68,13 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_full_model_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
-    """The inverse of `full_model_state_dict`: rank 0's full tensors are broadcast and sharded."""
+    """The inverse of `full_model_state_dict`. Under FSDP rank 0's full tensors are broadcast and
+    sharded; a DDP replica (or one process) loads them as they are, so every DDP rank must be given
+    the same full `state` (set_model_state_dict's broadcast path misses DDP's `module.` prefix)."""
     import torch.distributed as torch_dist
 
-    if not torch_dist.is_initialized():
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if not torch_dist.is_initialized() or inner is not model:
         inner.load_state_dict(state)
         return
     set_model_state_dict(model, state, options=StateDictOptions(
