@@ -2,6 +2,7 @@
 
     bigbatch train  [RECIPE] [--out DIR] [--resume auto|PATH] [--nproc N] [--section.field=VALUE ...]
     bigbatch config [RECIPE] [--world-size N] [--section.field=VALUE ...]
+    bigbatch plan   [RECIPE] [--json] [--world-size N] [--section.field=VALUE ...]
     bigbatch verify [RECIPE] [--float64] [--nproc N] [--section.field=VALUE ...]
     bigbatch sample RUN_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
 
@@ -89,9 +90,12 @@ def cmd_config(args: list[str]) -> int:
         return 0
     cfg = load_config(run.recipe, run.overrides)
     world_size = _positive_int(run.flags.get("--world-size", "1"), "--world-size")
+    print(config_to_toml(cfg))
+    if cfg.batch.micro_batch_size == "auto":
+        print("# micro_batch_size = \"auto\": `bigbatch plan` shows what training will choose")
+        return 0
     plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                       world_size)
-    print(config_to_toml(cfg))
     print(f"# {plan.describe()}")
     print(f"# num_micro_steps = global_tokens / (micro_batch_size * seq_len * world_size) = "
           f"{plan.global_tokens} / ({plan.micro_batch_size} * {plan.seq_len} * "
@@ -145,7 +149,23 @@ def cmd_sample(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample}
+def cmd_plan(args: list[str]) -> int:
+    import json
+
+    from bigbatch.config import load_config
+    from bigbatch.plan.planner import describe_plan, plan_for_config, probe_device
+
+    run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--json"})
+    cfg = load_config(run.recipe, run.overrides)
+    world_size = _positive_int(run.flags.get("--world-size", "1"), "--world-size")
+    plan = plan_for_config(cfg, cfg.data.vocab_size, world_size=world_size,
+                           device=probe_device(cfg.train.device))
+    print(json.dumps(plan.to_dict()) if run.flags.get("--json") else "\n".join(describe_plan(plan)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample,
+            "plan": cmd_plan}
 
 
 def _positive_int(text: str | bool, name: str) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigbatch.activation_checkpointing import apply_activation_checkpointing
 from bigbatch.allocator import tune_glibc_malloc
 from bigbatch.artifacts import save_model, unwrap
 from bigbatch.batching import BatchPlan, plan_batch
@@ -22,6 +23,7 @@ from bigbatch.config import Config, config_to_toml
 from bigbatch.data.corpus import Corpus, prepare_corpus
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
 from bigbatch.distributed import DistInfo, barrier, dist_info_from_env, init_process_group
+from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.engine.loop import TrainState, fit
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.errors import UsageError
@@ -63,6 +65,22 @@ def build_model(cfg: Config, vocab_size: int) -> GPT:
     return GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
                         n_head=cfg.model.n_head, d_model=cfg.model.d_model,
                         dropout=cfg.model.dropout))
+
+
+def plan_memory(cfg: Config, corpus: Corpus, dist: DistInfo, device: torch.device,
+                out_dir: Path, say) -> Config:
+    """Resolve `batch.micro_batch_size = "auto"` (and checkpointing/chunked loss) by the memory
+    planner; the plan goes to `plan.json` in the run directory."""
+    from bigbatch.plan.planner import apply_plan, describe_plan, plan_for_config, write_plan
+
+    data_bytes = corpus.train_tokens.nbytes + corpus.val_tokens.nbytes
+    memory_plan = plan_for_config(cfg, corpus.vocab_size, world_size=dist.world_size,
+                                  device=str(device), data_bytes=data_bytes)
+    for line in describe_plan(memory_plan):
+        say(f"plan: {line}")
+    if dist.is_main:
+        write_plan(memory_plan, out_dir)
+    return apply_plan(cfg, memory_plan)
 
 
 def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
@@ -113,8 +131,10 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
         allocator = "tuned (glibc: no per-buffer mmap, no trim)"
     device = resolve_device(cfg.train.device, dist)
     init_process_group(dist, device)
-    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
-                      dist.world_size)
+    auto_micro_batch = cfg.batch.micro_batch_size == "auto"  # planned once the vocab is known
+    if not auto_micro_batch:
+        plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                          dist.world_size)
     if dist.is_main:
         prepare_out_dir(out_dir)
         check_out_dir(out_dir, resume)
@@ -125,8 +145,14 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     corpus = load_corpus(cfg, dist)
     say(f"data: {len(corpus.train_tokens):,} training and {len(corpus.val_tokens):,} validation "
         f"tokens ({time.perf_counter() - started:.1f}s; cache {corpus.cache_dir})")
+    if auto_micro_batch:
+        cfg = plan_memory(cfg, corpus, dist, device, out_dir, say)
+        plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                          dist.world_size)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, corpus.vocab_size).to(device)
+    apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
+                                   cfg.model.checkpoint_every)  # before compile and DDP/FSDP
     for line in startup_lines(cfg, plan, model, device, allocator):
         say(line)
     wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
@@ -159,6 +185,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
             state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, plan=plan,
                         precision=precision, dist=dist, device=device, state=state, log=log,
                         progress=progress, on_step_end=checkpointer.maybe_save,
+                        loss_sum_fn=make_loss_sum_fn(cfg.model.loss_chunk_tokens),
                         should_stop=lambda: any_rank(preemption.requested, dist, device))
             if state.step < cfg.train.max_steps:  # a signal stopped the loop early
                 path = checkpointer.save_unless_saved(state)

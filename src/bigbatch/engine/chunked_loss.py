@@ -21,7 +21,10 @@ from bigbatch.engine.step import LossSumFn, lm_loss_sum
 
 def _slice_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                     ) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX,
+    logits = head(hidden)
+    # As lm_loss_sum: upcast bf16/fp16 logits to fp32, never downcast a float64 model.
+    softmax_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.to(softmax_dtype), targets, ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
 
@@ -31,11 +34,12 @@ def chunked_lm_loss_sum(model: nn.Module, batch, chunk_tokens: int) -> torch.Ten
     hidden = model(batch.inputs, return_hidden=True).flatten(0, 1)
     targets = batch.targets.flatten()
     head = unwrap(model).lm_head
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = None
     for start in range(0, hidden.size(0), chunk_tokens):
         end = start + chunk_tokens
-        total = total + checkpoint(_slice_loss_sum, head, hidden[start:end], targets[start:end],
-                                   use_reentrant=False)
+        part = checkpoint(_slice_loss_sum, head, hidden[start:end], targets[start:end],
+                          use_reentrant=False)
+        total = part if total is None else total + part
     return total
 
 

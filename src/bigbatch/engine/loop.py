@@ -15,7 +15,7 @@ from bigbatch.config import Config
 from bigbatch.data.loader import MicroBatch, TokenLoader
 from bigbatch.distributed import DistInfo, all_reduce_sum
 from bigbatch.engine.schedule import learning_rate
-from bigbatch.engine.step import lm_loss_sum, train_step
+from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
 from bigbatch.metrics import MetricsLog, Progress
 from bigbatch.precision import Precision
@@ -41,14 +41,14 @@ class TrainState:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[MicroBatch], precision: Precision,
-             dist: DistInfo, device: torch.device) -> float:
+             dist: DistInfo, device: torch.device, loss_sum_fn: LossSumFn = lm_loss_sum) -> float:
     """Exact token-mean validation loss over the fixed validation set, all ranks."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, target count]
     for batch in batches:
         batch = batch.to(device)
         with precision.autocast():
-            totals[0] += lm_loss_sum(model, batch).double()
+            totals[0] += loss_sum_fn(model, batch).double()
         totals[1] += batch.num_targets()
     model.train()
     all_reduce_sum(totals, dist)
@@ -59,7 +59,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         val_batches: Sequence[MicroBatch], *, cfg: Config, plan: BatchPlan, precision: Precision,
         dist: DistInfo, device: torch.device, state: TrainState, log: MetricsLog,
         progress: Progress, should_stop: Callable[[], bool] = lambda: False,
-        on_step_end: Callable[[TrainState], None] = lambda state: None) -> TrainState:
+        on_step_end: Callable[[TrainState], None] = lambda state: None,
+        loss_sum_fn: LossSumFn = lm_loss_sum) -> TrainState:
     """Train until `train.max_steps`:
 
         for each optimizer step:
@@ -72,7 +73,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
     """
     opt = cfg.optim
     if state.step == 0:  # the untrained model's loss: the baseline every curve starts from
-        state.last_val_loss = evaluate(model, val_batches, precision, dist, device)
+        state.last_val_loss = evaluate(model, val_batches, precision, dist, device,
+                                       loss_sum_fn)
         log.write({"step": 0, "tokens": 0, "val_loss": state.last_val_loss})
     while state.step < cfg.train.max_steps:
         started = time.perf_counter()
@@ -83,7 +85,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
             group["lr"] = lr
         micro_batches = [mb.to(device) for mb in loader.next_step()]
         stats = train_step(model, optimizer, micro_batches, precision=precision,
-                           clip_norm=opt.clip_norm, clip_value=opt.clip_value, dist=dist)
+                           clip_norm=opt.clip_norm, clip_value=opt.clip_value, dist=dist,
+                           loss_sum_fn=loss_sum_fn)
         state.step += 1
         state.tokens_seen += plan.global_tokens
         state.skipped_steps += stats.skipped
@@ -105,7 +108,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                              "lower optim.lr, use bf16, or check the data")
         every = cfg.train.eval_every
         if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
-            state.last_val_loss = evaluate(model, val_batches, precision, dist, device)
+            state.last_val_loss = evaluate(model, val_batches, precision, dist, device,
+                                           loss_sum_fn)
             log.write({"step": state.step, "tokens": state.tokens_seen,
                        "val_loss": state.last_val_loss})
             progress.message(f"step {state.step}: val_loss {state.last_val_loss:.4f}")

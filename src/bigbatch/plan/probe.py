@@ -28,7 +28,7 @@ class ProbeRequest:
     dims: ModelDims
     micro_batch_size: int
     num_micro_steps: int = 2
-    num_steps: int = 3
+    num_steps: int = 5
     precision: str = "fp32"
     checkpointing: str = "none"
     checkpoint_every: int = 1
@@ -80,7 +80,9 @@ def measure(request: ProbeRequest) -> ProbeResult:
     from bigbatch.activation_checkpointing import apply_activation_checkpointing
     from bigbatch.config import OptimConfig, PrecisionConfig
     from bigbatch.data.loader import MicroBatch
+    from bigbatch.distributed import SINGLE_PROCESS
     from bigbatch.engine.chunked_loss import make_loss_sum_fn
+    from bigbatch.engine.loop import evaluate
     from bigbatch.engine.optim import build_optimizer
     from bigbatch.engine.step import train_step
     from bigbatch.model import GPT, GPTShape
@@ -95,17 +97,27 @@ def measure(request: ProbeRequest) -> ProbeResult:
     precision = make_precision(PrecisionConfig(dtype=request.precision), device)
     loss_sum_fn = make_loss_sum_fn(request.loss_chunk_tokens)
     shape = (request.micro_batch_size, d.seq_len)
-    batches = [MicroBatch(torch.randint(0, d.vocab_size, shape, device=device),
-                          torch.randint(0, d.vocab_size, shape, device=device))
-               for _ in range(request.num_micro_steps)]
+
+    def fresh_batches() -> list[MicroBatch]:
+        # New tensors every step, as the loader makes them: the allocator sees the same churn.
+        return [MicroBatch(torch.randint(0, d.vocab_size, shape, device=device),
+                           torch.randint(0, d.vocab_size, shape, device=device))
+                for _ in range(request.num_micro_steps)]
+
+    batches = fresh_batches()
     seconds = []
     try:
+        # fit() evaluates before the first step and after the last, in micro-batches of the
+        # same size; the allocator's heap after that mix is what a run sees, so probe it too.
+        evaluate(model, batches[:1], precision, SINGLE_PROCESS, device, loss_sum_fn)
         for _ in range(request.num_steps):
             started = time.perf_counter()
+            batches = fresh_batches()
             stats = train_step(model, optimizer, batches, precision=precision, clip_norm=1.0,
                                loss_sum_fn=loss_sum_fn)
             float(stats.loss)  # host sync, so the timing covers the whole step
             seconds.append(time.perf_counter() - started)
+        evaluate(model, batches[:1], precision, SINGLE_PROCESS, device, loss_sum_fn)
     except torch.OutOfMemoryError as err:
         return ProbeResult(request.micro_batch_size, None, None, f"out of memory: {err}"[:200])
     tokens = request.micro_batch_size * d.seq_len * request.num_micro_steps
