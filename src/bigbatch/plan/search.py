@@ -87,7 +87,8 @@ ProbeFn = Callable[[ProbeRequest], ProbeResult]
 def tactics_for(mode: str, every: int, chunk_tokens: int, seq_len: int) -> list[Tactic]:
     if mode != "auto":
         return [Tactic(mode, every, chunk_tokens)]
-    chunk = chunk_tokens or min(DEFAULT_CHUNK_TOKENS, seq_len)
+    # A quarter sequence, so chunking still helps at micro-batch 1.
+    chunk = chunk_tokens or max(1, min(DEFAULT_CHUNK_TOKENS, seq_len // 4))
     tactics = [Tactic("none", every, chunk_tokens), Tactic("all", every, chunk_tokens),
                Tactic("all", every, chunk)]
     return list(dict.fromkeys(tactics))  # chunking already on: the last two are one

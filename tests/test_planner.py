@@ -1,0 +1,114 @@
+"""The micro-batch search: chooses the fastest measured candidate that fits and divides the
+per-rank batch, escalates to checkpointing when nothing fits, and fails in one line naming the
+memory needed; a real `auto` run stays under its budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bigbatch.config import load_config
+from bigbatch.data.corpus import prepare_corpus
+from bigbatch.errors import UsageError
+from bigbatch.plan.memory import Calibration, ModelDims, Setup, estimate_memory
+from bigbatch.plan.probe import ProbeResult
+from bigbatch.plan.search import choose_micro_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+DIMS = ModelDims(vocab_size=4096, seq_len=64, n_layer=2, d_model=64, n_head=2)
+TRUE = Calibration(overhead_bytes=300 * 2**20, activation_scale=1.3)  # >= the default
+
+
+def fake_probe(speeds: dict[int, float], calls: list[int]):
+    """A machine whose memory follows the model with known constants, and given speeds."""
+    def probe(request):
+        calls.append(request.micro_batch_size)
+        setup = Setup(request.micro_batch_size, checkpointing=request.checkpointing,
+                      loss_chunk_tokens=request.loss_chunk_tokens)
+        return ProbeResult(request.micro_batch_size, estimate_memory(DIMS, setup, TRUE).total,
+                           speeds.get(request.micro_batch_size, 1.0))
+    return probe
+
+
+def true_peak(size: int, checkpointing: str = "none", chunk: int = 0) -> int:
+    return estimate_memory(DIMS, Setup(size, checkpointing=checkpointing,
+                                       loss_chunk_tokens=chunk), TRUE).total
+
+
+def test_picks_the_fastest_fitting_divisor():
+    budget = (true_peak(8) + true_peak(16)) // 2  # 8 fits, 16 does not
+    calls: list[int] = []
+    speeds = {1: 10.0, 2: 20.0, 4: 45.0, 8: 40.0}  # 4 is faster than 8 here
+    plan = choose_micro_batch(DIMS, Setup(1), global_tokens=24 * 64, mode="none",
+                              checkpoint_every=1, loss_chunk_tokens=0, budget=budget,
+                              probe=fake_probe(speeds, calls))
+    assert 24 % plan.micro_batch_size == 0
+    assert plan.num_micro_steps * plan.micro_batch_size == 24
+    assert true_peak(plan.micro_batch_size) <= budget
+    measured = {c["micro_batch_size"]: c["tokens_per_s"] for c in plan.candidates
+                if c["tokens_per_s"] is not None}
+    assert plan.micro_batch_size == max(measured, key=measured.get)
+    assert 16 not in calls and 24 not in calls  # never probed what the model says cannot fit
+    assert plan.predicted_peak_bytes == true_peak(plan.micro_batch_size)  # the fit is exact
+
+
+def test_turns_on_checkpointing_then_chunked_loss_only_when_needed():
+    budget = true_peak(1, "all", 16) + 1  # nothing fits without chunked loss (16 = T / 4)
+    assert true_peak(1, "all") > budget
+    plan = choose_micro_batch(DIMS, Setup(1), global_tokens=8 * 64, mode="auto",
+                              checkpoint_every=1, loss_chunk_tokens=0, budget=budget,
+                              probe=fake_probe({}, []))
+    assert (plan.activation_checkpointing, plan.loss_chunk_tokens) == ("all", 16)
+    roomy = choose_micro_batch(DIMS, Setup(1), global_tokens=8 * 64, mode="auto",
+                               checkpoint_every=1, loss_chunk_tokens=0, budget=2**40,
+                               probe=fake_probe({}, []))
+    assert (roomy.activation_checkpointing, roomy.loss_chunk_tokens) == ("none", 0)
+
+
+def test_too_small_a_budget_names_the_memory_needed():
+    with pytest.raises(UsageError, match=r"needs about .* \(\d+ bytes\)"):
+        choose_micro_batch(DIMS, Setup(1), global_tokens=8 * 64, mode="auto",
+                           checkpoint_every=1, loss_chunk_tokens=0, budget=2**20,
+                           probe=fake_probe({}, []))
+
+
+def test_cli_budget_too_small_exits_2_with_one_line(tiny_overrides):
+    done = subprocess.run([sys.executable, "-m", "bigbatch", "plan", "configs/tiny.toml",
+                           *tiny_overrides, "--batch.memory_budget=64MiB"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "batch.memory_budget" in done.stderr and "needs about" in done.stderr
+
+
+def test_auto_run_stays_under_its_budget(tiny_overrides, tmp_path):
+    """A real run: the planner probes, writes plan.json, and the run's peak RSS fits the budget.
+
+    The system allocator: with the tuned one (no trim, no mmap) the run's heap fragments more
+    than the probes' do (see the plan package's notes), so its peak is not what they measure.
+    """
+    budget = 420 * 2**20
+    out = tmp_path / "run"
+    # Tokenize first (the session cache): training the BPE has its own peak, before planning.
+    prepare_corpus(load_config(ROOT / "configs" / "tiny.toml", tiny_overrides).data)
+    # The run's own peak (VmHWM), printed as it exits: rusage would include the probes'.
+    script = ("import sys; from bigbatch.cli import main; rc = main(sys.argv[1:]); "
+              "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]); "
+              "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", script, "train", "configs/tiny.toml",
+                           *tiny_overrides, "--out", str(out), "--batch.micro_batch_size=auto",
+                           f"--batch.memory_budget={budget}", "--batch.global_tokens=2048",
+                           "--train.max_steps=2", "--train.eval_tokens=1024",
+                           "--train.allocator=system"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = int(done.stdout.strip().splitlines()[-1].split()[1]) * 1024  # VmHWM is in kB
+    plan = json.loads((out / "plan.json").read_text())
+    assert 16 % plan["micro_batch_size"] == 0  # 2048 tokens = 16 sequences of 128
+    assert plan["micro_batch_size"] * plan["num_micro_steps"] == 16
+    assert plan["predicted_peak_bytes"] <= budget
+    assert peak <= budget
