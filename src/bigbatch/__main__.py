@@ -1,3 +1,4 @@
 from bigbatch.cli import main
+from bigbatch.launch import exit_process
 
-raise SystemExit(main())
+exit_process(main())

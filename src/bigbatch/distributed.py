@@ -89,3 +89,14 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    """End of a run: all ranks meet, then tear the group down while Python is fully alive.
+
+    Left to interpreter exit, gloo's threads can still hold finished async work (FSDP's
+    collectives) and abort the process ("terminate called without an active exception").
+    """
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

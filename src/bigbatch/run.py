@@ -22,7 +22,13 @@ from bigbatch.checkpoint import Checkpointer
 from bigbatch.config import Config, config_to_toml
 from bigbatch.data.corpus import Corpus, prepare_corpus
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
-from bigbatch.distributed import DistInfo, barrier, dist_info_from_env, init_process_group
+from bigbatch.distributed import (
+    DistInfo,
+    barrier,
+    dist_info_from_env,
+    init_process_group,
+    shutdown,
+)
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.engine.loop import TrainState, fit
 from bigbatch.engine.optim import build_optimizer
@@ -209,4 +215,5 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
         say(f"validation loss {state.last_val_loss:.4f} nats/token vs unigram entropy "
             f"{entropy:.4f} (a model that learned only token frequencies)")
         say(f"outputs: {out_dir}/ (model.safetensors, metrics.jsonl, config.toml, tensorboard/)")
+    shutdown(dist)
     return TrainResult(out_dir, state, entropy, model.num_parameters())

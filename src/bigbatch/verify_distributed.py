@@ -205,7 +205,7 @@ def describe(result: DistributedVerifyResult) -> list[str]:
 
 def main(cfg: Config, float64: bool) -> int:
     """`bigbatch verify` under torchrun: rank 0 also runs the one-process accumulation check."""
-    from bigbatch.distributed import dist_info_from_env, init_process_group
+    from bigbatch.distributed import dist_info_from_env, init_process_group, shutdown
     from bigbatch.verify import verify
 
     dist = dist_info_from_env()
@@ -222,5 +222,5 @@ def main(cfg: Config, float64: bool) -> int:
         print("\n".join(describe(result)), flush=True)
     box = [passed and result.passed]
     torch_dist.broadcast_object_list(box, src=0)
-    torch_dist.destroy_process_group()
+    shutdown(dist)
     return 0 if box[0] else 1
