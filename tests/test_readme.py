@@ -51,3 +51,4 @@ def test_config_fields_lists_every_key(capsys):
     for key in ("data.path", "data.seq_len", "batch.global_tokens", "batch.micro_batch_size",
                 "optim.clip_value", "precision.dtype", "train.eval_every"):
         assert key in out
+

@@ -8,6 +8,7 @@ largest over all tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +81,21 @@ class VerifyResult:
         return self.max_relative_error <= self.tolerance
 
 
+def checkable_micro_batch(cfg: Config, world_size: int, max_micro_batch: int) -> Config:
+    """`batch.micro_batch_size = "auto"` has no size until the planner runs; the check only needs
+    a size that divides the per-rank batch, so take the largest one up to `max_micro_batch`."""
+    if cfg.batch.micro_batch_size != "auto":
+        return cfg
+    per_rank = max(1, cfg.batch.global_tokens // (cfg.data.seq_len * world_size))
+    size = max(d for d in range(1, max_micro_batch + 1) if per_rank % d == 0)
+    return dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, micro_batch_size=size))
+
+
 def verify(cfg: Config, max_micro_steps: int = 4, max_micro_batch: int = 4,
            float64: bool = False) -> VerifyResult:
     """Take the first optimizer step's micro-batches of the recipe (at most `max_micro_steps` of
     at most `max_micro_batch` sequences, small enough to fit at once) and compare."""
+    cfg = checkable_micro_batch(cfg, 1, max_micro_batch)
     corpus = prepare_corpus(cfg.data)
     plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size)
     loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, rank=0, seed=cfg.train.seed)

@@ -33,7 +33,7 @@ from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.parallel import parallelize
 from bigbatch.precision import make_precision
 from bigbatch.run import build_model, seed_everything
-from bigbatch.verify import max_relative_error, reference_gradients
+from bigbatch.verify import checkable_micro_batch, max_relative_error, reference_gradients
 
 
 @dataclass
@@ -128,6 +128,7 @@ class DistributedVerifyResult:
 def rank_micro_batches(cfg: Config, tokens, eot_id: int, rank: int, world_size: int,
                        max_micro_steps: int, max_micro_batch: int) -> list[MicroBatch]:
     """Rank `rank`'s first-step micro-batches, cut to a size every rank (and the oracle) can hold."""
+    cfg = checkable_micro_batch(cfg, world_size, max_micro_batch)
     plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                       world_size)
     loader = TokenLoader(tokens, eot_id, plan, rank=rank, seed=cfg.train.seed)
