@@ -5,8 +5,9 @@ glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 Mi
 activation and logit buffers of tens to hundreds of MiB every micro-step, so each step pays
 to fault the same pages in again (a page fault and zeroing per 4 KiB). Telling glibc to serve
 everything from its heap and never trim it keeps those pages mapped and reused. The price is
-that freed memory is not given back to the OS until exit (peak RSS is unchanged; see
-BENCHMARKS.md). jemalloc with decay disabled does the same, but needs LD_PRELOAD set before the
+memory: freed memory is not given back to the OS until exit, and buffers of different sizes
+fragment the heap, so peak RSS is higher (1.2-1.3x measured here; BENCHMARKS.md) and depends on
+the allocation history. The memory planner's probes run with the same setting for that reason. jemalloc with decay disabled does the same, but needs LD_PRELOAD set before the
 process starts; mallopt works from inside the running process, before the first big tensor.
 
 Opt out with `train.allocator = "system"`.
