@@ -28,7 +28,7 @@ def test_readme_opens_with_the_two_setup_commands():
 
 
 RECIPE_COMMANDS = [line for line in code_lines()
-                   if re.match(r"bigbatch (train|verify|config)\b", line)]
+                   if re.match(r"bigbatch (train|verify|config|plan)\b", line)]
 
 
 def test_readme_shows_recipe_commands():

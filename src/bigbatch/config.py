@@ -120,7 +120,7 @@ class OptimConfig:
     eps: float = option(1e-8, "Adam epsilon.")
     clip_norm: float = option(1.0, "Clip the global L2 norm of the gradients to this; 0 disables.")
     clip_value: float = option(0.0, "Clip every gradient element to [-v, v] (L-inf); 0 disables.")
-    warmup_steps: int = option(10, "Linear warmup from ~0 to `lr` over this many steps.")
+    warmup_steps: int = option(6, "Linear warmup from ~0 to `lr` over this many steps.")
     decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)}.")
     min_lr_ratio: float = option(0.1, "Floor of the decay, as a fraction of `lr`.")
 
@@ -168,10 +168,10 @@ ALLOCATORS = ("tuned", "system")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = option(80, "Optimizer steps to train for.")
-    eval_every: int = option(20, "Evaluate on the validation split every this many steps "
+    max_steps: int = option(26, "Optimizer steps to train for.")
+    eval_every: int = option(13, "Evaluate on the validation split every this many steps "
                                  "(and at the end); 0 evaluates only at the end.")
-    eval_tokens: int = option(131072, "Validation tokens per evaluation (fewer if the split is "
+    eval_tokens: int = option(32768, "Validation tokens per evaluation (fewer if the split is "
                                       "smaller).")
     seed: int = option(1337, "Seed for initialisation and data order.")
     log_every: int = option(1, "Print a log line every this many steps (when not on a terminal).")
