@@ -94,9 +94,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         if clip_value > 0:
             torch.nn.utils.clip_grad_value_(params, clip_value)
         if clip_norm > 0:
-            norm_now = grad_norm if clip_value == 0 else None  # value clipping changed the norm
-            if norm_now is None:
-                norm_now = total_grad_norm([p.grad for p in params])
+            # Value clipping changed the gradients, so their norm must be taken again.
+            norm_now = total_grad_norm([p.grad for p in params]) if clip_value > 0 else grad_norm
             torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm_now)
         if precision.scaling:
             precision.scaler.step(optimizer)
