@@ -8,6 +8,7 @@ documents so that even a single file splits into training and validation by docu
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +28,12 @@ class Document:
 
 def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py")
-                  if not _STDLIB_EXCLUDED.intersection(p.relative_to(root).parts))
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        # Prune while walking: site-packages alone can hold far more files than the stdlib.
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_EXCLUDED]
+        files.extend(Path(directory, n) for n in names if n.endswith(".py"))
+    return sorted(files)
 
 
 def source_files(path: str, pattern: str) -> list[Path]:
