@@ -10,22 +10,16 @@ slices' summed losses is the unchunked summed loss, so gradients are the same up
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bigbatch.artifacts import unwrap
-from bigbatch.data.packing import IGNORE_INDEX
-from bigbatch.engine.step import LossSumFn, lm_loss_sum
+from bigbatch.engine.step import LossSumFn, lm_loss_sum, token_loss_sum
 
 
 def _slice_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                     ) -> torch.Tensor:
-    logits = head(hidden)
-    # As lm_loss_sum: upcast bf16/fp16 logits to fp32, never downcast a float64 model.
-    softmax_dtype = torch.promote_types(logits.dtype, torch.float32)
-    return F.cross_entropy(logits.to(softmax_dtype), targets, ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return token_loss_sum(head(hidden), targets)
 
 
 def chunked_lm_loss_sum(model: nn.Module, batch, chunk_tokens: int) -> torch.Tensor:

@@ -44,13 +44,17 @@ class Batch(Protocol):
 LossSumFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
-def lm_loss_sum(model: nn.Module, batch) -> torch.Tensor:
-    """Summed next-token cross-entropy over the unmasked targets (softmax in fp32 or wider)."""
-    logits = model(batch.inputs)
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `logits` (..., vocab) over the unmasked `targets` (...)."""
     # Upcast bf16/fp16 logits to fp32, but never downcast a float64 model (the --float64 check).
     softmax_dtype = torch.promote_types(logits.dtype, torch.float32)
-    return F.cross_entropy(logits.flatten(0, 1).to(softmax_dtype), batch.targets.flatten(),
+    return F.cross_entropy(logits.flatten(0, -2).to(softmax_dtype), targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss_sum(model: nn.Module, batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over the unmasked targets (softmax in fp32 or wider)."""
+    return token_loss_sum(model(batch.inputs), batch.targets)
 
 
 @dataclass
