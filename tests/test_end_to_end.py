@@ -3,7 +3,7 @@
 The training runs once per module (about a minute here) through `bigbatch.cli.main`, the same
 entry point as the console script. Checks:
 - the validation loss falls by at least 30 % from the untrained model's (the step-0 row) to the
-  last evaluation;
+  last evaluation, and ends below the loss of a unigram model on the same windows;
 - the run directory holds the resolved config (parsing back to the same Config), one metrics row
   per optimizer step with the documented keys, evaluation rows, TensorBoard events, and the final
   model with its shape and tokenizer;
@@ -23,7 +23,9 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.config import load_config
+from bigbatch.data.corpus import prepare_corpus
 from bigbatch.engine.schedule import learning_rate
+from bigbatch.run import unigram_baseline
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,15 @@ def test_validation_loss_falls_by_30_percent(metrics):
     assert evals[0]["step"] == 0
     first, last = evals[0]["val_loss"], evals[-1]["val_loss"]
     assert last <= 0.7 * first, (first, last)
+
+
+def test_validation_loss_beats_the_unigram_model(metrics, tiny_overrides):
+    """A model that learned anything beyond token frequencies scores below the unigram model's
+    loss on the same validation windows."""
+    cfg = load_config(TINY, tiny_overrides)
+    baseline = unigram_baseline(prepare_corpus(cfg.data), cfg)
+    last = [row for row in metrics if "val_loss" in row][-1]["val_loss"]
+    assert last < baseline - 0.2, (last, baseline)
 
 
 def test_run_directory_holds_the_outputs(run_dir, tiny_overrides):

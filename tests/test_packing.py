@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,34 @@ def test_eval_batches_split_over_ranks_without_overlap():
 
     assert rows(parts[0] + parts[1]) == rows(whole)
     assert not set(rows(parts[0])) & set(rows(parts[1]))
+
+
+def test_eval_windows_spread_over_the_whole_split():
+    """The validation windows sample the split end to end (its first windows are a few
+    documents only), evenly and without repeats."""
+    tokens, _ = documents_stream([200] * 10)
+    available = num_windows(len(tokens), 16)
+    batches = eval_micro_batches(tokens, eot_id=EOT, seq_len=16, eval_tokens=16 * 20,
+                                 micro_batch_size=8, rank=0, world_size=1)
+    inputs = torch.cat([mb.inputs for mb in batches])
+    starts = [int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(tokens, 16)
+                                 .__eq__(row.numpy()).all(axis=1))[0]) for row in inputs]
+    assert len(starts) == 20 and starts == sorted(set(starts))
+    assert starts[0] == 0 and starts[-1] >= (available - available // 20 - 1) * 16
+    gaps = np.diff(starts) // 16
+    assert gaps.max() - gaps.min() <= 1
+
+
+def test_unigram_loss_is_the_cross_entropy_of_smoothed_training_frequencies():
+    from bigbatch.data.corpus import Corpus
+
+    train = np.array([0, 0, 0, 1, 2, 2], dtype=np.int64)  # counts 3, 1, 2, 0 of a 4-token vocab
+
+    class FourTokens:
+        def get_vocab_size(self):
+            return 4
+
+    corpus = Corpus(FourTokens(), train, train[:0], eot_id=3, cache_dir=Path("."))
+    # add-one: p = (4, 2, 3, 1) / 10
+    expected = -(np.log(0.4) + np.log(0.1) + np.log(0.4)) / 3
+    assert abs(corpus.unigram_loss(np.array([0, 3, 0])) - expected) < 1e-12

@@ -22,6 +22,7 @@ from bigbatch.checkpoint import Checkpointer
 from bigbatch.config import Config, config_to_toml
 from bigbatch.data.corpus import Corpus, prepare_corpus
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
+from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.distributed import (
     DistInfo,
     barrier,
@@ -45,9 +46,17 @@ from bigbatch.resume import check_out_dir, drop_metrics_after, find_resume_check
 class TrainResult:
     out_dir: Path
     state: TrainState
-    unigram_entropy: float
+    unigram_loss: float  # validation loss of a model that learned only token frequencies
     num_parameters: int
     exit_code: int = 0  # 128 + signal number when a signal stopped the run early
+
+
+def unigram_baseline(corpus: Corpus, cfg: Config) -> float:
+    """The unigram model's loss on exactly the windows `evaluate` scores (all ranks' share)."""
+    batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len,
+                                 cfg.train.eval_tokens, micro_batch_size=64, rank=0, world_size=1)
+    targets = torch.cat([mb.targets.flatten() for mb in batches])
+    return corpus.unigram_loss(targets[targets != IGNORE_INDEX].numpy())
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
@@ -198,22 +207,23 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                 say(f"stopped by {preemption.signal_name} after step {state.step}/"
                     f"{cfg.train.max_steps}: checkpoint {path}")
                 say(f"to continue, run the same command with --resume auto --out {out_dir}")
-                return TrainResult(out_dir, state, corpus.unigram_entropy(),
+                return TrainResult(out_dir, state, unigram_baseline(corpus, cfg),
                                    model.num_parameters(), preemption.exit_code)
     except UsageError as err:
         raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
     finally:
         progress.close()
         log.close()
-    entropy = corpus.unigram_entropy()
+    baseline = unigram_baseline(corpus, cfg)
     # Under FSDP gathering the full weights is a collective: every rank takes part, rank 0 writes.
     weights = full_model_state_dict(wrapped)
     if dist.is_main:
         save_model(unwrap(wrapped), corpus.tokenizer, out_dir, weights)
         say(f"done in {time.perf_counter() - started:.0f}s: {state.tokens_seen:,} tokens, "
             f"{state.skipped_steps} skipped steps")
-        say(f"validation loss {state.last_val_loss:.4f} nats/token vs unigram entropy "
-            f"{entropy:.4f} (a model that learned only token frequencies)")
+        say(f"validation loss {state.last_val_loss:.4f} nats/token vs {baseline:.4f} for a "
+            "unigram model (one that learned only the training token frequencies) on the same "
+            "validation windows")
         say(f"outputs: {out_dir}/ (model.safetensors, metrics.jsonl, config.toml, tensorboard/)")
     shutdown(dist)
-    return TrainResult(out_dir, state, entropy, model.num_parameters())
+    return TrainResult(out_dir, state, baseline, model.num_parameters())

@@ -34,12 +34,13 @@ class Corpus:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    def unigram_entropy(self) -> float:
-        """Entropy (nats/token) of the training split's token frequencies: the loss of a model
-        that learned nothing but how often each token occurs."""
+    def unigram_loss(self, targets: np.ndarray) -> float:
+        """The loss (nats/token) on `targets` of a model that learned nothing but the training
+        split's token frequencies: the baseline a validation loss must beat. Add-one smoothed,
+        so a token never seen in training costs a finite amount."""
         counts = np.bincount(self.train_tokens, minlength=self.vocab_size).astype(np.float64)
-        probs = counts[counts > 0] / counts.sum()
-        return float(-(probs * np.log(probs)).sum())
+        log_probs = np.log(counts + 1.0) - np.log(counts.sum() + self.vocab_size)
+        return float(-log_probs[targets].mean())
 
 
 def default_cache_dir() -> Path:

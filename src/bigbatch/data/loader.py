@@ -109,13 +109,18 @@ class TokenLoader:
 
 def eval_micro_batches(tokens: np.ndarray, eot_id: int, seq_len: int, eval_tokens: int,
                        micro_batch_size: int, rank: int, world_size: int) -> list[MicroBatch]:
-    """A fixed validation set: the first windows of the split, dealt to ranks in turn."""
-    count = min(num_windows(len(tokens), seq_len), max(1, eval_tokens // seq_len))
+    """A fixed validation set: windows spread evenly over the whole split, dealt to ranks in turn.
+
+    Spread, not the first ones: the split is whole documents one after another, and the first
+    32K tokens are a handful of files (on the default corpus their loss was 0.4 nats above the
+    split's mean, against 0.01 for 128 windows spread out)."""
+    available = num_windows(len(tokens), seq_len)
+    count = min(available, max(1, eval_tokens // seq_len))
     if count == 0:
         raise UsageError(f"the validation split is shorter than one sequence of "
                          f"data.seq_len = {seq_len} tokens: lower data.seq_len or give more text")
-    chunks = [np.arange(i, min(i + micro_batch_size, count))
-              for i in range(0, count, micro_batch_size)]
+    windows = (np.arange(count) * available) // count  # distinct, increasing, first one is 0
+    chunks = [windows[i:i + micro_batch_size] for i in range(0, count, micro_batch_size)]
     mine = [MicroBatch(*gather_windows(tokens, idx, seq_len, eot_id))
             for idx in chunks[rank::world_size]]
     # FSDP gathers weights inside every forward, so all ranks must run as many: the short ranks
