@@ -1,6 +1,8 @@
 """The baseline: a minimal training loop written plainly, as an engineer would without bigbatch.
 
-Same model (`bigbatch.model.GPT`, so the parameters and the forward are identical), same batch
+Same model (`bigbatch.model.GPT` with its default SDPA attention, as nanoGPT writes it: the
+parameters and the function are identical; bigbatch's own CPU choice, the explicit attention
+kernel, is one of the levers it is measured by), same batch
 (global tokens reached by accumulating `loss / k` over k micro-batches), same precision
 (`torch.autocast` bf16, or fp32), clipping at 1.0 like the default recipe, and the optimizer as
 one writes it: `torch.optim.AdamW(model.parameters(), lr)` (defaults: no fusion, no parameter

@@ -35,11 +35,13 @@ def test_parameter_counts_match_the_real_model():
     assert DIMS.linear_parameters == sum(linear.values())
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_block_bytes_per_token_equal_what_a_block_saves(precision):
+def test_block_bytes_per_token_equal_what_a_block_saves(precision, attention):
     """Unique storages saved for backward by one Block, minus its parameters (and their casts)."""
     batch, time = 2, DIMS.seq_len
-    block = Block(GPTShape(DIMS.vocab_size, time, 1, DIMS.n_head, DIMS.d_model))
+    dims = ModelDims(**{**DIMS.__dict__, "attention": attention})
+    block = Block(GPTShape(DIMS.vocab_size, time, 1, DIMS.n_head, DIMS.d_model), attention)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved = {}
 
@@ -64,7 +66,7 @@ def test_block_bytes_per_token_equal_what_a_block_saves(precision):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         block(torch.randn(batch, time, DIMS.d_model, requires_grad=True))
     activations = sum(saved.values())
-    assert activations == batch * time * block_bytes_per_token(DIMS, precision)
+    assert activations == batch * time * block_bytes_per_token(dims, precision)
 
 
 def test_hand_computed_fp32_case():

@@ -54,6 +54,7 @@ class DataConfig:
         _require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
 
 
+ATTENTION_CHOICES = ("auto", "sdpa", "explicit")  # model.ATTENTION_KERNELS plus auto
 CHECKPOINTING = ("none", "all", "every_n", "auto")
 
 
@@ -71,10 +72,16 @@ class ModelConfig:
     checkpoint_every: int = option(2, "every_n checkpointing: checkpoint every this many blocks.")
     loss_chunk_tokens: int = option(0, "Compute the loss over slices of this many tokens so the "
                                        "full tokens x vocab logits never exist; 0 = off.")
+    attention: str = option("auto", "Attention kernel: sdpa (scaled_dot_product_attention, "
+                                    "flash where the device has it) | explicit (softmax(qk^T)v "
+                                    "as plain ops: faster on CPU, keeps T x T probabilities) | "
+                                    "auto (explicit on CPU, sdpa elsewhere).")
 
     def __post_init__(self) -> None:
         _require(self.activation_checkpointing in CHECKPOINTING, "model.activation_checkpointing",
                  self.activation_checkpointing, f"one of {CHECKPOINTING}")
+        _require(self.attention in ATTENTION_CHOICES, "model.attention", self.attention,
+                 f"one of {', '.join(ATTENTION_CHOICES)}")
         _require(self.checkpoint_every >= 1, "model.checkpoint_every", self.checkpoint_every,
                  "an integer >= 1")
         _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens,

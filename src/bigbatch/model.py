@@ -1,8 +1,15 @@
 """A GPT decoder. It knows nothing of DDP, autocast or accumulation: input ids in, logits out.
 
-Pre-LayerNorm blocks, causal attention through `scaled_dot_product_attention` (which picks the
-flash/memory-efficient kernel where the device has one), GELU MLP, learned positions, tied input
-and output embeddings, GPT-2 initialisation (residual projections scaled by 1/sqrt(2 * n_layer)).
+Pre-LayerNorm blocks, causal attention, GELU MLP, learned positions, tied input and output
+embeddings, GPT-2 initialisation (residual projections scaled by 1/sqrt(2 * n_layer)).
+
+Attention runs through one of two kernels with the same mathematics (`ATTENTION_KERNELS`):
+`sdpa`, `scaled_dot_product_attention`, which picks the flash kernel where the device has one and
+never stores the T x T probabilities; and `explicit`, softmax(q k^T / sqrt(d)) v as three plain
+ops. On this project's 2-core CPU in bf16 the explicit form runs forward + backward ~1.6x faster
+than SDPA's CPU flash kernel at T = 256 (batched bf16 matmuls reach the matmul units; the flash
+kernel's blocked loop does not), and makes the whole training step ~11% faster, for T x T
+probabilities per head kept for backward. `resolve_attention` picks it on CPU only.
 """
 
 from __future__ import annotations
@@ -27,9 +34,38 @@ class GPTShape:
     dropout: float = 0.0
 
 
+ATTENTION_KERNELS = ("sdpa", "explicit")
+
+
+def resolve_attention(name: str, device_type: str) -> str:
+    """`auto` -> the faster kernel for the device: explicit on CPU, SDPA (flash) elsewhere."""
+    if name == "auto":
+        return "explicit" if device_type == "cpu" else "sdpa"
+    return name
+
+
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + causal mask) v, for (B, heads, T, head_dim) inputs.
+
+    The softmax runs in the inputs' dtype (bf16 under autocast): its probabilities would be
+    rounded to bf16 for the matmul with v anyway, and one bf16 copy is what backward keeps."""
+    time = q.size(-2)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.size(-1) ** -0.5)
+    # An additive -inf above the diagonal: unlike masked_fill, an add keeps nothing for backward.
+    future = torch.full((time, time), float("-inf"), dtype=scores.dtype, device=q.device).triu_(1)
+    probs = (scores + future).softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs, v)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, shape: GPTShape) -> None:
+    def __init__(self, shape: GPTShape, kernel: str = "sdpa") -> None:
         super().__init__()
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: expected one of {ATTENTION_KERNELS}")
+        self.kernel = kernel
         self.n_head = shape.n_head
         self.qkv = nn.Linear(shape.d_model, 3 * shape.d_model)
         self.proj = nn.Linear(shape.d_model, shape.d_model)
@@ -40,8 +76,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(width, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim)
         q, k, v = (t.view(batch, time, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.kernel == "explicit":
+            y = explicit_causal_attention(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         return self.proj(y.transpose(1, 2).reshape(batch, time, width))
 
 
@@ -56,10 +95,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, shape: GPTShape) -> None:
+    def __init__(self, shape: GPTShape, attention: str = "sdpa") -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(shape.d_model)
-        self.attn = CausalSelfAttention(shape)
+        self.attn = CausalSelfAttention(shape, attention)
         self.ln_2 = nn.LayerNorm(shape.d_model)
         self.mlp = MLP(shape)
         self.drop = nn.Dropout(shape.dropout)
@@ -70,13 +109,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, shape: GPTShape) -> None:
+    def __init__(self, shape: GPTShape, attention: str = "sdpa") -> None:
         super().__init__()
         self.shape = shape
         self.wte = nn.Embedding(shape.vocab_size, shape.d_model)
         self.wpe = nn.Embedding(shape.seq_len, shape.d_model)
         self.drop = nn.Dropout(shape.dropout)
-        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
+        self.blocks = nn.ModuleList(Block(shape, attention) for _ in range(shape.n_layer))
         self.ln_f = nn.LayerNorm(shape.d_model)
         self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix for input and output

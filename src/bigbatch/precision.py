@@ -27,6 +27,13 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=AUTOCAST_DTYPES[self.dtype])
 
+    def outside_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast off inside an autocast region, which keeps the region's cache of weight casts
+        (the cache is dropped only when the outermost autocast context exits)."""
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, enabled=False)
+
     @property
     def scaling(self) -> bool:
         return self.scaler.is_enabled()

@@ -35,7 +35,7 @@ from bigbatch.engine.loop import TrainState, fit
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.errors import UsageError
 from bigbatch.metrics import MetricsLog, Progress
-from bigbatch.model import GPT, GPTShape
+from bigbatch.model import GPT, GPTShape, resolve_attention
 from bigbatch.parallel import full_model_state_dict, parallelize
 from bigbatch.precision import make_precision
 from bigbatch.preemption import Preemption, any_rank
@@ -76,10 +76,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, vocab_size: int) -> GPT:
+def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> GPT:
     return GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
                         n_head=cfg.model.n_head, d_model=cfg.model.d_model,
-                        dropout=cfg.model.dropout))
+                        dropout=cfg.model.dropout),
+               attention=resolve_attention(cfg.model.attention, device_type))
 
 
 def plan_memory(cfg: Config, corpus: Corpus, dist: DistInfo, device: torch.device,
@@ -165,7 +166,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
         plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                           dist.world_size)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg, corpus.vocab_size).to(device)
+    model = build_model(cfg, corpus.vocab_size, device.type).to(device)
     apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
                                    cfg.model.checkpoint_every)  # before compile and DDP/FSDP
     for line in startup_lines(cfg, plan, model, device, allocator):

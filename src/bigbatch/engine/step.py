@@ -5,7 +5,7 @@ For an optimizer step made of k micro-batches (per rank) it
 1. counts the target tokens of the *whole* step, on every rank, and all-reduces that count once,
    before the first backward;
 2. for each micro-batch, under DDP's `no_sync` for all but the last (forward and backward both
-   inside): forward under autocast, loss = sum of token losses / the global count (times the world
+   inside): forward under autocast (one region for the whole step, so weights are cast once), loss = sum of token losses / the global count (times the world
    size, which undoes DDP's averaging across ranks), backward (scaled under fp16);
 3. unscales the gradients, takes their global L2 norm (logged before clipping), clips by value
    and/or by norm, steps the optimizer unless the gradients are non-finite, zeroes the gradients.
@@ -80,13 +80,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=num_targets.device)
     last = len(micro_batches) - 1
-    for i, micro_batch in enumerate(micro_batches):
-        with maybe_no_sync(model, enabled=i < last):
-            with precision.autocast():
+    # One autocast region around all k micro-steps: autocast casts each weight to bf16/fp16
+    # once and reuses the cast until the region exits, so the weights are cast once per
+    # optimizer step, not once per micro-step (the weights do not change in between).
+    # Backward runs with autocast off, as it would outside the region.
+    with precision.autocast():
+        for i, micro_batch in enumerate(micro_batches):
+            with maybe_no_sync(model, enabled=i < last):
                 micro_loss_sum = loss_sum_fn(model, micro_batch)
-            loss = micro_loss_sum / normaliser.to(micro_loss_sum.dtype)
-            precision.scaler.scale(loss).backward()
-        loss_sum += micro_loss_sum.detach().double()
+                loss = micro_loss_sum / normaliser.to(micro_loss_sum.dtype)
+                with precision.outside_autocast():
+                    precision.scaler.scale(loss).backward()
+            loss_sum += micro_loss_sum.detach().double()
 
     params = [p for p in model.parameters() if p.grad is not None]
     if precision.scaling:

@@ -18,7 +18,8 @@ Static (alive the whole step, from the second step on, when the optimizer state 
 Per token (saved for backward, measured with saved-tensor hooks on the real Block):
     block             2 x 4C  fp32 inputs of the two LayerNorms (the residual stream)
                       + 16    LayerNorm mean and rstd, fp32, two norms
-                      + 4H    SDPA log-sum-exp (fp32, per head)
+                      + 4H    SDPA log-sum-exp (fp32, per head), or, with the explicit
+                              attention kernel, H T a (each head's softmax probabilities)
                       + 14C a LN outputs C + C, q/k/v 3C, attention output C, MLP 4C + 4C
     final             4C + 8 + C a (ln_f input and stats, lm_head input) + 16 (int64 ids, targets)
     logits + loss     12 V    at the start of backward: the fp32 log-softmax output, its incoming
@@ -60,6 +61,7 @@ class ModelDims:
     n_layer: int
     d_model: int
     n_head: int
+    attention: str = "sdpa"  # the kernel the model runs (model.ATTENTION_KERNELS)
 
     @property
     def block_parameters(self) -> int:
@@ -126,7 +128,10 @@ class MemoryEstimate:
 
 def block_bytes_per_token(dims: ModelDims, precision: str) -> int:
     c, a = dims.d_model, AUTOCAST_BYTES[precision]
-    return 2 * 4 * c + 16 + 4 * dims.n_head + 14 * c * a
+    # SDPA keeps a log-sum-exp per head; the explicit kernel keeps each head's row of softmax
+    # probabilities instead (q, k, v are saved either way: as views, or as matmul's copies).
+    attention = dims.n_head * dims.seq_len * a if dims.attention == "explicit" else 4 * dims.n_head
+    return 2 * 4 * c + 16 + attention + 14 * c * a
 
 
 def final_bytes_per_token(dims: ModelDims, precision: str) -> int:

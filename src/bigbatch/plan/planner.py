@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from bigbatch.config import Config
+from bigbatch.model import resolve_attention
 from bigbatch.plan.budget import format_bytes, resolve_budget
 from bigbatch.plan.memory import ModelDims, Setup
 from bigbatch.plan.probe import run_probe
@@ -22,9 +23,9 @@ from bigbatch.plan.search import (
 def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device: str = "cpu",
                     data_bytes: int = 0, probe: ProbeFn = run_probe) -> MemoryPlan:
     """Search the micro-batch for `cfg` (as if `batch.micro_batch_size = "auto"`)."""
-    dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
-                     cfg.model.n_head)
     device_type, _, index = device.partition(":")
+    dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
+                     cfg.model.n_head, resolve_attention(cfg.model.attention, device_type))
     budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None)
     base = Setup(micro_batch_size=1, precision=cfg.precision.dtype, optimizer=cfg.optim.name,
                  world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes)

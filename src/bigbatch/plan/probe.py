@@ -91,7 +91,8 @@ def measure(request: ProbeRequest) -> ProbeResult:
     d = request.dims
     device = torch.device(request.device)
     torch.manual_seed(request.seed)
-    model = GPT(GPTShape(d.vocab_size, d.seq_len, d.n_layer, d.n_head, d.d_model)).to(device)
+    model = GPT(GPTShape(d.vocab_size, d.seq_len, d.n_layer, d.n_head, d.d_model),
+                attention=d.attention).to(device)
     apply_activation_checkpointing(model, request.checkpointing, request.checkpoint_every)
     optimizer = build_optimizer(model, OptimConfig(), device)
     precision = make_precision(PrecisionConfig(dtype=request.precision), device)
