@@ -158,9 +158,12 @@ def status(run: RunData) -> tuple[str, str]:
     if not run.train_rows:
         return "warn", "no training step logged: the run stopped (or is still starting) " \
                        "before its first step"
+    if run.max_steps is not None and run.last_step >= run.max_steps:
+        return "warn", (f"all {run.last_step} steps ran, but model.safetensors is missing "
+                        "(stopped while saving the model, or moved away)")
     why = {None: "still running, or killed without a checkpoint note",
            "finished": "finished"}.get(ended, f"stopped by {ended}")
-    return "warn", (f"stopped early at step {run.last_step} of {run.max_steps} ({why}); "
+    return "warn", (f"stopped early at step {run.last_step} of {run.max_steps or '?'} ({why}); "
                     "`bigbatch train` with the same arguments and --resume auto continues it")
 
 

@@ -129,7 +129,6 @@ def compare_page(runs: list[RunData], summaries: list[dict[str, str]],
 
 
 def _tab10(index: int) -> str:
-    from matplotlib import rcParams
+    from matplotlib.colors import to_hex
 
-    colours = rcParams["axes.prop_cycle"].by_key()["color"]
-    return colours[index % len(colours)]
+    return to_hex(f"C{index % 10}")  # the colour the plots give run `index`

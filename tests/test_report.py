@@ -1,0 +1,218 @@
+"""Run reports: the page `bigbatch train` leaves behind, `bigbatch report` and `bigbatch compare`.
+
+Invariants: the page is self-contained (no network reference, no script, every image an inlined
+PNG that decodes); it holds every section and exactly one plot per metric the run logged; a
+comparison draws every run's curve in every plot (each run has its own colour, so its pixels must
+be there); an early-stopped run, a run without validation rows and a directory that is not a run
+get a page that says so, or a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bigbatch.cli import main
+from bigbatch.preemption import Preemption
+from bigbatch.report import load_run, write_compare, write_report
+from bigbatch.run import close_run, train
+from report_runs import figures_in, make_run, rows_of, synthetic_rows
+from small_runs import small_config
+
+SECTIONS = ("summary", "plots", "config")
+SUMMARY_LABELS = ("status", "model", "parameters", "data", "global batch", "plan", "precision",
+                  "hardware", "duration", "final validation loss", "best validation loss",
+                  "tokens seen", "mean tokens/s", "model FLOP/s, MFU")
+# matplotlib's default colours C0 and C1: run 0 and run 1 of a comparison
+RUN_COLOURS = [(0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)]
+
+
+class StopAfterSteps(Preemption):
+    """A SIGTERM that arrives during step `steps`, deterministically: `requested` is read once
+    per optimizer step by the loop's should_stop."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.checks_left = steps
+
+    @property
+    def requested(self) -> bool:
+        self.checks_left -= 1
+        if self.checks_left <= 0 and self.signal is None:
+            self.signal = signal.SIGTERM
+        return self.signal is not None
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_overrides) -> Path:
+    return train(small_config(tiny_overrides), tmp_path_factory.mktemp("finished"),
+                 verbose=False).out_dir
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_overrides) -> Path:
+    """Stopped by a SIGTERM after 3 of 6 steps, with a different global batch (so a comparison
+    of the two shows different curves)."""
+    result = train(small_config(tiny_overrides, "--batch.global_tokens=1024"),
+                   tmp_path_factory.mktemp("stopped"), verbose=False,
+                   preemption=StopAfterSteps(3))
+    assert result.exit_code == 143 and result.state.step == 3
+    return result.out_dir
+
+
+def colour_pixels(image: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 40) -> int:
+    distance = np.abs(image.astype(int) - np.array(rgb)).sum(axis=-1)
+    return int((distance <= tolerance).sum())
+
+
+def assert_self_contained(page: str) -> None:
+    assert "http://" not in page and "https://" not in page
+    # no reference that a browser would fetch: every src/href is inline data or an in-page anchor
+    for ref in re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page):
+        assert ref.startswith(("data:", "#")), ref
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+
+
+def test_train_writes_a_self_contained_report(finished_run):
+    page = (finished_run / "report.html").read_text()
+    assert_self_contained(page)
+    images = figures_in(page)
+    assert images and page.count("<img ") == len(images)
+    for key, image in images.items():  # a real plot: many distinct colours, not a blank canvas
+        assert image.shape[0] > 200 and image.shape[1] > 400, key
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20, key
+
+
+def test_report_holds_every_section_and_one_plot_per_logged_metric(finished_run):
+    page = (finished_run / "report.html").read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    for label in SUMMARY_LABELS:
+        assert f"<th>{html.escape(label)}</th>" in page, label
+    # This CPU bf16 run logs loss, validation loss, lr, grad norm, tokens/s and peak memory; no
+    # fp16 loss scale, noise scale, classification scores or batch ramp.
+    assert set(figures_in(page)) == {"loss", "lr", "grad_norm", "tokens_per_s",
+                                     "peak_memory_bytes"}
+    assert html.escape((finished_run / "config.toml").read_text()) in page
+    rows = rows_of(finished_run)
+    last_val = [r for r in rows if "val_loss" in r][-1]
+    assert f"{last_val['val_loss']:.4f} nats/token at step 6" in page
+    assert "finished: 6 of 6 steps" in page
+    assert f"{6 * 2048:,} in 6 steps" in page  # tokens seen
+    assert "MFU" in page and "% of a quick" in page
+
+
+@pytest.mark.parametrize("clip_logged", [True, False])
+def test_every_logged_metric_gets_its_plot(tmp_path, finished_run, clip_logged):
+    run_dir = make_run(tmp_path, finished_run, synthetic_rows(clip_logged))
+    page = write_report(run_dir).read_text()
+    assert set(figures_in(page)) == {"loss", "val_metrics", "lr", "grad_norm", "fp16", "gns",
+                                     "tokens_per_s", "peak_memory_bytes", "batch_schedule"}
+    computed = "not logged, so it is computed as min(norm, optim.clip_norm)" in page
+    assert computed is not clip_logged
+    assert "all 20 steps ran, but model.safetensors is missing" in page  # no model copied
+    assert "(at the last step: the batch was ramped" in page
+
+
+def test_an_early_stopped_run_says_so_in_its_report(stopped_run):
+    page = (stopped_run / "report.html").read_text()  # written by train() on the SIGTERM
+    assert "stopped early at step 3 of 6 (stopped by SIGTERM)" in page
+    assert "--resume auto" in page
+    assert set(figures_in(page)) == {"loss", "lr", "grad_norm", "tokens_per_s",
+                                     "peak_memory_bytes"}
+    info = json.loads((stopped_run / "run_info.json").read_text())
+    assert info["sessions"][-1]["ended"] == "SIGTERM"
+
+
+def test_a_run_without_validation_rows_gets_a_page(tmp_path, finished_run):
+    rows = [r for r in rows_of(finished_run) if "val_loss" not in r]
+    page = write_report(make_run(tmp_path, finished_run, rows)).read_text()
+    assert "— (no validation rows)" in page
+    assert "No validation rows were logged for: run." in page
+    assert "loss" in figures_in(page)
+
+
+def test_a_run_killed_before_its_first_step_gets_a_page(tmp_path, finished_run):
+    run_dir = make_run(tmp_path, finished_run, [])
+    page = write_report(run_dir).read_text()
+    assert "no training step logged" in page and "nothing to plot" in page
+
+
+def test_a_line_cut_by_a_kill_is_left_out_and_noted(tmp_path, finished_run):
+    run_dir = make_run(tmp_path, finished_run, rows_of(finished_run))
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "tok')
+    page = write_report(run_dir).read_text()
+    assert "line 10 was cut short" in page
+    assert f"{6 * 2048:,} in 6 steps" in page  # every whole row before it is kept
+
+
+@pytest.mark.parametrize("make_dir, expected", [
+    (lambda tmp: tmp, "is not a bigbatch run directory"),
+    (lambda tmp: tmp / "absent", "is not a directory"),
+])
+def test_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, capsys, make_dir,
+                                                           expected):
+    assert main(["report", str(make_dir(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and str(tmp_path) in err
+
+
+def test_damaged_metrics_are_a_one_line_error(tmp_path, finished_run, capsys):
+    run_dir = make_run(tmp_path, finished_run, rows_of(finished_run))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:10]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["report", str(run_dir)]) == 2
+    assert "line 3 is not JSON" in capsys.readouterr().err
+
+
+def test_compare_draws_both_runs_in_every_plot(tmp_path, finished_run, stopped_run, capsys):
+    out = tmp_path / "sweep.html"
+    assert main(["compare", str(finished_run), str(stopped_run), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert_self_contained(page)
+    labels = [finished_run.name, stopped_run.name]
+    for label, colour in zip(labels, ("#1f77b4", "#ff7f0e"), strict=True):
+        # a row of the summary table per run, its swatch in the run's plot colour
+        assert f'<span style="color:{colour}">&#9632;</span> {label}</th>' in page, label
+    assert f"{6 * 2048:,} in 6 steps" in page and f"{3 * 1024:,} in 3 steps" in page
+    images = figures_in(page)
+    assert set(images) == {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes"}
+    for key, image in images.items():
+        for colour in RUN_COLOURS:
+            assert colour_pixels(image, colour) > 30, (key, colour)
+    # The check can fail: a single run's learning-rate plot has no second run's colour.
+    single = figures_in((finished_run / "report.html").read_text())["lr"]
+    assert colour_pixels(single, RUN_COLOURS[1]) == 0
+
+
+def test_compare_rejects_bad_arguments(tmp_path, finished_run, capsys):
+    assert main(["compare", str(finished_run), "--out", str(tmp_path / "a.html")]) == 2
+    assert "at least two run directories" in capsys.readouterr().err
+    assert main(["compare", str(finished_run), str(finished_run),
+                 "--out", str(tmp_path / "a.txt")]) == 2
+    assert "must name an .html file" in capsys.readouterr().err
+
+
+def test_run_labels_tell_same_named_runs_apart(tmp_path, finished_run):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = make_run(tmp_path / "a", finished_run, rows_of(finished_run), name="run")
+    b = make_run(tmp_path / "b", finished_run, rows_of(finished_run), name="run")
+    page = write_compare([a, b], tmp_path / "c.html").read_text()
+    assert "a/run</th>" in page and "b/run</th>" in page
+    assert load_run(a).label == "run"
+
+
+def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, capsys):
+    close_run(tmp_path, "finished", say=print)  # an empty directory: no run to report on
+    err = capsys.readouterr().err
+    assert "warning: could not write the run report" in err
+    assert not (tmp_path / "report.html").exists()
