@@ -13,15 +13,20 @@ import html
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from bigbatch.cli import main
+from bigbatch.model import GPT, GPTShape
 from bigbatch.preemption import Preemption
 from bigbatch.report import load_run, write_compare, write_report
 from bigbatch.run import close_run, train
+from bigbatch.run_info import end_run_info, flops_per_token, read_run_info, start_run_info
 from report_runs import figures_in, make_run, rows_of, synthetic_rows
 from small_runs import small_config
 
@@ -216,3 +221,39 @@ def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: could not write the run report" in err
     assert not (tmp_path / "report.html").exists()
+
+
+def test_flops_per_token_counts_every_matmul_weight_of_the_model():
+    """6 FLOPs per weight of every matrix multiply (forward 2, backward 4), plus attention's
+    scores and values (12 * L * d * T), per token."""
+    shape = GPTShape(vocab_size=300, seq_len=32, n_layer=3, d_model=48, n_head=4)
+    model = GPT(shape)
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    attention = 12 * shape.n_layer * shape.d_model * shape.seq_len
+    assert flops_per_token(3, 48, 300, 32) == 6 * matmul_weights + attention
+
+
+def test_mfu_is_achieved_model_flops_over_the_recorded_peak(tmp_path, finished_run):
+    run_dir = make_run(tmp_path, finished_run, synthetic_rows(clip_logged=False))
+    info = {"flops_per_token": 1000, "matmul_peak_flops": 1e7, "matmul_peak_dtype": "fp32",
+            "world_size": 1}
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+    # steps 2-20 (step 1 is warm-up) took 1 s each: 9 of 1,024 tokens and 10 of 2,048
+    speed = (9 * 1024 + 10 * 2048) / 19
+    text = write_report(run_dir).read_text()
+    assert f"<td>{speed:,.0f}</td>" in text
+    assert f"MFU {100 * speed * 1000 / 1e7:.1f} % of a quick fp32 matmul peak" in text
+
+
+def test_run_info_keeps_sessions_only_when_resumed(tmp_path):
+    cpu = torch.device("cpu")
+    args = {"device": cpu, "world_size": 1, "dtype_name": "fp32", "num_parameters": 1,
+            "flops": 6}
+    start_run_info(tmp_path, began=time.time() - 5, resumed=False, **args)
+    end_run_info(tmp_path, "SIGTERM")
+    start_run_info(tmp_path, began=time.time(), resumed=True, **args)
+    sessions = read_run_info(tmp_path)["sessions"]
+    assert [s["ended"] for s in sessions] == ["SIGTERM", None]
+    assert sessions[0]["seconds"] >= 5 and read_run_info(tmp_path)["matmul_peak_flops"] > 0
+    start_run_info(tmp_path, began=time.time(), resumed=False, **args)
+    assert len(read_run_info(tmp_path)["sessions"]) == 1

@@ -264,7 +264,9 @@ def duration_text(run: RunData) -> str:
         if len(sessions) > 1:
             text += f" over {len(sessions)} sessions (resumed)"
         if len(closed) < len(sessions):
-            text += ", the last session not closed"
+            open_ = len(sessions) - len(closed)
+            text += (f" (+ {open_} session{'s' if open_ > 1 else ''} without an end: killed, "
+                     "or still running)")
         return f"{text}; {_fmt_seconds(steps)} in optimizer steps"
     return f"{_fmt_seconds(steps)} in optimizer steps (whole-run time not recorded)"
 
@@ -290,7 +292,8 @@ def summarize(run: RunData) -> dict[str, str]:
     return {
         "status": status(run)[1],
         "model": (f"GPT, {model.get('n_layer', '?')} layers, d_model {model.get('d_model', '?')}, "
-                  f"{model.get('n_head', '?')} heads"),
+                  f"{model.get('n_head', '?')} heads" if model.get("source", "gpt") == "gpt"
+                  else str(model["source"])),
         "parameters": f"{params:,} ({params / 1e6:.2f}M)" if params else "—",
         "data": (f"{data_path or 'the embedded standard-library corpus'}; seq_len "
                  f"{run.setting('data', 'seq_len', '?')}, vocab "

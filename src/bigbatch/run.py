@@ -192,7 +192,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                                      dist.rank, dist.world_size)
     if dist.is_main:
         (out_dir / "config.toml").write_text(config_to_toml(cfg))
-        start_run_info(out_dir, began=began, device=device, world_size=dist.world_size,
+        start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device, world_size=dist.world_size,
                        dtype_name=cfg.precision.dtype, num_parameters=model.num_parameters(),
                        flops=flops_per_token(cfg.model.n_layer, cfg.model.d_model,
                                              corpus.vocab_size, cfg.data.seq_len))

@@ -66,6 +66,9 @@ def quick_matmul_peak(device: torch.device, dtype_name: str) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # host sync: timing a kernel
         best = max(best, 2 * n**3 / (time.perf_counter() - began))
+    if device.type == "cuda":  # the logged peak memory is the run's, not these matrices'
+        del a, b
+        torch.cuda.reset_peak_memory_stats(device)
     return best
 
 
@@ -83,11 +86,11 @@ def _write(out_dir: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, out_dir / RUN_INFO)
 
 
-def start_run_info(out_dir: Path, *, began: float, device: torch.device, world_size: int,
-                   dtype_name: str, num_parameters: int, flops: int) -> None:
-    """Record the hardware and open a new session that began at `began` (`time.time()`); a
-    resumed run keeps the earlier sessions."""
-    info = read_run_info(out_dir)
+def start_run_info(out_dir: Path, *, began: float, resumed: bool, device: torch.device,
+                   world_size: int, dtype_name: str, num_parameters: int, flops: int) -> None:
+    """Record the hardware and open a new session that began at `began` (`time.time()`); a run
+    resumed from a checkpoint keeps its earlier sessions, a fresh one starts the file anew."""
+    info = read_run_info(out_dir) if resumed else {}
     info.update({
         "hardware": describe_hardware(device, world_size),
         "device": str(device),
