@@ -313,6 +313,13 @@ def summarize(run: RunData) -> dict[str, str]:
     }
 
 
+def check_out(out: Path) -> None:
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {str(out)!r} must name an .html file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+
+
 def write_html(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -327,6 +334,7 @@ def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
 
     run = load_run(run_dir)
     out = Path(out) if out else run.run_dir / REPORT_NAME
+    check_out(out)
     return write_html(out, report_page(run, summarize(run), status(run), figures([run])))
 
 
@@ -338,10 +346,7 @@ def write_compare(run_dirs: list[Path | str], out: Path | str) -> Path:
     if len(run_dirs) < 2:
         raise UsageError(f"compare needs at least two run directories, got {len(run_dirs)}")
     out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--out {str(out)!r} must name an .html file")
+    check_out(out)
     dirs = [Path(d) for d in run_dirs]
     runs = [load_run(d, label) for d, label in zip(dirs, run_labels(dirs), strict=True)]
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
     return write_html(out, compare_page(runs, [summarize(r) for r in runs], figures(runs)))

@@ -33,10 +33,10 @@ class Figure:
     png_base64: str
 
 
-def _new_figure(rows: int = 1) -> tuple[MplFigure, list[Axes]]:
+def _new_figure(rows: int = 1, sharex: bool = True) -> tuple[MplFigure, list[Axes]]:
     fig = MplFigure(figsize=(FIG_SIZE[0], FIG_SIZE[1] * (1 if rows == 1 else 0.75 * rows)),
                     dpi=DPI, layout="constrained")
-    axes = list(fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0])
+    axes = list(fig.subplots(rows, 1, sharex=sharex, squeeze=False)[:, 0])
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
@@ -79,12 +79,14 @@ def _simple(runs: list[RunData], key: str, title: str, ylabel: str, caption: str
     if not any(run.has(key) for run in runs):
         return None
     fig, (ax,) = _new_figure()
+    highest = 0.0
     for i, run in enumerate(runs):
         xs, ys = run.series(key)
         _line(ax, runs, i, xs, [y / scale for y in ys], "", {"color": "C0"})
+        highest = max([highest, *(y / scale for y in ys)])
     ax.set_ylabel(ylabel)
     if from_zero:  # a quantity read against its size: a small wobble must not look like a cliff
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1.1 * highest))
     return _finish(fig, [ax], key, title, caption)
 
 
@@ -167,8 +169,7 @@ def plot_fp16(runs: list[RunData]) -> Figure | None:
 def plot_noise_scale(runs: list[RunData]) -> Figure | None:
     if not any(run.has("gns_tokens") for run in runs):
         return None
-    fig, (time_ax, batch_ax) = _new_figure(rows=2)
-    batch_ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    fig, (time_ax, batch_ax) = _new_figure(rows=2, sharex=False)  # tokens seen; batch size
     for i, run in enumerate(runs):
         rows = [row for row in run.rows if isinstance(row.get("gns_tokens"), int | float)]
         xs = [row.get("tokens", 0) for row in rows]

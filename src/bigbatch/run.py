@@ -145,7 +145,7 @@ def close_run(out_dir: Path, ended: str, say) -> None:
 
         end_run_info(out_dir, ended)
         say(f"report: {write_report(out_dir)}")
-    except Exception as err:  # noqa: BLE001 (any report bug must not turn a saved run into a failed one)
+    except Exception as err:  # any report bug must not turn a saved run into a failed one
         warn(f"could not write the run report: {type(err).__name__}: {err}")
 
 
@@ -192,8 +192,9 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                                      dist.rank, dist.world_size)
     if dist.is_main:
         (out_dir / "config.toml").write_text(config_to_toml(cfg))
-        start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device, world_size=dist.world_size,
-                       dtype_name=cfg.precision.dtype, num_parameters=model.num_parameters(),
+        start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
+                       world_size=dist.world_size, dtype_name=cfg.precision.dtype,
+                       num_parameters=model.num_parameters(),
                        flops=flops_per_token(cfg.model.n_layer, cfg.model.d_model,
                                              corpus.vocab_size, cfg.data.seq_len))
     checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
