@@ -23,6 +23,8 @@ from torch import nn
 
 from bigbatch.cli import main
 from bigbatch.model import GPT, GPTShape
+from bigbatch.plan.planner import describe_plan, write_plan
+from bigbatch.plan.search import MemoryPlan
 from bigbatch.preemption import Preemption
 from bigbatch.report import load_run, write_compare, write_report
 from bigbatch.run import close_run, train
@@ -257,3 +259,21 @@ def test_run_info_keeps_sessions_only_when_resumed(tmp_path):
     assert sessions[0]["seconds"] >= 5 and read_run_info(tmp_path)["matmul_peak_flops"] > 0
     start_run_info(tmp_path, began=time.time(), resumed=False, **args)
     assert len(read_run_info(tmp_path)["sessions"]) == 1
+
+
+def test_a_planned_run_shows_its_plan(tmp_path, finished_run):
+    plan = MemoryPlan(micro_batch_size=8, num_micro_steps=4, activation_checkpointing="none",
+                      checkpoint_every=2, loss_chunk_tokens=0, predicted_peak_bytes=100 * 2**20,
+                      budget_bytes=2**30, components={"weights": 2**20},
+                      calibration={"source": "formula", "overhead_bytes": 0,
+                                   "activation_scale": 1.0},
+                      global_tokens=2048, seq_len=64, world_size=1, sequences_per_rank=32,
+                      sharding="replicated", allreduce_bytes_per_step=0, device="cpu",
+                      tactics_tried=["none"])
+    run_dir = make_run(tmp_path, finished_run, rows_of(finished_run))
+    write_plan(plan, run_dir)
+    page = write_report(run_dir).read_text()
+    assert ("micro-batch 8 x 4 micro-steps, activation checkpointing none, predicted peak "
+            "100.00 MiB of a 1.00 GiB budget on cpu") in page
+    assert "<summary>Memory plan (plan.json)</summary>" in page
+    assert html.escape(describe_plan(plan)[0]) in page
