@@ -26,7 +26,8 @@ from bigbatch.model import GPT, GPTShape
 from bigbatch.plan.planner import describe_plan, write_plan
 from bigbatch.plan.search import MemoryPlan
 from bigbatch.preemption import Preemption
-from bigbatch.report import load_run, write_compare, write_report
+from bigbatch.report import write_compare, write_report
+from bigbatch.report_data import load_run
 from bigbatch.run import close_run, train
 from bigbatch.run_info import end_run_info, flops_per_token, read_run_info, start_run_info
 from report_runs import figures_in, make_run, rows_of, synthetic_rows
@@ -106,6 +107,7 @@ def test_report_holds_every_section_and_one_plot_per_logged_metric(finished_run)
     # fp16 loss scale, noise scale, classification scores or batch ramp.
     assert set(figures_in(page)) == {"loss", "lr", "grad_norm", "tokens_per_s",
                                      "peak_memory_bytes"}
+    assert "gradient noise scale" not in page  # not measured in this run
     assert html.escape((finished_run / "config.toml").read_text()) in page
     rows = rows_of(finished_run)
     last_val = [r for r in rows if "val_loss" in r][-1]
@@ -125,6 +127,7 @@ def test_every_logged_metric_gets_its_plot(tmp_path, finished_run, clip_logged):
     assert computed is not clip_logged
     assert "all 20 steps ran, but model.safetensors is missing" in page  # no model copied
     assert "(at the last step: the batch was ramped" in page
+    assert "<td>10,000 tokens at step 20 (global batch then: 2,048 tokens)</td>" in page
 
 
 def test_an_early_stopped_run_says_so_in_its_report(stopped_run):

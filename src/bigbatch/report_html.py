@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 from html import escape
 
-from bigbatch.report import RunData
+from bigbatch.report_data import RunData
 from bigbatch.report_plots import Figure
 
 CSS = """

@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import EngFormatter
 
-from bigbatch.report import RunData
+from bigbatch.report_data import RunData
 
 FIG_SIZE = (6.4, 3.6)  # inches; at DPI the PNG is 704 x 396 pixels, sharp in a 2-column grid
 DPI = 110
