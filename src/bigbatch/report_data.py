@@ -86,6 +86,16 @@ def _read_rows(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        notes.append(f"{path.name} is not valid JSON and is left out.")
+        return None
+
+
 def load_run(run_dir: Path | str, label: str | None = None) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -103,14 +113,10 @@ def load_run(run_dir: Path | str, label: str | None = None) -> RunData:
         raise UsageError(f"{str(config_path)!r} is not valid TOML: {err}") from None
     if not config_text:
         notes.append("config.toml is missing: settings below are unknown.")
-    plan = shape = None
-    if (run_dir / "plan.json").is_file():
-        plan = json.loads((run_dir / "plan.json").read_text())
-    if (run_dir / "model.json").is_file():
-        shape = json.loads((run_dir / "model.json").read_text())
     return RunData(run_dir=run_dir, label=label or run_dir.resolve().name, config=config,
                    config_text=config_text, rows=_read_rows(metrics_path, notes),
-                   info=read_run_info(run_dir), plan=plan, model_shape=shape,
+                   info=read_run_info(run_dir), plan=_read_json(run_dir / "plan.json", notes),
+                   model_shape=_read_json(run_dir / "model.json", notes),
                    has_model=(run_dir / "model.safetensors").is_file(), notes=notes)
 
 

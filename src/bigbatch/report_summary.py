@@ -38,7 +38,7 @@ def status(run: RunData) -> tuple[str, str]:
     if run.max_steps is not None and run.last_step >= run.max_steps:
         return "warn", (f"all {run.last_step} steps ran, but model.safetensors is missing "
                         "(stopped while saving the model, or moved away)")
-    why = {None: "still running, or killed without a checkpoint note",
+    why = {None: "no clean stop recorded: killed, or still running",
            "finished": "finished"}.get(ended, f"stopped by {ended}")
     return "warn", (f"stopped early at step {run.last_step} of {run.max_steps or '?'} ({why}); "
                     "`bigbatch train` with the same arguments and --resume auto continues it")
@@ -54,7 +54,7 @@ def mean_tokens_per_s(run: RunData) -> float | None:
     if not seconds:
         return None
     # tokens per step: the row's global batch when logged (a ramp), else the config's
-    tokens = sum(row.get("global_tokens", row["tokens_per_s"] * row["step_seconds"])
+    tokens = sum(row.get("global_tokens") or row.get("tokens_per_s", 0.0) * row["step_seconds"]
                  for row in timed)
     return tokens / seconds
 
@@ -72,6 +72,8 @@ def model_flops_per_token(run: RunData) -> int | None:
     if "flops_per_token" in run.info:
         return run.info["flops_per_token"]
     model, data = run.config.get("model", {}), run.config.get("data", {})
+    if model.get("source", "gpt") != "gpt":  # another architecture: the GPT formula is not it
+        return None
     vocab = (run.model_shape or {}).get("vocab_size", data.get("vocab_size"))
     if None in (model.get("n_layer"), model.get("d_model"), vocab, data.get("seq_len")):
         return None
