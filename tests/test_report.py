@@ -280,3 +280,10 @@ def test_a_planned_run_shows_its_plan(tmp_path, finished_run):
             "100.00 MiB of a 1.00 GiB budget on cpu") in page
     assert "<summary>Memory plan (plan.json)</summary>" in page
     assert html.escape(describe_plan(plan)[0]) in page
+
+
+def test_skipped_steps_without_a_loss_scale_get_their_own_plot(tmp_path, finished_run):
+    rows = [{k: v for k, v in row.items() if k != "loss_scale"}
+            for row in synthetic_rows(clip_logged=True)]
+    page = write_report(make_run(tmp_path, finished_run, rows)).read_text()
+    assert '<figure id="plot-fp16" class="plot"><h3>Skipped steps</h3>' in page

@@ -125,11 +125,13 @@ def plot_grad_norm(runs: list[RunData]) -> Figure | None:
     if not any(run.has("grad_norm") for run in runs):
         return None
     fig, (ax,) = _new_figure()
-    derived = []
+    derived, by_value = [], []
     for i, run in enumerate(runs):
         xs, before = run.series("grad_norm")
         _line(ax, runs, i, xs, before, "before clipping", {"color": "C0", "alpha": 0.8})
         clip = run.setting("optim", "clip_norm", 0.0) or 0.0
+        if (run.setting("optim", "clip_value", 0.0) or 0.0) > 0:
+            by_value.append(run.label)
         if run.has("grad_norm_clipped"):
             _line(ax, runs, i, *run.series("grad_norm_clipped"), "after clipping",
                   {"color": "C3", "linestyle": ":"})
@@ -143,27 +145,37 @@ def plot_grad_norm(runs: list[RunData]) -> Figure | None:
     if derived:
         caption += (" The after-clipping norm is not logged, so it is computed as "
                     f"min(norm, optim.clip_norm) ({'; '.join(derived)}).")
-    if not derived and not any(run.has("grad_norm_clipped") for run in runs):
+    if by_value and not any(run.has("grad_norm_clipped") for run in runs):
+        # value clipping runs first (engine/step.py) and can only lower the norm
+        caption += (f" {', '.join(by_value)} also clipped element-wise (optim.clip_value), "
+                    "which this plot cannot show: the after-clipping norm is at most the one "
+                    "drawn.")
+    elif not derived and not any(run.has("grad_norm_clipped") for run in runs):
         caption += " Clipping was off (optim.clip_norm = 0)."
     return _finish(fig, [ax], "grad_norm", "Gradient norm", caption)
 
 
 def plot_fp16(runs: list[RunData]) -> Figure | None:
     skipped_any = any(max(run.series("skipped_steps")[1], default=0) > 0 for run in runs)
-    if not any(run.has("loss_scale") for run in runs) and not skipped_any:
+    scaled = any(run.has("loss_scale") for run in runs)
+    if not scaled and not skipped_any:
         return None
-    fig, (scale_ax, skip_ax) = _new_figure(rows=2)
+    fig, axes = _new_figure(rows=2 if scaled else 1)  # bf16/fp32 skip steps too, unscaled
     for i, run in enumerate(runs):
-        _line(scale_ax, runs, i, *run.series("loss_scale"), "", {"color": "C0"})
-        _line(skip_ax, runs, i, *run.series("skipped_steps"), "", {"color": "C3"})
-    scale_ax.set_ylabel("loss scale")
-    if any(run.has("loss_scale") for run in runs):
-        scale_ax.set_yscale("log", base=2)
-    skip_ax.set_ylabel("skipped steps\n(cumulative)")
-    return _finish(fig, [scale_ax, skip_ax], "fp16", "Loss scale and skipped steps",
-                   "fp16 dynamic loss scale (it halves on an overflow and grows after a run of "
+        if scaled:
+            _line(axes[0], runs, i, *run.series("loss_scale"), "", {"color": "C0"})
+        _line(axes[-1], runs, i, *run.series("skipped_steps"), "", {"color": "C3"})
+    if scaled:
+        axes[0].set_ylabel("loss scale")
+        axes[0].set_yscale("log", base=2)
+    axes[-1].set_ylabel("skipped steps\n(cumulative)")
+    caption = ("The running count of optimizer steps skipped for non-finite gradients.")
+    if scaled:
+        caption = ("fp16 dynamic loss scale (it halves on an overflow and grows after a run of "
                    "clean steps) and the running count of optimizer steps skipped for "
                    "non-finite gradients.")
+    return _finish(fig, axes, "fp16", "Loss scale and skipped steps" if scaled
+                   else "Skipped steps", caption)
 
 
 def plot_noise_scale(runs: list[RunData]) -> Figure | None:
