@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from bigbatch.config import config_to_toml
-from bigbatch.report import write_report
+from bigbatch.report import write_compare, write_report
 from report_runs import make_run, synthetic_rows
 from small_runs import small_config
 
@@ -72,13 +72,17 @@ def open_page(page: Path, height: int, screenshot: Path | None = None) -> list[s
     return CONSOLE.findall(done.stderr)
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory, tiny_overrides) -> Path:
-    """The report of a run that logged every metric: all nine kinds of plot."""
+@pytest.fixture(scope="module", params=["report", "compare"])
+def report(request, tmp_path_factory, tiny_overrides) -> Path:
+    """The report of a run that logged every metric (all nine kinds of plot), and a comparison
+    of two such runs."""
     tmp = tmp_path_factory.mktemp("browser")
-    run_dir = make_run(tmp, None, synthetic_rows(clip_logged=False),
-                       config_text=config_to_toml(small_config(tiny_overrides)))
-    return write_report(run_dir)
+    config_text = config_to_toml(small_config(tiny_overrides))
+    runs = [make_run(tmp, None, synthetic_rows(clip_logged=clipped), name=f"run{i}",
+                     config_text=config_text) for i, clipped in enumerate((False, True))]
+    if request.param == "report":
+        return write_report(runs[0])
+    return write_compare(runs, tmp / "compare.html")
 
 
 def test_console_capture_sees_a_logged_message(tmp_path):
