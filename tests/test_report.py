@@ -111,7 +111,9 @@ def test_report_holds_every_section_and_one_plot_per_logged_metric(finished_run)
     assert html.escape((finished_run / "config.toml").read_text()) in page
     rows = rows_of(finished_run)
     last_val = [r for r in rows if "val_loss" in r][-1]
-    assert f"{last_val['val_loss']:.4f} nats/token at step 6" in page
+    unigram = json.loads((finished_run / "run_info.json").read_text())["unigram_val_loss"]
+    assert f"{last_val['val_loss']:.4f} nats/token at step 6 (a unigram model: {unigram:.4f})" \
+        in page
     assert "finished: 6 of 6 steps" in page
     assert f"{6 * 2048:,} in 6 steps" in page  # tokens seen
     assert "MFU" in page and "% of a quick" in page
@@ -222,7 +224,7 @@ def test_run_labels_tell_same_named_runs_apart(tmp_path, finished_run):
 
 
 def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, capsys):
-    close_run(tmp_path, "finished", say=print)  # an empty directory: no run to report on
+    close_run(tmp_path, "finished", print, 6.0)  # an empty directory: no run to report on
     err = capsys.readouterr().err
     assert "warning: could not write the run report" in err
     assert not (tmp_path / "report.html").exists()

@@ -154,7 +154,9 @@ def validation_text(run: RunData) -> tuple[str, str]:
         return "— (no validation rows)", "—"
     evals = [row for row in run.rows if "val_loss" in row]
     best = min(evals, key=lambda row: row["val_loss"])
-    return (f"{values[-1]:.4f} nats/token at step {evals[-1]['step']}",
+    unigram = run.info.get("unigram_val_loss")
+    baseline = f" (a unigram model: {unigram:.4f})" if unigram is not None else ""
+    return (f"{values[-1]:.4f} nats/token at step {evals[-1]['step']}{baseline}",
             f"{best['val_loss']:.4f} at step {best['step']}")
 
 

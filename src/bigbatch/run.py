@@ -137,13 +137,13 @@ def warn(message: str) -> None:
     print(f"bigbatch: warning: {message}", file=sys.stderr, flush=True)
 
 
-def close_run(out_dir: Path, ended: str, say) -> None:
+def close_run(out_dir: Path, ended: str, say, unigram_val_loss: float) -> None:
     """Close run_info.json's session and write report.html. The checkpoint or model is already
     on disk, so a failure here costs the run nothing: it is a warning, never an error."""
     try:
         from bigbatch.report import write_report
 
-        end_run_info(out_dir, ended)
+        end_run_info(out_dir, ended, unigram_val_loss=unigram_val_loss)
         say(f"report: {write_report(out_dir)}")
     except Exception as err:  # any report bug must not turn a saved run into a failed one
         warn(f"could not write the run report: {type(err).__name__}: {err}")
@@ -225,10 +225,11 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                 say(f"stopped by {preemption.signal_name} after step {state.step}/"
                     f"{cfg.train.max_steps}: checkpoint {path}")
                 say(f"to continue, run the same command with --resume auto --out {out_dir}")
+                baseline = unigram_baseline(corpus, cfg)
                 if dist.is_main:
-                    close_run(out_dir, preemption.signal_name, say)
-                return TrainResult(out_dir, state, unigram_baseline(corpus, cfg),
-                                   model.num_parameters(), preemption.exit_code)
+                    close_run(out_dir, preemption.signal_name, say, baseline)
+                return TrainResult(out_dir, state, baseline, model.num_parameters(),
+                                   preemption.exit_code)
     except UsageError as err:
         raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
     finally:
@@ -245,6 +246,6 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
             "unigram model (one that learned only the training token frequencies) on the same "
             "validation windows")
         say(f"outputs: {out_dir}/ (model.safetensors, metrics.jsonl, config.toml, tensorboard/)")
-        close_run(out_dir, "finished", say)
+        close_run(out_dir, "finished", say, baseline)
     shutdown(dist)
     return TrainResult(out_dir, state, baseline, model.num_parameters())

@@ -110,11 +110,13 @@ def start_run_info(out_dir: Path, *, began: float, resumed: bool, device: torch.
     _write(out_dir, info)
 
 
-def end_run_info(out_dir: Path, ended: str) -> None:
-    """Close the last session: `ended` is "finished" or the signal that stopped it."""
+def end_run_info(out_dir: Path, ended: str, **facts: Any) -> None:
+    """Close the last session: `ended` is "finished" or the signal that stopped it; `facts`
+    known only at the end (the unigram baseline) are recorded beside the others."""
     info = read_run_info(out_dir)
     if not info.get("sessions"):
         return
+    info.update(facts)
     session = info["sessions"][-1]
     session["seconds"] = time.time() - session["started_unix"]
     session["ended"] = ended
