@@ -18,6 +18,10 @@ train: $(STAMP)
 	$(VENV)/bin/bigbatch train
 
 test: $(STAMP)
+	# The run report's browser test needs Chromium: installed where we can (root on Debian);
+	# elsewhere that one test skips and says why.
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		>/dev/null || true
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

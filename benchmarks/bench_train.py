@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigbatch.config import Config
+from bigbatch.run_info import flops_per_token
 
 # Run as a script, so this folder is on sys.path and `common` is found beside it.
 from common import (
@@ -68,8 +69,7 @@ class Shape:
                    cfg.data.seq_len, cfg.batch.micro_batch_size)
 
     def flops_per_token(self) -> int:
-        L, d, V, T = self.n_layer, self.d_model, self.vocab_size, self.seq_len  # noqa: N806
-        return 6 * (12 * L * d * d + d * V) + 12 * L * d * T
+        return flops_per_token(self.n_layer, self.d_model, self.vocab_size, self.seq_len)
 
     def num_parameters(self) -> int:
         d = self.d_model

@@ -19,7 +19,8 @@ SMALL = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=4", "--data.
          "--train.max_steps=6", "--train.eval_every=3",
          "--optim.warmup_steps=2", "--model.dropout=0.1",
          "--train.device=cpu", "--checkpoint.every_minutes=0", "--checkpoint.every_steps=0"]
-TIMINGS = {"tokens_per_s", "step_seconds"}  # wall-clock, the only values allowed to differ
+# wall-clock and memory measurements: the only values allowed to differ between equal runs
+TIMINGS = {"tokens_per_s", "step_seconds", "peak_memory_bytes"}
 
 
 def small_args(tiny_overrides: list[str], *extra: str) -> list[str]:

@@ -64,7 +64,7 @@ def test_validation_loss_beats_the_unigram_model(metrics, tiny_overrides):
 
 def test_run_directory_holds_the_outputs(run_dir, tiny_overrides):
     for name in ("config.toml", "metrics.jsonl", "model.safetensors", "model.json",
-                 "tokenizer.json"):
+                 "tokenizer.json", "run_info.json", "report.html"):
         assert (run_dir / name).is_file(), name
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)

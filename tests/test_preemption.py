@@ -89,9 +89,12 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, tiny_overri
     assert f"stopped by SIGTERM after step {int(saved[0].name[5:])}/6" in run.output
     assert f"checkpoint {saved[0]}" in run.output
     assert f"--resume auto --out {out}" in run.output
+    assert "(stopped by SIGTERM)" in (out / "report.html").read_text()  # the run report
 
     assert train(small_config(tiny_overrides), out, verbose=False, resume="auto").exit_code == 0
     assert_same_run(out, straight)
+    report = (out / "report.html").read_text()
+    assert "finished: 6 of 6 steps" in report and "over 2 sessions (resumed)" in report
 
 
 def test_sigkill_mid_save_resumes_from_the_previous_checkpoint(tmp_path, tiny_overrides,

@@ -5,6 +5,8 @@
     bigbatch plan   [RECIPE] [--json] [--world-size N] [--section.field=VALUE ...]
     bigbatch verify [RECIPE] [--float64] [--nproc N] [--section.field=VALUE ...]
     bigbatch sample RUN_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
+    bigbatch report RUN_DIR [--out FILE.html]
+    bigbatch compare RUN_DIR RUN_DIR... [--out FILE.html]
 
 Bad input is one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -164,8 +166,34 @@ def cmd_plan(args: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: list[str]) -> int:
+    from bigbatch.report import write_report
+
+    parser = argparse.ArgumentParser(prog="bigbatch report",
+                                     description="Write RUN_DIR/report.html (or --out).")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--debug", action="store_true")
+    opts = parser.parse_args(args)
+    print(write_report(opts.run_dir, opts.out))
+    return 0
+
+
+def cmd_compare(args: list[str]) -> int:
+    from bigbatch.report import write_compare
+
+    parser = argparse.ArgumentParser(prog="bigbatch compare",
+                                     description="Overlay the curves of several runs.")
+    parser.add_argument("run_dirs", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("compare.html"))
+    parser.add_argument("--debug", action="store_true")
+    opts = parser.parse_args(args)
+    print(write_compare(opts.run_dirs, opts.out))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare}
 
 
 def _positive_int(text: str | bool, name: str) -> int:

@@ -6,12 +6,23 @@ Only rank 0 writes; the values it writes were already reduced across ranks by tr
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
 from tqdm import tqdm
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """High-water mark so far: on CUDA the bytes PyTorch's allocator handed out on `device` (an
+    allocator counter, no device sync); elsewhere the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
 class MetricsLog:

@@ -40,6 +40,7 @@ from bigbatch.parallel import full_model_state_dict, parallelize
 from bigbatch.precision import make_precision
 from bigbatch.preemption import Preemption, any_rank
 from bigbatch.resume import check_out_dir, drop_metrics_after, find_resume_checkpoint
+from bigbatch.run_info import end_run_info, flops_per_token, start_run_info
 
 
 @dataclass
@@ -137,6 +138,18 @@ def warn(message: str) -> None:
     print(f"bigbatch: warning: {message}", file=sys.stderr, flush=True)
 
 
+def close_run(out_dir: Path, ended: str, say, unigram_val_loss: float) -> None:
+    """Close run_info.json's session and write report.html. The checkpoint or model is already
+    on disk, so a failure here costs the run nothing: it is a warning, never an error."""
+    try:
+        from bigbatch.report import write_report
+
+        end_run_info(out_dir, ended, unigram_val_loss=unigram_val_loss)
+        say(f"report: {write_report(out_dir)}")
+    except Exception as err:  # any report bug must not turn a saved run into a failed one
+        warn(f"could not write the run report: {type(err).__name__}: {err}")
+
+
 def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None = None,
           preemption: Preemption | None = None) -> TrainResult:
     """Train `cfg` into `out_dir`; `resume` is "auto" or a checkpoint/run directory (--resume).
@@ -157,7 +170,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     resume_from = find_resume_checkpoint(resume, out_dir, warn) if resume else None
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
 
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     corpus = load_corpus(cfg, dist)
     say(f"data: {len(corpus.train_tokens):,} training and {len(corpus.val_tokens):,} validation "
         f"tokens ({time.perf_counter() - started:.1f}s; cache {corpus.cache_dir})")
@@ -180,6 +193,11 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                                      dist.rank, dist.world_size)
     if dist.is_main:
         (out_dir / "config.toml").write_text(config_to_toml(cfg))
+        start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
+                       world_size=dist.world_size, dtype_name=cfg.precision.dtype,
+                       num_parameters=model.num_parameters(),
+                       flops=flops_per_token(cfg.model.n_layer, cfg.model.d_model,
+                                             corpus.vocab_size, cfg.data.seq_len))
     checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
                                 scaler=precision.scaler, loader=loader, dist=dist, device=device,
                                 say=say)
@@ -208,8 +226,11 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                 say(f"stopped by {preemption.signal_name} after step {state.step}/"
                     f"{cfg.train.max_steps}: checkpoint {path}")
                 say(f"to continue, run the same command with --resume auto --out {out_dir}")
-                return TrainResult(out_dir, state, unigram_baseline(corpus, cfg),
-                                   model.num_parameters(), preemption.exit_code)
+                baseline = unigram_baseline(corpus, cfg)
+                if dist.is_main:
+                    close_run(out_dir, preemption.signal_name, say, baseline)
+                return TrainResult(out_dir, state, baseline, model.num_parameters(),
+                                   preemption.exit_code)
     except UsageError as err:
         raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
     finally:
@@ -226,5 +247,6 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
             "unigram model (one that learned only the training token frequencies) on the same "
             "validation windows")
         say(f"outputs: {out_dir}/ (model.safetensors, metrics.jsonl, config.toml, tensorboard/)")
+        close_run(out_dir, "finished", say, baseline)
     shutdown(dist)
     return TrainResult(out_dir, state, baseline, model.num_parameters())

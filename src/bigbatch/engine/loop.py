@@ -17,7 +17,7 @@ from bigbatch.distributed import DistInfo, all_reduce_sum
 from bigbatch.engine.schedule import learning_rate
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
-from bigbatch.metrics import MetricsLog, Progress
+from bigbatch.metrics import MetricsLog, Progress, peak_memory_bytes
 from bigbatch.precision import Precision
 
 
@@ -97,7 +97,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                "grad_norm": float(stats.grad_norm), "tokens_per_s": plan.global_tokens / seconds,
                "micro_batch_size": plan.micro_batch_size,
                "num_micro_steps": plan.num_micro_steps, "step_seconds": seconds,
-               "skipped_steps": state.skipped_steps}
+               "skipped_steps": state.skipped_steps,
+               "peak_memory_bytes": peak_memory_bytes(device)}
         if precision.scaling:
             row["loss_scale"] = stats.loss_scale
         log.write(row)

@@ -1,0 +1,123 @@
+"""`run_info.json`: the facts about a run that its config and metrics do not hold (hardware,
+software, parameters, FLOPs per token, a matmul peak, wall-clock sessions), for the run report.
+
+Written by rank 0 when training starts and again when it ends (or stops early). A resumed run
+appends a session, so the report's duration is the time actually spent training.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUN_INFO = "run_info.json"
+
+# Budget of the start-up matmul peak measurement: short enough not to matter to a run, long
+# enough for a few large matmuls. It is a lower bound of the hardware's peak, so an MFU against
+# it is an upper bound; the report says so, and benchmarks/ measure the peak properly.
+PEAK_SECONDS = 0.25
+
+
+def flops_per_token(n_layer: int, d_model: int, vocab_size: int, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward = 3 x forward; PaLM / nanoGPT convention, full
+    attention counted, biases, norms and the embedding lookup not):
+    6 * (12 * L * d^2 + d * V) + 12 * L * d * T."""
+    return 6 * (12 * n_layer * d_model**2 + d_model * vocab_size) + 12 * n_layer * d_model * seq_len
+
+
+def describe_hardware(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"{world_size} x {name}" if world_size > 1 else name
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        found = re.search(r"^model name\s*:\s*(.*)$", cpuinfo.read_text(), re.M)
+        model = found.group(1).strip() if found else model
+    ranks = f", {world_size} ranks" if world_size > 1 else ""
+    return (f"{model} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+            f"{ranks})")
+
+
+def quick_matmul_peak(device: torch.device, dtype_name: str) -> float:
+    """Best FLOP/s of a square matmul in the run's compute dtype within PEAK_SECONDS."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name, torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 runs compute in fp32 on CPU
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    torch.mm(a, b)  # warm-up: kernel selection and first touch of the output
+    best, deadline = 0.0, time.perf_counter() + PEAK_SECONDS
+    while time.perf_counter() < deadline:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # host sync: timing a kernel
+        best = max(best, 2 * n**3 / (time.perf_counter() - began))
+    if device.type == "cuda":  # the logged peak memory is the run's, not these matrices'
+        del a, b
+        torch.cuda.reset_peak_memory_stats(device)
+    return best
+
+
+def read_run_info(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / RUN_INFO
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}  # a file cut short by a kill: the report then shows less, never fails
+
+
+def _write(out_dir: Path, info: dict[str, Any]) -> None:
+    tmp = out_dir / f".{RUN_INFO}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, out_dir / RUN_INFO)
+
+
+def start_run_info(out_dir: Path, *, began: float, resumed: bool, device: torch.device,
+                   world_size: int, dtype_name: str, num_parameters: int, flops: int) -> None:
+    """Record the hardware and open a new session that began at `began` (`time.time()`); a run
+    resumed from a checkpoint keeps its earlier sessions, a fresh one starts the file anew."""
+    info = read_run_info(out_dir) if resumed else {}
+    info.update({
+        "hardware": describe_hardware(device, world_size),
+        "device": str(device),
+        "world_size": world_size,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "num_parameters": num_parameters,
+        "flops_per_token": flops,
+        "matmul_peak_flops": quick_matmul_peak(device, dtype_name),
+        "matmul_peak_dtype": dtype_name,
+    })
+    sessions = info.setdefault("sessions", [])
+    started = datetime.datetime.fromtimestamp(began, datetime.timezone.utc)
+    sessions.append({"started": started.isoformat(timespec="seconds"), "started_unix": began,
+                     "seconds": None, "ended": None})
+    _write(out_dir, info)
+
+
+def end_run_info(out_dir: Path, ended: str, **facts: Any) -> None:
+    """Close the last session: `ended` is "finished" or the signal that stopped it; `facts`
+    known only at the end (the unigram baseline) are recorded beside the others."""
+    info = read_run_info(out_dir)
+    if not info.get("sessions"):
+        return
+    info.update(facts)
+    session = info["sessions"][-1]
+    session["seconds"] = time.time() - session["started_unix"]
+    session["ended"] = ended
+    _write(out_dir, info)
