@@ -5,6 +5,7 @@ memory needed; a real `auto` run stays under its budget."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,24 @@ def test_auto_run_stays_under_its_budget(tiny_overrides, tmp_path):
     assert plan["micro_batch_size"] * plan["num_micro_steps"] == 16
     assert plan["predicted_peak_bytes"] <= budget
     assert peak <= budget
+
+
+def test_cli_plans_with_the_tokenizer_directory_vocabulary(tiny_overrides):
+    """With `data.tokenizer` set, the logits are the tokenizer's width (GPT-2: 50257), not
+    data.vocab_size's: a budget that fits the tiny model's 8192-wide logits but not 50257-wide
+    ones must be refused, naming more memory than with the trained BPE."""
+    def needed(*extra: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "bigbatch", "plan", "configs/tiny.toml",
+                               *tiny_overrides, "--batch.memory_budget=64MiB", *extra],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 2, done.stderr
+        return done.stderr
+
+    gpt2 = ROOT.parent / "shared" / "models" / "gpt2-bpe"
+    own, wide = needed(), needed(f"--data.tokenizer={gpt2}")
+    own_bytes, wide_bytes = (int(re.search(r"\((\d+) bytes\)", text).group(1))
+                             for text in (own, wide))
+    cfg = load_config(ROOT / "configs" / "tiny.toml", tiny_overrides)
+    # At least the wider token table's fp32 weights, gradients and two AdamW moments.
+    extra_table = 16 * (50257 - cfg.data.vocab_size) * cfg.model.d_model
+    assert wide_bytes - own_bytes >= extra_table, (own, wide)

@@ -160,7 +160,14 @@ def cmd_plan(args: list[str]) -> int:
     run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--json"})
     cfg = load_config(run.recipe, run.overrides)
     world_size = _positive_int(run.flags.get("--world-size", "1"), "--world-size")
-    plan = plan_for_config(cfg, cfg.data.vocab_size, world_size=world_size,
+    # The logits' width is the tokenizer's real vocabulary: a local tokenizer directory has its
+    # own size, whatever data.vocab_size says (that only sizes a BPE bigbatch trains itself).
+    vocab_size = cfg.data.vocab_size
+    if cfg.data.tokenizer:
+        from bigbatch.data.tokenizer import load_tokenizer_dir
+
+        vocab_size = load_tokenizer_dir(cfg.data.tokenizer).get_vocab_size()
+    plan = plan_for_config(cfg, vocab_size, world_size=world_size,
                            device=probe_device(cfg.train.device))
     print(json.dumps(plan.to_dict()) if run.flags.get("--json") else "\n".join(describe_plan(plan)))
     return 0
