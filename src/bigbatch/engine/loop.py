@@ -45,11 +45,11 @@ def evaluate(model: nn.Module, batches: Sequence[MicroBatch], precision: Precisi
     """Exact token-mean validation loss over the fixed validation set, all ranks."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, target count]
-    for batch in batches:
-        batch = batch.to(device)
-        with precision.autocast():
+    with precision.autocast():  # one region: each weight is cast once for the whole evaluation
+        for batch in batches:
+            batch = batch.to(device)
             totals[0] += loss_sum_fn(model, batch).double()
-        totals[1] += batch.num_targets()
+            totals[1] += batch.num_targets()
     model.train()
     all_reduce_sum(totals, dist)
     return float(totals[0] / totals[1].clamp(min=1))  # host sync: evaluation is a logging point
