@@ -44,6 +44,11 @@ class DataConfig:
                                    "into training and validation documents.")
     cache_dir: str = option("", "Where tokenizers and token arrays are cached; empty means "
                                 "$XDG_CACHE_HOME/bigbatch (or ~/.cache/bigbatch).")
+    seq_len_warmup_tokens: int = option(0, "Sequence-length warmup: grow sequences from "
+                                           "`seq_len_start` to `seq_len` over this many training "
+                                           "tokens (tokens per micro-batch constant); 0 = off.")
+    seq_len_start: int = option(0, "First sequence length of the warmup; must divide `seq_len` "
+                                   "(lengths in between are the divisors of `seq_len`).")
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "an integer >= 8")
@@ -52,6 +57,12 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
                  "a number in (0, 0.5)")
         _require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
+        _require(self.seq_len_warmup_tokens >= 0, "data.seq_len_warmup_tokens",
+                 self.seq_len_warmup_tokens, "an integer >= 0 (0 = off)")
+        _require(self.seq_len_warmup_tokens == 0 or 1 <= self.seq_len_start <= self.seq_len
+                 and self.seq_len % self.seq_len_start == 0, "data.seq_len_start",
+                 self.seq_len_start, f"a divisor of data.seq_len ({self.seq_len}) when "
+                 "data.seq_len_warmup_tokens > 0")
 
 
 ATTENTION_CHOICES = ("auto", "sdpa", "explicit")  # model.ATTENTION_KERNELS plus auto
@@ -93,6 +104,9 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
 
 
+RAMPS = ("linear", "auto")
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     global_tokens: int = option(65536, "Tokens per optimizer step across all ranks: the batch, "
@@ -103,6 +117,16 @@ class BatchConfig:
     memory_budget: int | str = option(0, "Memory per rank the auto micro-batch must fit: bytes "
                                          "or a string such as \"6GiB\"; 0 = 80% of the memory "
                                          "available now (RAM, or the GPU's free memory).")
+    ramp: str = option("linear", "Batch-size ramp-up: linear (grow from `ramp_start_tokens` to "
+                                 "`global_tokens` over `ramp_tokens`) or auto (grow the batch to "
+                                 "the measured gradient noise scale, never above "
+                                 "`global_tokens`).")
+    ramp_tokens: int = option(0, "Linear ramp: training tokens over which the batch grows; "
+                                 "0 = no linear ramp.")
+    ramp_start_tokens: int = option(0, "First global batch of a ramp, in tokens: a whole number "
+                                       "of micro-steps across ranks (0 = one micro-step).")
+    noise_scale_ema: float = option(0.95, "Decay of the moving averages behind the gradient "
+                                          "noise scale (gns_* in metrics.jsonl).")
 
     def __post_init__(self) -> None:
         _require(self.global_tokens >= 1, "batch.global_tokens", self.global_tokens,
@@ -111,9 +135,18 @@ class BatchConfig:
                  and self.micro_batch_size >= 1, "batch.micro_batch_size",
                  self.micro_batch_size, "a positive integer or \"auto\"")
         parse_bytes(self.memory_budget)
+        _require(self.ramp in RAMPS, "batch.ramp", self.ramp, f"one of {RAMPS}")
+        _require(self.ramp_tokens >= 0, "batch.ramp_tokens", self.ramp_tokens,
+                 "an integer >= 0 (0 = off)")
+        _require(0 <= self.ramp_start_tokens <= self.global_tokens, "batch.ramp_start_tokens",
+                 self.ramp_start_tokens, f"an integer in [0, batch.global_tokens = "
+                 f"{self.global_tokens}]")
+        _require(0 < self.noise_scale_ema < 1, "batch.noise_scale_ema", self.noise_scale_ema,
+                 "a number in (0, 1)")
 
 
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
+LR_SCALINGS = ("none", "linear", "sqrt")
 DECAYS = ("cosine", "linear", "constant")
 
 
@@ -121,13 +154,24 @@ DECAYS = ("cosine", "linear", "constant")
 class OptimConfig:
     name: str = option("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
     lr: float = option(1e-3, "Peak learning rate, reached at the end of warmup.")
-    weight_decay: float = option(0.1, "Decoupled weight decay, applied to weights of 2+ dims only.")
+    weight_decay: float = option(0.1, "Weight decay, applied to weights of 2+ dims only "
+                                      "(decoupled for adamw and lamb).")
     beta1: float = option(0.9, "Adam beta1.")
     beta2: float = option(0.95, "Adam beta2.")
-    eps: float = option(1e-8, "Adam epsilon.")
+    eps: float = option(1e-8, "Adam epsilon (also LAMB's).")
+    momentum: float = option(0.9, "Momentum of sgd and lars.")
+    trust_coefficient: float = option(1e-3, "LARS trust coefficient eta (local lr = eta |w| / "
+                                            "(|g| + weight_decay |w|)).")
+    lr_scaling: str = option("none", "Scale the peak lr with the global batch: none | linear "
+                                     "(lr x B / reference) | sqrt (lr x sqrt(B / reference)).")
+    reference_batch_tokens: int = option(0, "The batch, in tokens, at which `lr` is the peak "
+                                            "lr; 0 = batch.global_tokens (then only a ramp "
+                                            "scales it).")
     clip_norm: float = option(1.0, "Clip the global L2 norm of the gradients to this; 0 disables.")
     clip_value: float = option(0.0, "Clip every gradient element to [-v, v] (L-inf); 0 disables.")
-    warmup_steps: int = option(6, "Linear warmup from ~0 to `lr` over this many steps.")
+    warmup_steps: int = option(6, "Linear warmup from ~0 to `lr` over this many steps (of "
+                                   "batch.global_tokens tokens each: counted in tokens when the "
+                                   "batch or sequence length ramps).")
     decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)}.")
     min_lr_ratio: float = option(0.1, "Floor of the decay, as a fraction of `lr`.")
 
@@ -138,6 +182,13 @@ class OptimConfig:
         _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
         _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
         _require(self.eps > 0, "optim.eps", self.eps, "a positive number")
+        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
+        _require(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient,
+                 "a positive number")
+        _require(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling", self.lr_scaling,
+                 f"one of {LR_SCALINGS}")
+        _require(self.reference_batch_tokens >= 0, "optim.reference_batch_tokens",
+                 self.reference_batch_tokens, "an integer >= 0 (0 = batch.global_tokens)")
         _require(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0 (0 = off)")
         _require(self.clip_value >= 0, "optim.clip_value", self.clip_value,
                  "a number >= 0 (0 = off)")
@@ -175,7 +226,10 @@ ALLOCATORS = ("tuned", "system")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = option(26, "Optimizer steps to train for.")
+    max_steps: int = option(26, "Optimizer steps to train for: max_steps x batch.global_tokens "
+                                "tokens when the batch or sequence length ramps.")
+    target_val_loss: float = option(0.0, "Stop once the validation loss is at or below this "
+                                         "(`bigbatch sweep`); 0 = off.")
     eval_every: int = option(13, "Evaluate on the validation split every this many steps "
                                  "(and at the end); 0 evaluates only at the end.")
     eval_tokens: int = option(32768, "Validation tokens per evaluation (fewer if the split is "
@@ -189,6 +243,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "a positive integer")
+        _require(self.target_val_loss >= 0, "train.target_val_loss", self.target_val_loss,
+                 "a number >= 0 (0 = off)")
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
         _require(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens,
                  "a positive integer")

@@ -17,7 +17,8 @@ import torch
 from bigbatch.activation_checkpointing import apply_activation_checkpointing
 from bigbatch.allocator import tune_glibc_malloc
 from bigbatch.artifacts import save_model, unwrap
-from bigbatch.batching import BatchPlan, plan_batch
+from bigbatch.batch_schedule import BatchSchedule, build_batch_schedule, describe_schedule
+from bigbatch.batching import plan_batch
 from bigbatch.checkpoint import Checkpointer
 from bigbatch.config import Config, config_to_toml
 from bigbatch.data.corpus import Corpus, prepare_corpus
@@ -31,8 +32,10 @@ from bigbatch.distributed import (
     shutdown,
 )
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
-from bigbatch.engine.loop import TrainState, fit
+from bigbatch.engine.loop import TrainState, finished, fit
+from bigbatch.engine.noise_scale import NoiseScaleEMA, noise_scale_summary
 from bigbatch.engine.optim import build_optimizer
+from bigbatch.engine.schedule import describe_lr_scaling
 from bigbatch.errors import UsageError
 from bigbatch.metrics import MetricsLog, Progress
 from bigbatch.model import GPT, GPTShape, resolve_attention
@@ -120,17 +123,23 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise UsageError(f"--out {str(out_dir)!r} is not writable: {err.strerror}") from None
 
 
-def startup_lines(cfg: Config, plan: BatchPlan, model: GPT, device: torch.device,
+def startup_lines(cfg: Config, schedule: BatchSchedule, model: GPT, device: torch.device,
                   allocator: str) -> list[str]:
+    plan = schedule.plan
     return [
         f"model: GPT {model.num_parameters() / 1e6:.2f}M parameters ({cfg.model.n_layer} layers,"
         f" d_model {cfg.model.d_model}, {cfg.model.n_head} heads, vocab {model.shape.vocab_size})",
         f"batch: {plan.describe()}",
         f"precision: {cfg.precision.dtype} | device: {device} | threads: "
         f"{torch.get_num_threads()} | allocator: {allocator}",
-        f"schedule: {cfg.train.max_steps} steps = {cfg.train.max_steps * plan.global_tokens:,} "
+        f"schedule: {cfg.train.max_steps} steps = {schedule.total_tokens:,} "
         f"tokens, peak lr {cfg.optim.lr:g} after {cfg.optim.warmup_steps} warmup steps, "
-        f"{cfg.optim.decay} decay to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}",
+        f"{cfg.optim.decay} decay to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}"
+        + (" (counted in tokens, in steps of the full batch)" if schedule.ramps else ""),
+        f"optimizer: {cfg.optim.name} | " + describe_lr_scaling(
+            cfg.optim.lr, cfg.optim.lr_scaling, plan.global_tokens,
+            cfg.optim.reference_batch_tokens or plan.global_tokens),
+        *describe_schedule(schedule),
     ]
 
 
@@ -178,11 +187,12 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
         cfg = plan_memory(cfg, corpus, dist, device, out_dir, say)
         plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                           dist.world_size)
+    schedule = build_batch_schedule(cfg, plan)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, corpus.vocab_size, device.type).to(device)
     apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
                                    cfg.model.checkpoint_every)  # before compile and DDP/FSDP
-    for line in startup_lines(cfg, plan, model, device, allocator):
+    for line in startup_lines(cfg, schedule, model, device, allocator):
         say(line)
     wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -202,7 +212,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                                 scaler=precision.scaler, loader=loader, dist=dist, device=device,
                                 say=say)
     checkpointer.remove_partial_saves()
-    state = TrainState()
+    state = TrainState(noise=NoiseScaleEMA(cfg.batch.noise_scale_ema))
     if resume_from is not None:
         checkpointer.restore(resume_from, state)
         say(f"resumed from {resume_from} at step {state.step}")
@@ -211,20 +221,20 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     if resume and dist.is_main:  # rows past the checkpoint are about to be logged again
         drop_metrics_after(out_dir / "metrics.jsonl", state.step if resume_from else -1)
     log = MetricsLog(out_dir, enabled=dist.is_main)
-    progress = Progress(cfg.train.max_steps, state.step, cfg.train.log_every,
+    progress = Progress(schedule.num_steps(), state.step, cfg.train.log_every,
                         enabled=verbose and dist.is_main)
     preemption = preemption or Preemption()
     try:
         with preemption.handling_signals():  # also covers the checkpoint written on a signal
-            state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, plan=plan,
+            state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, schedule=schedule,
                         precision=precision, dist=dist, device=device, state=state, log=log,
                         progress=progress, on_step_end=checkpointer.maybe_save,
                         loss_sum_fn=make_loss_sum_fn(cfg.model.loss_chunk_tokens),
                         should_stop=lambda: any_rank(preemption.requested, dist, device))
-            if state.step < cfg.train.max_steps:  # a signal stopped the loop early
+            if not finished(state, schedule):  # a signal stopped the loop early
                 path = checkpointer.save_unless_saved(state)
                 say(f"stopped by {preemption.signal_name} after step {state.step}/"
-                    f"{cfg.train.max_steps}: checkpoint {path}")
+                    f"{schedule.num_steps()}: checkpoint {path}")
                 say(f"to continue, run the same command with --resume auto --out {out_dir}")
                 baseline = unigram_baseline(corpus, cfg)
                 if dist.is_main:
@@ -243,6 +253,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
         save_model(unwrap(wrapped), corpus.tokenizer, out_dir, weights)
         say(f"done in {time.perf_counter() - started:.0f}s: {state.tokens_seen:,} tokens, "
             f"{state.skipped_steps} skipped steps")
+        say(noise_scale_summary(state.micro_steps * schedule.unit_tokens, state.noise.noise_scale))
         say(f"validation loss {state.last_val_loss:.4f} nats/token vs {baseline:.4f} for a "
             "unigram model (one that learned only the training token frequencies) on the same "
             "validation windows")

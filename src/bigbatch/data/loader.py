@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigbatch.batch_schedule import StepShape
 from bigbatch.batching import BatchPlan
 from bigbatch.data.packing import IGNORE_INDEX, gather_windows, num_windows
 from bigbatch.errors import UsageError
@@ -50,13 +51,16 @@ class GlobalBatchSampler:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
 
-    def next_global_batch(self) -> np.ndarray:
-        if self.position + self.global_sequences > self.num_windows:
+    def next_global_batch(self, num_sequences: int | None = None) -> np.ndarray:
+        """The next `num_sequences` windows (default: the full global batch); a ramped batch
+        asks for fewer, and the position (the resume state) advances by what it took."""
+        count = num_sequences or self.global_sequences
+        if self.position + count > self.num_windows:
             self.epoch += 1
             self.position = 0
             self._order = self._permutation(self.epoch)
-        batch = self._order[self.position:self.position + self.global_sequences]
-        self.position += self.global_sequences
+        batch = self._order[self.position:self.position + count]
+        self.position += count
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -94,11 +98,18 @@ class TokenLoader:
         self.tokens, self.eot_id, self.plan, self.rank = tokens, eot_id, plan, rank
         self.sampler = GlobalBatchSampler(windows, plan.global_sequences, seed)
 
-    def next_step(self) -> list[MicroBatch]:
-        global_batch = self.sampler.next_global_batch()
-        return [MicroBatch(*gather_windows(self.tokens, idx, self.plan.seq_len, self.eot_id))
-                for idx in shard_micro_batches(global_batch, self.rank, self.plan.world_size,
-                                               self.plan.micro_batch_size)]
+    def next_step(self, shape: StepShape | None = None) -> list[MicroBatch]:
+        """This rank's micro-batches of the next step: the full batch, or `shape`'s number of
+        micro-steps, each full-length window cut into `shape.seq_len`-token sequences."""
+        plan = self.plan
+        num_micro_steps = shape.num_micro_steps if shape else plan.num_micro_steps
+        global_batch = self.sampler.next_global_batch(
+            num_micro_steps * plan.micro_batch_size * plan.world_size)
+        piece_len = shape.seq_len if shape else None
+        return [MicroBatch(*gather_windows(self.tokens, idx, plan.seq_len, self.eot_id,
+                                           piece_len))
+                for idx in shard_micro_batches(global_batch, self.rank, plan.world_size,
+                                               plan.micro_batch_size)]
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

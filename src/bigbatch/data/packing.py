@@ -22,10 +22,17 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
 
 
 def gather_windows(tokens: np.ndarray, indices: np.ndarray | list[int], seq_len: int,
-                   eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), each (len(indices), seq_len) int64, targets masked at boundaries."""
+                   eot_id: int, piece_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (len(indices), seq_len) int64, targets masked at boundaries.
+
+    With `piece_len` (a divisor of seq_len; sequence-length warmup) each window is cut into
+    seq_len / piece_len consecutive sequences of piece_len tokens instead, (len(indices) *
+    seq_len / piece_len, piece_len): the same targets, each still exactly once.
+    """
+    piece_len = piece_len or seq_len
     starts = np.asarray(indices, dtype=np.int64)[:, None] * seq_len
-    rows = np.asarray(tokens[starts + np.arange(seq_len + 1)], dtype=np.int64)
+    starts = (starts + np.arange(0, seq_len, piece_len)).reshape(-1, 1)
+    rows = np.asarray(tokens[starts + np.arange(piece_len + 1)], dtype=np.int64)
     inputs = torch.from_numpy(rows[:, :-1].copy())
     targets = torch.from_numpy(rows[:, 1:].copy())
     targets[inputs == eot_id] = IGNORE_INDEX

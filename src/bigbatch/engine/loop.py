@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from bigbatch.batching import BatchPlan
+from bigbatch.batch_schedule import BatchSchedule
 from bigbatch.config import Config
 from bigbatch.data.loader import MicroBatch, TokenLoader
 from bigbatch.distributed import DistInfo, all_reduce_sum
-from bigbatch.engine.schedule import learning_rate
+from bigbatch.engine.noise_scale import NoiseScaleEMA
+from bigbatch.engine.schedule import step_learning_rate
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
 from bigbatch.metrics import MetricsLog, Progress, peak_memory_bytes
@@ -30,13 +31,35 @@ class TrainState:
     skipped_steps: int = 0        # steps whose update was skipped (non-finite gradients)
     bad_steps_in_row: int = 0
     last_val_loss: float | None = None
+    reached_target: bool = False  # train.target_val_loss was reached: the run is done
+    micro_steps: int = 0          # the last step's micro-steps (an auto ramp never shrinks)
+    noise: NoiseScaleEMA = field(default_factory=NoiseScaleEMA)  # gradient noise scale
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "noise"}
+        return {**plain, "noise": self.noise.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            setattr(self, key, value)
+            if key == "noise":
+                self.noise.load_state_dict(value)
+            else:
+                setattr(self, key, value)
+
+
+def finished(state: TrainState, schedule: BatchSchedule) -> bool:
+    return state.reached_target or state.tokens_seen >= schedule.total_tokens
+
+
+def noise_metrics(noise: NoiseScaleEMA) -> dict[str, float]:
+    """gns_grad_sq and gns_trace (the moving averages) and gns_tokens (their ratio, B_simple),
+    once they exist."""
+    row = {}
+    if noise.count:
+        row = {"gns_grad_sq": noise.grad_sq, "gns_trace": noise.trace}
+    if noise.noise_scale is not None:
+        row["gns_tokens"] = noise.noise_scale
+    return row
 
 
 @torch.no_grad()
@@ -56,49 +79,55 @@ def evaluate(model: nn.Module, batches: Sequence[MicroBatch], precision: Precisi
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
-        val_batches: Sequence[MicroBatch], *, cfg: Config, plan: BatchPlan, precision: Precision,
-        dist: DistInfo, device: torch.device, state: TrainState, log: MetricsLog,
-        progress: Progress, should_stop: Callable[[], bool] = lambda: False,
+        val_batches: Sequence[MicroBatch], *, cfg: Config, schedule: BatchSchedule,
+        precision: Precision, dist: DistInfo, device: torch.device, state: TrainState,
+        log: MetricsLog, progress: Progress, should_stop: Callable[[], bool] = lambda: False,
         on_step_end: Callable[[TrainState], None] = lambda state: None,
         loss_sum_fn: LossSumFn = lm_loss_sum) -> TrainState:
-    """Train until `train.max_steps`:
+    """Train for `train.max_steps` full batches of tokens, or until `train.target_val_loss`:
 
         for each optimizer step:
-            set the learning rate from the schedule (a pure function of the step)
-            take this rank's micro-batches of the next global batch
-            train_step(): accumulate exact gradients, clip, update
-            log loss, lr, grad norm, tokens/s (rank 0)
-            every `eval_every` steps and at the end: validation loss
+            its shape: global batch (ramp), sequence length (warmup); see batch_schedule.py
+            its learning rate: scaled to its batch, at its last token on the schedule
+            take this rank's micro-batches of the step
+            train_step(): accumulate exact gradients, clip, update; noise-scale estimates
+            update the noise-scale averages; log loss, lr, grad norm, gns_*, tokens/s (rank 0)
+            every `eval_every` steps and at the end: validation loss (stop at the target)
             on_step_end(state): checkpoints; stop early if asked to
     """
-    opt = cfg.optim
+    full_tokens, target = schedule.plan.global_tokens, cfg.train.target_val_loss
     if state.step == 0:  # the untrained model's loss: the baseline every curve starts from
         state.last_val_loss = evaluate(model, val_batches, precision, dist, device,
                                        loss_sum_fn)
         log.write({"step": 0, "tokens": 0, "val_loss": state.last_val_loss})
-    while state.step < cfg.train.max_steps:
+    while not finished(state, schedule):
         started = time.perf_counter()
-        lr = learning_rate(state.step, peak_lr=opt.lr, warmup_steps=opt.warmup_steps,
-                           total_steps=cfg.train.max_steps, decay=opt.decay,
-                           min_lr_ratio=opt.min_lr_ratio)
+        shape = schedule.shape(state.tokens_seen, state.noise.noise_scale, state.micro_steps)
+        lr = step_learning_rate(cfg.optim, batch_tokens=shape.global_tokens,
+                                tokens_end=state.tokens_seen + shape.global_tokens,
+                                full_batch_tokens=full_tokens, max_steps=cfg.train.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [mb.to(device) for mb in loader.next_step()]
+        micro_batches = [mb.to(device) for mb in loader.next_step(shape)]
         stats = train_step(model, optimizer, micro_batches, precision=precision,
-                           clip_norm=opt.clip_norm, clip_value=opt.clip_value, dist=dist,
-                           loss_sum_fn=loss_sum_fn)
+                           clip_norm=cfg.optim.clip_norm, clip_value=cfg.optim.clip_value,
+                           dist=dist, loss_sum_fn=loss_sum_fn)
         state.step += 1
-        state.tokens_seen += plan.global_tokens
+        state.tokens_seen += shape.global_tokens
+        state.micro_steps = shape.num_micro_steps
         state.skipped_steps += stats.skipped
         state.bad_steps_in_row = state.bad_steps_in_row + 1 if stats.skipped else 0
+        if stats.noise is not None and not stats.skipped:
+            state.noise.update(*stats.noise.tolist())  # host sync: once per step, as the loss
         seconds = time.perf_counter() - started
         loss = float(stats.loss)  # host sync: logging point, once per optimizer step
         row = {"step": state.step, "tokens": state.tokens_seen, "loss": loss, "lr": lr,
-               "grad_norm": float(stats.grad_norm), "tokens_per_s": plan.global_tokens / seconds,
-               "micro_batch_size": plan.micro_batch_size,
-               "num_micro_steps": plan.num_micro_steps, "step_seconds": seconds,
+               "grad_norm": float(stats.grad_norm), "tokens_per_s": shape.global_tokens / seconds,
+               "global_tokens": shape.global_tokens, "seq_len": shape.seq_len,
+               "micro_batch_size": shape.micro_batch_size,
+               "num_micro_steps": shape.num_micro_steps, "step_seconds": seconds,
                "skipped_steps": state.skipped_steps,
-               "peak_memory_bytes": peak_memory_bytes(device)}
+               "peak_memory_bytes": peak_memory_bytes(device), **noise_metrics(state.noise)}
         if precision.scaling:
             row["loss_scale"] = stats.loss_scale
         log.write(row)
@@ -108,12 +137,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                              f"gradients (train.max_bad_steps = {cfg.train.max_bad_steps}): "
                              "lower optim.lr, use bf16, or check the data")
         every = cfg.train.eval_every
-        if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+        if (every and state.step % every == 0) or finished(state, schedule):
             state.last_val_loss = evaluate(model, val_batches, precision, dist, device,
                                            loss_sum_fn)
             log.write({"step": state.step, "tokens": state.tokens_seen,
                        "val_loss": state.last_val_loss})
             progress.message(f"step {state.step}: val_loss {state.last_val_loss:.4f}")
+            state.reached_target = bool(target) and state.last_val_loss <= target
         on_step_end(state)
         if should_stop():
             break

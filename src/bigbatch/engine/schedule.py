@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 
+from bigbatch.config import OptimConfig
 
-def learning_rate(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
+
+def learning_rate(step: float, *, peak_lr: float, warmup_steps: int, total_steps: int,
                   decay: str, min_lr_ratio: float) -> float:
-    """The learning rate of optimizer step `step` (0-based).
+    """The learning rate of optimizer step `step` (0-based; fractional under a batch ramp).
 
     Warmup: step s < W gets peak * (s + 1) / W, so the first step is near zero and the last
     warmup step (s = W - 1) is exactly the peak. Decay then runs from the peak at s = W - 1 to
     the floor (peak * min_lr_ratio) at the last step s = total_steps - 1.
     """
-    if step < warmup_steps:
+    if step + 1 <= warmup_steps:  # for whole steps: step < W; a fractional step past W - 1
+        # is in the decay already, so the warmup fraction never exceeds 1.
         # The fraction first: W / W is exactly 1.0, so the last warmup step is exactly the peak
         # ((peak * W) / W can be an ulp off, e.g. 3e-3 with W = 3).
         return peak_lr * ((step + 1) / warmup_steps)
@@ -27,3 +30,52 @@ def learning_rate(step: int, *, peak_lr: float, warmup_steps: int, total_steps: 
     if decay == "cosine":
         return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown decay {decay!r}")
+
+
+def scaled_peak_lr(lr: float, rule: str, batch_tokens: int, reference_tokens: int) -> float:
+    """The peak lr at a global batch of `batch_tokens`, given `lr` at `reference_tokens`:
+    linear (Goyal et al. 2017, for SGD-type updates) or square root (for Adam-type updates,
+    whose step size already scales with the gradient noise)."""
+    if rule == "none":
+        return lr
+    ratio = batch_tokens / reference_tokens
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    raise ValueError(f"unknown lr scaling {rule!r}")
+
+
+def describe_lr_scaling(lr: float, rule: str, batch_tokens: int, reference_tokens: int) -> str:
+    """The start-up line: the rule and its arithmetic."""
+    peak = scaled_peak_lr(lr, rule, batch_tokens, reference_tokens)
+    if rule == "none":
+        return f"lr scaling: none (peak lr {lr:g} at every batch)"
+    factor = f"{batch_tokens:,} / {reference_tokens:,}"
+    factor = f"sqrt({factor})" if rule == "sqrt" else f"({factor})"
+    return f"lr scaling: {rule}: peak lr = {lr:g} x {factor} = {peak:.6g}"
+
+
+def learning_rate_at_tokens(tokens_end: int, *, step_tokens: int, peak_lr: float,
+                            warmup_steps: int, total_steps: int, decay: str,
+                            min_lr_ratio: float) -> float:
+    """`learning_rate`, with the position counted in tokens: a step that ends at `tokens_end`
+    training tokens sits at step (tokens_end / step_tokens - 1), in units of the full batch
+    (`step_tokens` = batch.global_tokens). So warmup and decay span the same tokens whatever the
+    batch of each step, and a ramped batch does not bend the schedule. With the full batch on
+    every step, tokens_end = (s + 1) x step_tokens and this is `learning_rate(s)` exactly."""
+    return learning_rate(tokens_end / step_tokens - 1, peak_lr=peak_lr,
+                         warmup_steps=warmup_steps, total_steps=total_steps, decay=decay,
+                         min_lr_ratio=min_lr_ratio)
+
+
+def step_learning_rate(opt: OptimConfig, *, batch_tokens: int, tokens_end: int,
+                       full_batch_tokens: int, max_steps: int) -> float:
+    """The lr of a step of `batch_tokens` that ends at `tokens_end` training tokens: the peak
+    scaled to that batch (`optim.lr_scaling`), placed on the token-counted schedule."""
+    reference = opt.reference_batch_tokens or full_batch_tokens
+    return learning_rate_at_tokens(
+        tokens_end, step_tokens=full_batch_tokens,
+        peak_lr=scaled_peak_lr(opt.lr, opt.lr_scaling, batch_tokens, reference),
+        warmup_steps=opt.warmup_steps, total_steps=max_steps, decay=opt.decay,
+        min_lr_ratio=opt.min_lr_ratio)

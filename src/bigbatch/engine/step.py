@@ -8,7 +8,9 @@ For an optimizer step made of k micro-batches (per rank) it
    inside): forward under autocast (one region for the whole step, so weights are cast once), loss = sum of token losses / the global count (times the world
    size, which undoes DDP's averaging across ranks), backward (scaled under fp16);
 3. unscales the gradients, takes their global L2 norm (logged before clipping), clips by value
-   and/or by norm, steps the optimizer unless the gradients are non-finite, zeroes the gradients.
+   and/or by norm, steps the optimizer unless the gradients are non-finite, zeroes the gradients;
+4. with 2+ micro-steps, estimates |G|^2 and tr(Sigma) for the gradient noise scale from the first
+   micro-batch's gradient (the small batch) and the step's (the big batch): noise_scale.py.
 
 Dividing each micro-batch's *sum* by the global count makes the accumulated gradient exactly the
 gradient of the token-mean loss over the whole step, whatever the micro-batches' target counts.
@@ -34,6 +36,7 @@ from bigbatch.distributed import (
     maybe_no_sync,
     total_grad_norm,
 )
+from bigbatch.engine.noise_scale import unbiased_grad_sq_and_trace
 from bigbatch.precision import Precision
 
 
@@ -64,6 +67,9 @@ class StepStats:
     num_targets: torch.Tensor  # target tokens in the step, all ranks
     skipped: bool              # True when the gradients were non-finite and no update was made
     loss_scale: float          # fp16 loss scale after this step (1.0 when not scaling)
+    # [|G|^2, tr(Sigma)] estimates for the noise scale (noise_scale.py), averaged over ranks;
+    # None with one micro-step per rank (no small batch to compare with) or under FSDP.
+    noise: torch.Tensor | None = None
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -72,14 +78,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                dist: DistInfo = SINGLE_PROCESS, loss_sum_fn: LossSumFn = lm_loss_sum
                ) -> StepStats:
     """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
-    num_targets = all_reduce_sum(torch.stack([mb.num_targets() for mb in micro_batches]).sum(),
-                                 dist)
+    micro_targets = torch.stack([mb.num_targets() for mb in micro_batches])
+    num_targets = all_reduce_sum(micro_targets.sum(), dist)
     # DDP averages gradients over ranks; multiplying by world_size turns that into the sum
     # of every rank's (sum / global count), the exact global token mean.
     normaliser = num_targets.clamp(min=1).double() / dist.world_size
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=num_targets.device)
     last = len(micro_batches) - 1
+    # FSDP2 keeps no_sync gradients in internal unsharded buffers, not in .grad: no small batch.
+    measure_noise = last > 0 and not hasattr(model, "set_requires_gradient_sync")
+    small_grad_sq = None
     # One autocast region around all k micro-steps: autocast casts each weight to bf16/fp16
     # once and reuses the cast until the region exits, so the weights are cast once per
     # optimizer step, not once per micro-step (the weights do not change in between).
@@ -92,11 +101,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                 with precision.outside_autocast():
                     precision.scaler.scale(loss).backward()
             loss_sum += micro_loss_sum.detach().double()
+            if i == 0 and measure_noise:  # the first micro-batch's own gradient, before any sync
+                with precision.outside_autocast():
+                    small_grad_sq = _grad_sq(model)
 
     params = [p for p in model.parameters() if p.grad is not None]
     if precision.scaling:
         precision.scaler.unscale_(optimizer)
     grad_norm = total_grad_norm([p.grad for p in params])
+    noise = None
+    if small_grad_sq is not None:
+        noise = _noise_estimates(small_grad_sq, micro_targets[0], grad_norm, num_targets,
+                                 normaliser, precision, dist)
     # The step's one host sync: whether to update at all depends on it.
     finite = bool(torch.isfinite(grad_norm))
     if finite:
@@ -116,5 +132,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     loss = all_reduce_sum(loss_sum, dist) / num_targets.clamp(min=1)
     return StepStats(loss=loss, grad_norm=grad_norm.detach(), num_targets=num_targets,
-                     skipped=not finite,
+                     skipped=not finite, noise=noise,
                      loss_scale=precision.scaler.get_scale() if precision.scaling else 1.0)
+
+
+def _grad_sq(model: nn.Module) -> torch.Tensor:
+    return total_grad_norm([p.grad for p in model.parameters() if p.grad is not None]) ** 2
+
+
+def _noise_estimates(small_grad_sq: torch.Tensor, small_targets: torch.Tensor,
+                     grad_norm: torch.Tensor, num_targets: torch.Tensor,
+                     normaliser: torch.Tensor, precision: Precision, dist: DistInfo
+                     ) -> torch.Tensor:
+    """Rescale the first micro-batch's gradient (loss sum / normaliser, times the fp16 loss
+    scale) to its own token mean, then estimate |G|^2 and tr(Sigma) on this rank and average over
+    ranks: one 2-element all-reduce. The big batch is the whole step (global token mean)."""
+    # get_scale() is a host sync, but only under fp16 and outside the micro-step loop.
+    loss_scale = precision.scaler.get_scale() if precision.scaling else 1.0
+    small_size = small_targets.clamp(min=1).double()
+    to_token_mean = normaliser.double() / small_size / loss_scale
+    estimates = unbiased_grad_sq_and_trace(small_grad_sq.double() * to_token_mean ** 2,
+                                           small_size, grad_norm.double() ** 2,
+                                           num_targets.double())
+    return all_reduce_sum(estimates, dist) / dist.world_size
