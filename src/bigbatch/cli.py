@@ -7,6 +7,8 @@
     bigbatch sample RUN_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
     bigbatch report RUN_DIR [--out FILE.html]
     bigbatch compare RUN_DIR RUN_DIR... [--out FILE.html]
+    bigbatch sweep  [RECIPE] --batches A,B,... --target-loss X [--out DIR] [--max-tokens N]
+                    [--eval-every-tokens N] [--section.field=VALUE ...]
 
 Bad input is one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -199,8 +201,34 @@ def cmd_compare(args: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: list[str]) -> int:
+    from bigbatch.sweep import parse_batches, run_sweep
+
+    run = parse_run_args(args, valued={"--batches", "--target-loss", "--out", "--max-tokens",
+                                       "--eval-every-tokens"}, switches={"--debug"})
+    for required in ("--batches", "--target-loss"):
+        if required not in run.flags:
+            raise UsageError(f"bigbatch sweep needs {required}, e.g. --batches 2048,8192,32768 "
+                             "--target-loss 2.0")
+    try:
+        target = float(run.flags["--target-loss"])
+    except ValueError:
+        target = 0.0
+    if not target > 0:
+        raise UsageError(f"--target-loss = {run.flags['--target-loss']!r} must be a positive "
+                         "validation loss")
+    stem = Path(run.recipe).stem if run.recipe else "default"
+    out = Path(str(run.flags.get("--out") or f"runs/sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    optional = {flag: _positive_int(run.flags[flag], flag) if flag in run.flags else 0
+                for flag in ("--max-tokens", "--eval-every-tokens")}
+    run_sweep(run.recipe, run.overrides, parse_batches(str(run.flags["--batches"])), target, out,
+              optional["--max-tokens"], optional["--eval-every-tokens"])
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample,
-            "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare}
+            "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
+            "sweep": cmd_sweep}
 
 
 def _positive_int(text: str | bool, name: str) -> int:
