@@ -26,8 +26,9 @@ from common import ROOT, loadavg, machine_description, run_child, today, write_s
 
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 BATCHES = "512,1024,2048,4096,8192,16384"
-TARGET = 3.9
+TARGET = 3.8
 MAX_TOKENS = 1_500_000
+EVAL_EVERY_TOKENS = 4096  # evaluation every 8 steps at 512 tokens, every step from 4,096 up
 SETUPS = {  # name: overrides of configs/sweep.toml (its lr is the peak at 2,048 tokens)
     "AdamW + sqrt": ["--optim.name=adamw", "--optim.lr_scaling=sqrt"],
     "LAMB + linear": ["--optim.name=lamb", "--optim.lr_scaling=linear", "--optim.lr=1e-2",
@@ -38,7 +39,8 @@ SETUPS = {  # name: overrides of configs/sweep.toml (its lr is the peak at 2,048
 def sweep_command(out: Path, overrides: list[str], batches: str, target: float) -> list[str]:
     return [sys.executable, "-m", "bigbatch", "sweep", "configs/sweep.toml",
             f"--data.path={DATA}", *overrides, "--batches", batches, "--target-loss", str(target),
-            "--max-tokens", str(MAX_TOKENS), "--out", str(out)]
+            "--max-tokens", str(MAX_TOKENS), "--eval-every-tokens", str(EVAL_EVERY_TOKENS),
+            "--out", str(out)]
 
 
 def bar_line(result: dict) -> str:
@@ -60,11 +62,13 @@ def render(results: dict[str, dict], runs: dict, batches: str, target: float) ->
     lines = [f"Measured {today()} on {machine_description()}.", "",
              f"Command: `python benchmarks/bench_sweep.py` (each setup runs `bigbatch sweep "
              f"configs/sweep.toml --data.path=../shared/data/tinyshakespeare/input.txt "
-             f"--batches {batches} --target-loss {target} --max-tokens {MAX_TOKENS}` with the "
-             "overrides named below).", ""]
+             f"--batches {batches} --target-loss {target} --max-tokens {MAX_TOKENS} "
+             f"--eval-every-tokens {EVAL_EVERY_TOKENS}` with the overrides named below, one "
+             "thread: OMP_NUM_THREADS=1).", ""]
     for name, result in results.items():
         run = runs[name]
-        smallest = min(p["steps"] for p in result["points"] if p["reached"])
+        reached = [p for p in result["points"] if p["reached"]]
+        smallest = min(reached, key=lambda p: p["batch_tokens"])["steps"]
         lines += [f"### {name} (`{' '.join(SETUPS[name])}`)", "",
                   f"Wall time {run.wall_s / 60:.1f} min; other processes used "
                   f"{run.other_cores:.1f} cores on average meanwhile (load average before "

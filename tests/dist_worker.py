@@ -89,7 +89,8 @@ def run(scenario: Scenario, rank: int) -> dict:
                        loss_sum_fn=counter.counting())
     result = {"before": before, "after": full_parameters(model), "loss": float(stats.loss),
               "grad_norm": float(stats.grad_norm), "num_targets": int(stats.num_targets),
-              "calls": dict(counter.calls), "elements": dict(counter.elements)}
+              "calls": dict(counter.calls), "elements": dict(counter.elements),
+              "noise": stats.noise}
     # What the run's end does with the trained model: evaluate, then gather the weights to save.
     result["val_loss"] = evaluate(wrapped, eval_batches(rank), precision, info,
                                   torch.device("cpu"))

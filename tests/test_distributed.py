@@ -28,7 +28,8 @@ from bigbatch.cli import main
 from bigbatch.config import PrecisionConfig, load_config
 from bigbatch.distributed import SINGLE_PROCESS
 from bigbatch.engine.loop import evaluate
-from bigbatch.engine.step import train_step
+from bigbatch.engine.noise_scale import unbiased_grad_sq_and_trace
+from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.errors import UsageError
 from bigbatch.launch import torchrun_command, without_flag
 from bigbatch.precision import make_precision
@@ -84,6 +85,35 @@ def test_two_ranks_match_one_process(two_rank_results, scenario):
     assert dist_run["num_targets"] == sum(counts)
     assert dist_run["loss"] == pytest.approx(float(stats.loss), rel=1e-6)
     assert dist_run["grad_norm"] == pytest.approx(float(stats.grad_norm), rel=1e-6)
+
+
+def token_mean_grad_sq(model, batches) -> float:
+    model.zero_grad(set_to_none=True)
+    total = sum(lm_loss_sum(model, mb) for mb in batches)
+    (total / sum(mb.num_targets() for mb in batches)).backward()
+    return float(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_noise_scale_uses_each_ranks_first_micro_batch_against_the_global_step(
+        two_rank_results, scenario):
+    """Oracle, in one process: each rank's small batch is its first micro-batch (its own token
+    mean), the big batch the whole global step; the estimates are averaged over the ranks. None
+    with one micro-step per rank (no local small batch) and under FSDP (no local .grad)."""
+    noise = two_rank_results[scenario.name]["noise"]
+    if scenario.k == 1 or scenario.strategy == "fsdp":
+        assert noise is None
+        return
+    model, batches = make_problem(scenario.k)
+    big_sq, big = token_mean_grad_sq(model, batches), sum(mb.num_targets() for mb in batches)
+    per_rank = []
+    for rank in range(2):
+        first = batches[rank * scenario.k]
+        per_rank.append(unbiased_grad_sq_and_trace(
+            torch.tensor(token_mean_grad_sq(model, [first])), first.num_targets(),
+            torch.tensor(big_sq), big))
+    expected = torch.stack(per_rank).mean(dim=0)
+    torch.testing.assert_close(noise.double(), expected, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
