@@ -84,7 +84,9 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_config(args: list[str]) -> int:
+    from bigbatch.batch_schedule import build_batch_schedule, describe_schedule
     from bigbatch.batching import plan_batch
+    from bigbatch.engine.schedule import describe_lr_scaling
     from bigbatch.config import config_to_toml, field_docs, load_config
 
     run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--fields"})
@@ -104,6 +106,11 @@ def cmd_config(args: list[str]) -> int:
     print(f"# num_micro_steps = global_tokens / (micro_batch_size * seq_len * world_size) = "
           f"{plan.global_tokens} / ({plan.micro_batch_size} * {plan.seq_len} * "
           f"{plan.world_size}) = {plan.num_micro_steps}")
+    reference = cfg.optim.reference_batch_tokens or plan.global_tokens
+    print("# " + describe_lr_scaling(cfg.optim.lr, cfg.optim.lr_scaling, plan.global_tokens,
+                                     reference))
+    for line in describe_schedule(build_batch_schedule(cfg, plan)):
+        print(f"# {line}")
     return 0
 
 
