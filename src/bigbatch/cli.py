@@ -86,8 +86,8 @@ def cmd_train(args: list[str]) -> int:
 def cmd_config(args: list[str]) -> int:
     from bigbatch.batch_schedule import build_batch_schedule, describe_schedule
     from bigbatch.batching import plan_batch
-    from bigbatch.engine.schedule import describe_lr_scaling
     from bigbatch.config import config_to_toml, field_docs, load_config
+    from bigbatch.engine.schedule import describe_lr_scaling
 
     run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--fields"})
     if run.flags.get("--fields"):
