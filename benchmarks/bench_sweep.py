@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, loadavg, machine_description, run_child, today, write_section  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-BATCHES = "512,1024,2048,4096,8192,16384"
+BATCHES = "128,256,512,1024,2048,4096,8192"
 TARGET = 3.8
 MAX_TOKENS = 1_500_000
-EVAL_EVERY_TOKENS = 4096  # evaluation every 8 steps at 512 tokens, every step from 4,096 up
+EVAL_EVERY_TOKENS = 4096  # evaluation every 32 steps at 128 tokens, every step from 4,096 up
 SETUPS = {  # name: overrides of configs/sweep.toml (its lr is the peak at 2,048 tokens)
     "AdamW + sqrt": ["--optim.name=adamw", "--optim.lr_scaling=sqrt"],
     "LAMB + linear": ["--optim.name=lamb", "--optim.lr_scaling=linear", "--optim.lr=1e-2",

@@ -103,8 +103,10 @@ def run_sweep(recipe: str | None, overrides: list[str], batches: list[int], targ
               out_dir: Path, max_tokens: int = 0, eval_every_tokens: int = 0,
               say=print) -> dict:
     """Train every batch, fit the trade-off, write sweep.json and sweep.png; returns the result."""
+    from bigbatch.preemption import Preemption
     from bigbatch.run import train
 
+    preemption = Preemption()
     base = load_config(recipe, overrides)
     max_tokens = max_tokens or base.train.max_steps * base.batch.global_tokens
     eval_every_tokens = eval_every_tokens or 4 * batches[0]
@@ -118,7 +120,12 @@ def run_sweep(recipe: str | None, overrides: list[str], batches: list[int], targ
         run_dir = out_dir / f"batch-{batch}"
         say(f"sweep: batch {batch:,} tokens: up to {cfg.train.max_steps} steps, evaluating "
             f"every {cfg.train.eval_every}")
-        train(cfg, run_dir, verbose=False)
+        # One Preemption for the whole sweep: SIGTERM/SIGINT stop the sweep, not just one run.
+        stopped = train(cfg, run_dir, verbose=False, preemption=preemption).exit_code
+        if stopped:
+            say(f"sweep: stopped by a signal during batch {batch:,}; {run_dir} holds its "
+                "checkpoint")
+            raise SystemExit(stopped)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         found = crossing(rows, target)
         point = SweepPoint(batch, found is not None, run_dir=str(run_dir),
