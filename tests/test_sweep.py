@@ -86,3 +86,22 @@ def test_sweep_without_a_target_is_a_usage_error(tmp_path):
     done = subprocess.run(cli_command("sweep", "--batches", "1024,2048"), capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "--target-loss" in done.stderr
+
+
+def test_a_signal_stops_the_whole_sweep(tmp_path, monkeypatch):
+    """A run stopped by SIGTERM (exit 143) ends the sweep with that code; no further batch
+    starts (each train() would otherwise install fresh handlers and carry on)."""
+    import bigbatch.run
+    from bigbatch.sweep import run_sweep
+
+    started = []
+
+    def stopped_train(cfg, out_dir, verbose=True, resume=None, preemption=None):
+        started.append(cfg.batch.global_tokens)
+        return type("Result", (), {"exit_code": 143})()
+
+    monkeypatch.setattr(bigbatch.run, "train", stopped_train)
+    with pytest.raises(SystemExit) as stop:
+        run_sweep(str(ROOT / "configs" / "sweep.toml"), [], [512, 1024], 3.0, tmp_path,
+                  say=lambda line: None)
+    assert stop.value.code == 143 and started == [512]

@@ -104,6 +104,8 @@ class BatchSchedule:
 
     def num_steps(self) -> int:
         """Optimizer steps in the run (auto ramp: as if the batch never grew, an upper bound)."""
+        if self.ramp != "auto" and not self.ramp_tokens:  # the batch never changes
+            return self.max_steps
         tokens, steps, micro_steps = 0, 0, 0
         while tokens < self.total_tokens:
             micro_steps = self.shape(tokens, None, micro_steps).num_micro_steps
