@@ -10,7 +10,7 @@ The bar (the issue's): at 8x the smallest batch, where that is below the fitted 
 target <= 1/5 of the smallest batch's. Perfect scaling would give 1/8; the trade-off curve predicts
 S(8b) / S(b) = (1 + B_crit / 8b) / (1 + B_crit / b).
 
-    python benchmarks/bench_sweep.py [--no-write] [--batches A,B,...] [--target-loss X]
+    python benchmarks/bench_sweep.py [--no-write] [--batches A,B,...] [--target-loss X] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ def bar_line(result: dict) -> str:
     if not eight:
         return "bar: no run at 8x the smallest batch reached the target"
     ratio = eight[0]["steps"] / smallest["steps"]
-    below = eight[0]["batch_tokens"] < result.get("b_crit", 0)
+    b_crit, b = result.get("b_crit", 0.0), smallest["batch_tokens"]
+    predicted = (1 + b_crit / (8 * b)) / (1 + b_crit / b)
     verdict = "met" if ratio <= 0.2 else "NOT met"
-    return (f"bar: steps at {eight[0]['batch_tokens']:,} / steps at {smallest['batch_tokens']:,} "
-            f"= {ratio:.3f} (<= 0.2 wanted): **{verdict}**; 8x the smallest batch is "
-            f"{'below' if below else 'above'} the fitted B_crit")
+    return (f"Bar: steps at {8 * b:,} / steps at {b:,} = {ratio:.3f} (<= 0.2 wanted): "
+            f"**{verdict}**; 8x the smallest batch is {'below' if 8 * b < b_crit else 'above'} "
+            f"the fitted B_crit, and the fitted curve predicts {predicted:.3f} "
+            "(perfect scaling: 0.125).")
 
 
 def render(results: dict[str, dict], runs: dict, batches: str, target: float) -> str:
@@ -100,11 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md")
     parser.add_argument("--batches", default=BATCHES)
     parser.add_argument("--target-loss", type=float, default=TARGET)
+    parser.add_argument("--keep", type=Path, help="keep the sweeps' runs here (default: a "
+                        "temporary directory)")
     args = parser.parse_args(argv)
     if not DATA.is_file():
         sys.exit(f"{DATA} is missing: the benchmark needs ../shared/data")
     results, runs = {}, {}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as temporary:
+        scratch = args.keep or Path(temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
         for name, overrides in SETUPS.items():
             out = Path(scratch) / name.replace(" ", "").replace("+", "-")
             print(f"{name}: load average before {loadavg():.1f}", flush=True)
