@@ -1,7 +1,8 @@
 """Critical batch size on tinyshakespeare: `bigbatch sweep` with AdamW + sqrt and LAMB + linear.
 
 For each optimizer, configs/sweep.toml (a 2-layer, d_model 128 GPT, vocab 512, 64-token
-sequences) is trained at 6 global batches spanning 32x until the validation loss reaches the
+sequences) is trained at 7 global batches spanning 64x (128 to 8,192 tokens: this model's
+critical batch is small) until the validation loss reaches the
 target; the table gives steps and tokens to target, the fitted S_min, E_min and
 B_crit = E_min / S_min of McCandlish et al.'s (S/S_min - 1)(E/E_min - 1) = 1, and the online noise
 scale B_simple (gns_tokens) each run measured when it crossed the target.
