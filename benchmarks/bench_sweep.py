@@ -95,6 +95,13 @@ def render(results: dict[str, dict], runs: dict, batches: str, target: float) ->
                       f"{result['e_min']:,.0f} tokens, **B_crit = {result['b_crit']:,.0f} "
                       f"tokens**; online noise scale at the target (median over runs): "
                       f"{measured}.", "", bar_line(result), ""]
+    lines += ["How to read this: the learning rate is tuned once, at the recipe's 2,048 tokens, and "
+              "carried to the other batches by the scaling rule alone, while McCandlish et al. "
+              "tune it per batch. Where the rule over- or under-shoots, steps to target show it "
+              "(more steps at a larger batch, or tokens to target that fall as the batch grows), "
+              "and the fit, which assumes a tuned lr at every batch, inherits that bias. "
+              "B_simple per run is one moving average at one step, so it scatters; the median is "
+              "the estimate to compare with B_crit."]
     return "\n".join(lines)
 
 

@@ -103,11 +103,11 @@ def test_report_holds_every_section_and_one_plot_per_logged_metric(finished_run)
         assert f'<section id="{section}">' in page, section
     for label in SUMMARY_LABELS:
         assert f"<th>{html.escape(label)}</th>" in page, label
-    # This CPU bf16 run logs loss, validation loss, lr, grad norm, tokens/s and peak memory; no
-    # fp16 loss scale, noise scale, classification scores or batch ramp.
-    assert set(figures_in(page)) == {"loss", "lr", "grad_norm", "tokens_per_s",
+    # This CPU bf16 run logs loss, validation loss, lr, grad norm, the noise scale (4 micro-steps),
+    # tokens/s and peak memory; no fp16 loss scale, classification scores or batch ramp.
+    assert set(figures_in(page)) == {"loss", "lr", "grad_norm", "gns", "tokens_per_s",
                                      "peak_memory_bytes"}
-    assert "gradient noise scale" not in page  # not measured in this run
+    assert "gradient noise scale" in page
     assert html.escape((finished_run / "config.toml").read_text()) in page
     rows = rows_of(finished_run)
     last_val = [r for r in rows if "val_loss" in r][-1]
@@ -136,7 +136,7 @@ def test_an_early_stopped_run_says_so_in_its_report(stopped_run):
     page = (stopped_run / "report.html").read_text()  # written by train() on the SIGTERM
     assert "stopped early at step 3 of 6 (stopped by SIGTERM)" in page
     assert "--resume auto" in page
-    assert set(figures_in(page)) == {"loss", "lr", "grad_norm", "tokens_per_s",
+    assert set(figures_in(page)) == {"loss", "lr", "grad_norm", "gns", "tokens_per_s",
                                      "peak_memory_bytes"}
     info = json.loads((stopped_run / "run_info.json").read_text())
     assert info["sessions"][-1]["ended"] == "SIGTERM"
@@ -196,7 +196,8 @@ def test_compare_draws_both_runs_in_every_plot(tmp_path, finished_run, stopped_r
         assert f'<span style="color:{colour}">&#9632;</span> {label}</th>' in page, label
     assert f"{6 * 2048:,} in 6 steps" in page and f"{3 * 1024:,} in 3 steps" in page
     images = figures_in(page)
-    assert set(images) == {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes"}
+    assert set(images) == {"loss", "lr", "grad_norm", "gns", "tokens_per_s",
+                           "peak_memory_bytes"}
     for key, image in images.items():
         for colour in RUN_COLOURS:
             assert colour_pixels(image, colour) > 30, (key, colour)
