@@ -226,11 +226,11 @@ ALLOCATORS = ("tuned", "system")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = option(26, "Optimizer steps to train for: max_steps x batch.global_tokens "
+    max_steps: int = option(30, "Optimizer steps to train for: max_steps x batch.global_tokens "
                                 "tokens when the batch or sequence length ramps.")
     target_val_loss: float = option(0.0, "Stop once the validation loss is at or below this "
                                          "(`bigbatch sweep`); 0 = off.")
-    eval_every: int = option(13, "Evaluate on the validation split every this many steps "
+    eval_every: int = option(15, "Evaluate on the validation split every this many steps "
                                  "(and at the end); 0 evaluates only at the end.")
     eval_tokens: int = option(32768, "Validation tokens per evaluation (fewer if the split is "
                                       "smaller).")
