@@ -67,16 +67,42 @@ def checkpoint_name(step: int) -> str:
 
 # --- The model's and optimizer's state: swap these four for FSDP full state dicts. ---------------
 
+def tied_embedding_key(model: nn.Module) -> str | None:
+    """The key of the input embedding that the output matrix (`lm_head.weight`) is tied to:
+    always for the GPT, per its config for a Hugging Face model; None when untied."""
+    inner = unwrap(model)
+    if hasattr(inner, "shape"):  # the built-in GPT
+        return "wte.weight"
+    config = getattr(inner, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or \
+            "lm_head.weight" not in inner.state_dict():
+        return None
+    embedding = inner.get_input_embeddings()
+    return next(f"{name}.weight" for name, module in inner.named_modules() if module is embedding)
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full weights on CPU (rank 0; {} elsewhere under FSDP), the tied output matrix dropped:
+    """Full weights on CPU (rank 0; {} elsewhere under FSDP), a tied output matrix dropped:
     safetensors refuses shared storage."""
-    return state_dict_for_saving(unwrap(model), full_model_state_dict(model))
+    full = full_model_state_dict(model)
+    if tied_embedding_key(model) is None:  # an untied output matrix is a weight of its own
+        return {k: v.detach().cpu().contiguous() for k, v in full.items()}
+    return state_dict_for_saving(unwrap(model), full)
 
 
 def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    if "wte.weight" in tensors:
-        tensors = {**tensors, "lm_head.weight": tensors["wte.weight"]}  # tied: one tensor
+    key = tied_embedding_key(model)
+    if key is not None and key in tensors:
+        tensors = {**tensors, "lm_head.weight": tensors[key]}  # tied: one tensor
     load_full_model_state_dict(model, tensors)
+
+
+def model_description(model: nn.Module) -> dict[str, Any]:
+    """What fixes the model's shapes: the GPT's shape, or a Hugging Face model's config."""
+    inner = unwrap(model)
+    if hasattr(inner, "shape"):
+        return asdict(inner.shape)
+    return json.loads(inner.config.to_json_string())
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -270,7 +296,7 @@ class Checkpointer:
         if self.dist.is_main:
             meta = {"format": FORMAT, "train_state": state.state_dict(),
                     "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
-                    "rng": rng_plain, "model_shape": asdict(unwrap(self.model).shape),
+                    "rng": rng_plain, "model_shape": model_description(self.model),
                     "config": config_to_dict(self.cfg)}
             write_checkpoint(self.directory, state.step, {
                 "model.safetensors": lambda path: save_file(tensors, str(path)),
@@ -323,14 +349,15 @@ class Checkpointer:
     def _check_compatible(self, path: Path, meta: dict[str, Any],
                           tensors: dict[str, torch.Tensor]) -> None:
         # Shapes from the module itself (global shapes under FSDP), not a collective gather.
+        tied = tied_embedding_key(self.model) is not None
         expected = {k: v for k, v in unwrap(self.model).state_dict().items()
-                    if k != "lm_head.weight"}
+                    if k != "lm_head.weight" or not tied}
         mismatched = sorted(k for k in expected.keys() | tensors.keys()
                             if k not in expected or k not in tensors
                             or expected[k].shape != tensors[k].shape)
         if mismatched:
             shape_changes = [c for c in config_changes(meta["model_shape"],
-                                                       asdict(unwrap(self.model).shape))
+                                                       model_description(self.model))
                              if not c.startswith("dropout")]
             raise UsageError(f"checkpoint {path} is from an incompatible model "
                              f"({'; '.join(shape_changes) or mismatched[0]}): resume with the "

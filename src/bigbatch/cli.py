@@ -9,6 +9,7 @@
     bigbatch compare RUN_DIR RUN_DIR... [--out FILE.html]
     bigbatch sweep  [RECIPE] --batches A,B,... --target-loss X [--out DIR] [--max-tokens N]
                     [--eval-every-tokens N] [--section.field=VALUE ...]
+    bigbatch export RUN_DIR --format hf --out DIR
 
 Bad input is one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -97,6 +98,13 @@ def cmd_config(args: list[str]) -> int:
     cfg = load_config(run.recipe, run.overrides)
     world_size = _positive_int(run.flags.get("--world-size", "1"), "--world-size")
     print(config_to_toml(cfg))
+    if cfg.train.task == "classify":
+        from bigbatch.tasks.classify import sequence_plan
+
+        plan = sequence_plan(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
+                             cfg.batch.micro_batch_tokens, cfg.data.max_length, world_size)
+        print(f"# {plan.describe()}")
+        return 0
     if cfg.batch.micro_batch_size == "auto":
         print("# micro_batch_size = \"auto\": `bigbatch plan` shows what training will choose")
         return 0
@@ -157,6 +165,20 @@ def cmd_sample(args: list[str]) -> int:
     out = model.generate(torch.tensor([ids]), opts.max_new_tokens, opts.temperature,
                          opts.top_k, generator)
     print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_export(args: list[str]) -> int:
+    from bigbatch.export import FORMATS, export
+
+    parser = argparse.ArgumentParser(prog="bigbatch export")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--format", default="hf", help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--debug", action="store_true")
+    opts = parser.parse_args(args)
+    written = export(opts.run_dir, opts.out, opts.format)
+    print(f"exported {written} to {opts.out}/ (load it with from_pretrained)")
     return 0
 
 
@@ -235,7 +257,8 @@ def cmd_sweep(args: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample,
             "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep,
+            "export": cmd_export}
 
 
 def _positive_int(text: str | bool, name: str) -> int:

@@ -29,6 +29,9 @@ def _require(condition: bool, key: str, value: Any, valid: str) -> None:
         raise UsageError(f"{key} = {value!r} is invalid: {valid}")
 
 
+AGGREGATES = ("mean", "max")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: str = option("", "Text file or directory; empty means the embedded default corpus "
@@ -49,6 +52,16 @@ class DataConfig:
                                            "tokens (tokens per micro-batch constant); 0 = off.")
     seq_len_start: int = option(0, "First sequence length of the warmup; must divide `seq_len` "
                                    "(lengths in between are the divisors of `seq_len`).")
+    # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
+    text_field: str = option("text", "classify: the column (TSV/CSV header) or JSONL key of the text.")
+    label_field: str = option("label", "classify: the column or JSONL key of the label.")
+    val_path: str = option("", "classify: validation file; empty holds out `val_fraction` of the "
+                               "training file's texts.")
+    max_length: int = option(128, "classify: tokens per window, special tokens included; longer "
+                                  "texts are split into overlapping windows.")
+    stride: int = option(32, "classify: tokens shared by consecutive windows of a long text.")
+    aggregate: str = option("mean", "classify: how a text's window logits become one prediction "
+                                    "at evaluation: mean | max.")
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "an integer >= 8")
@@ -63,6 +76,11 @@ class DataConfig:
                  and self.seq_len % self.seq_len_start == 0, "data.seq_len_start",
                  self.seq_len_start, f"a divisor of data.seq_len ({self.seq_len}) when "
                  "data.seq_len_warmup_tokens > 0")
+        _require(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
+        _require(0 <= self.stride <= self.max_length // 2, "data.stride", self.stride,
+                 f"an integer in [0, data.max_length / 2 = {self.max_length // 2}]")
+        _require(self.aggregate in AGGREGATES, "data.aggregate", self.aggregate,
+                 f"one of {AGGREGATES}")
 
 
 ATTENTION_CHOICES = ("auto", "sdpa", "explicit")  # model.ATTENTION_KERNELS plus auto
@@ -87,6 +105,12 @@ class ModelConfig:
                                     "flash where the device has it) | explicit (softmax(qk^T)v "
                                     "as plain ops: faster on CPU, keeps T x T probabilities) | "
                                     "auto (explicit on CPU, sdpa elsewhere).")
+    source: str = option("gpt", "gpt (the built-in GPT; n_layer, d_model, n_head apply) | hf:DIR "
+                                "(a local Hugging Face model directory; hf:package:NAME/SUB is "
+                                "SUB inside the installed Python package NAME) | hf-config:FILE "
+                                "(random initialisation from a config.json).")
+    trust_remote_code: bool = option(False, "Let a Hugging Face model directory run its own "
+                                            "Python code (off: only transformers' own classes).")
 
     def __post_init__(self) -> None:
         _require(self.activation_checkpointing in CHECKPOINTING, "model.activation_checkpointing",
@@ -97,6 +121,8 @@ class ModelConfig:
                  "an integer >= 1")
         _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens,
                  "an integer >= 0 (0 = off)")
+        _require(self.source == "gpt" or self.source.startswith(("hf:", "hf-config:")),
+                 "model.source", self.source, "gpt, hf:DIR or hf-config:FILE")
         _require(self.n_layer >= 1, "model.n_layer", self.n_layer, "an integer >= 1")
         _require(self.n_head >= 1, "model.n_head", self.n_head, "an integer >= 1")
         _require(self.d_model >= 1 and self.d_model % self.n_head == 0, "model.d_model",
@@ -127,8 +153,17 @@ class BatchConfig:
                                        "of micro-steps across ranks (0 = one micro-step).")
     noise_scale_ema: float = option(0.95, "Decay of the moving averages behind the gradient "
                                           "noise scale (gns_* in metrics.jsonl).")
+    global_sequences: int = option(0, "classify: texts per optimizer step across all ranks (all "
+                                      "their windows); takes the place of global_tokens there.")
+    micro_batch_tokens: int = option(0, "classify: build micro-batches to this many padded tokens "
+                                        "(so short texts come more to a micro-batch) instead of "
+                                        "micro_batch_size windows; 0 = off.")
 
     def __post_init__(self) -> None:
+        _require(self.global_sequences >= 0, "batch.global_sequences", self.global_sequences,
+                 "an integer >= 0")
+        _require(self.micro_batch_tokens >= 0, "batch.micro_batch_tokens",
+                 self.micro_batch_tokens, "an integer >= 0 (0 = off)")
         _require(self.global_tokens >= 1, "batch.global_tokens", self.global_tokens,
                  "a positive integer")
         _require(self.micro_batch_size == "auto" or isinstance(self.micro_batch_size, int)
@@ -222,6 +257,7 @@ class PrecisionConfig:
 
 
 ALLOCATORS = ("tuned", "system")
+TASKS = ("lm", "classify")
 
 
 @dataclass(frozen=True)
@@ -240,6 +276,8 @@ class TrainConfig:
     max_bad_steps: int = option(20, "Stop after this many consecutive skipped (non-finite) steps.")
     allocator: str = option("tuned", "tuned: keep freed large CPU buffers mapped (glibc "
                                      "mallopt), 1.3-2x faster here; system: leave malloc alone.")
+    task: str = option("lm", "lm (next-token prediction on text) | classify (sequence "
+                             "classification of labelled texts; needs an hf model.source).")
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "a positive integer")
@@ -255,6 +293,7 @@ class TrainConfig:
                  "a positive integer")
         _require(self.allocator in ALLOCATORS, "train.allocator", self.allocator,
                  f"one of {ALLOCATORS}")
+        _require(self.task in TASKS, "train.task", self.task, f"one of {TASKS}")
 
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from bigbatch.activation_checkpointing import apply_activation_checkpointing
 from bigbatch.allocator import tune_glibc_malloc
@@ -80,11 +81,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> GPT:
+def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> nn.Module:
+    """The built-in GPT, or the Hugging Face causal LM that `model.source` names."""
+    from bigbatch.hf.lm import build_hf_lm, with_model_tokenizer
+
+    cfg, source = with_model_tokenizer(cfg)
+    if source is not None:
+        return build_hf_lm(cfg, source, vocab_size)
     return GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
                         n_head=cfg.model.n_head, d_model=cfg.model.d_model,
                         dropout=cfg.model.dropout),
                attention=resolve_attention(cfg.model.attention, device_type))
+
+
+def model_width(cfg: Config) -> tuple[int, int]:
+    """(layers, width) of the built-in GPT, or of the Hugging Face model from its config."""
+    if cfg.model.source == "gpt":
+        return cfg.model.n_layer, cfg.model.d_model
+    from bigbatch.hf.probe import hf_dims
+
+    dims = hf_dims(cfg, cfg.data.seq_len)
+    return dims.n_layer, dims.d_model
 
 
 def plan_memory(cfg: Config, corpus: Corpus, dist: DistInfo, device: torch.device,
@@ -123,10 +140,13 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise UsageError(f"--out {str(out_dir)!r} is not writable: {err.strerror}") from None
 
 
-def startup_lines(cfg: Config, schedule: BatchSchedule, model: GPT, device: torch.device,
+def startup_lines(cfg: Config, schedule: BatchSchedule, model: nn.Module,
+                  device: torch.device,
                   allocator: str) -> list[str]:
     plan = schedule.plan
     return [
+        f"model: {cfg.model.source} {model.num_parameters() / 1e6:.2f}M parameters"
+        if not isinstance(model, GPT) else
         f"model: GPT {model.num_parameters() / 1e6:.2f}M parameters ({cfg.model.n_layer} layers,"
         f" d_model {cfg.model.d_model}, {cfg.model.n_head} heads, vocab {model.shape.vocab_size})",
         f"batch: {plan.describe()}",
@@ -163,6 +183,12 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
           preemption: Preemption | None = None) -> TrainResult:
     """Train `cfg` into `out_dir`; `resume` is "auto" or a checkpoint/run directory (--resume).
     SIGTERM/SIGINT stop after the current step with a checkpoint (see preemption.py)."""
+    if cfg.train.task == "classify":
+        from bigbatch.tasks.classify_run import train_classifier
+        return train_classifier(cfg, out_dir, verbose, resume, preemption)
+    from bigbatch.hf.lm import save_hf_model, with_model_tokenizer
+
+    cfg, hf_source = with_model_tokenizer(cfg)  # a Hugging Face LM tokenizes with its own
     dist = dist_info_from_env()
     allocator = "system"
     if cfg.train.allocator == "tuned" and tune_glibc_malloc():
@@ -190,8 +216,9 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     schedule = build_batch_schedule(cfg, plan)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, corpus.vocab_size, device.type).to(device)
-    apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
-                                   cfg.model.checkpoint_every)  # before compile and DDP/FSDP
+    if hf_source is None:  # a Hugging Face model's own switch was set by build_model
+        apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
+                                       cfg.model.checkpoint_every)  # before compile and DDP/FSDP
     for line in startup_lines(cfg, schedule, model, device, allocator):
         say(line)
     wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
@@ -206,8 +233,8 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
         start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
                        world_size=dist.world_size, dtype_name=cfg.precision.dtype,
                        num_parameters=model.num_parameters(),
-                       flops=flops_per_token(cfg.model.n_layer, cfg.model.d_model,
-                                             corpus.vocab_size, cfg.data.seq_len))
+                       flops=flops_per_token(*model_width(cfg), corpus.vocab_size,
+                                             cfg.data.seq_len))
     checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
                                 scaler=precision.scaler, loader=loader, dist=dist, device=device,
                                 say=say)
@@ -250,7 +277,10 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     # Under FSDP gathering the full weights is a collective: every rank takes part, rank 0 writes.
     weights = full_model_state_dict(wrapped)
     if dist.is_main:
-        save_model(unwrap(wrapped), corpus.tokenizer, out_dir, weights)
+        if hf_source is None:
+            save_model(unwrap(wrapped), corpus.tokenizer, out_dir, weights)
+        else:
+            save_hf_model(unwrap(wrapped), cfg, hf_source, out_dir, weights)
         say(f"done in {time.perf_counter() - started:.0f}s: {state.tokens_seen:,} tokens, "
             f"{state.skipped_steps} skipped steps")
         say(noise_scale_summary(state.micro_steps * schedule.unit_tokens, state.noise.noise_scale))

@@ -19,6 +19,7 @@ from bigbatch.config import Config, PrecisionConfig
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.loader import MicroBatch, TokenLoader
 from bigbatch.engine.step import lm_loss_sum, train_step
+from bigbatch.errors import UsageError
 from bigbatch.precision import make_precision
 from bigbatch.run import build_model, seed_everything
 
@@ -95,6 +96,10 @@ def verify(cfg: Config, max_micro_steps: int = 4, max_micro_batch: int = 4,
            float64: bool = False) -> VerifyResult:
     """Take the first optimizer step's micro-batches of the recipe (at most `max_micro_steps` of
     at most `max_micro_batch` sequences, small enough to fit at once) and compare."""
+    if cfg.model.source != "gpt" or cfg.train.task != "lm":
+        raise UsageError(f"bigbatch verify checks the built-in GPT on language modelling, not "
+                         f"model.source = {cfg.model.source!r} / train.task = "
+                         f"{cfg.train.task!r}: use model.source = \"gpt\", train.task = \"lm\"")
     cfg = checkable_micro_batch(cfg, 1, max_micro_batch)
     corpus = prepare_corpus(cfg.data)
     plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size)

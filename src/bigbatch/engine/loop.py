@@ -83,7 +83,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         precision: Precision, dist: DistInfo, device: torch.device, state: TrainState,
         log: MetricsLog, progress: Progress, should_stop: Callable[[], bool] = lambda: False,
         on_step_end: Callable[[TrainState], None] = lambda state: None,
-        loss_sum_fn: LossSumFn = lm_loss_sum) -> TrainState:
+        loss_sum_fn: LossSumFn = lm_loss_sum,
+        evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainState:
     """Train for `train.max_steps` full batches of tokens, or until `train.target_val_loss`:
 
         for each optimizer step:
@@ -94,12 +95,19 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
             update the noise-scale averages; log loss, lr, grad norm, gns_*, tokens/s (rank 0)
             every `eval_every` steps and at the end: validation loss (stop at the target)
             on_step_end(state): checkpoints; stop early if asked to
+
+    `evaluate_fn(model)` returns the validation metrics (with "val_loss"); by default the
+    token-mean loss over `val_batches`.
     """
     full_tokens, target = schedule.plan.global_tokens, cfg.train.target_val_loss
+    if evaluate_fn is None:
+        def evaluate_fn(model: nn.Module) -> dict[str, float]:
+            return {"val_loss": evaluate(model, val_batches, precision, dist, device,
+                                         loss_sum_fn)}
     if state.step == 0:  # the untrained model's loss: the baseline every curve starts from
-        state.last_val_loss = evaluate(model, val_batches, precision, dist, device,
-                                       loss_sum_fn)
-        log.write({"step": 0, "tokens": 0, "val_loss": state.last_val_loss})
+        metrics = evaluate_fn(model)
+        state.last_val_loss = metrics["val_loss"]
+        log.write({"step": 0, "tokens": 0, **metrics})
     while not finished(state, schedule):
         started = time.perf_counter()
         shape = schedule.shape(state.tokens_seen, state.noise.noise_scale, state.micro_steps)
@@ -115,6 +123,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         state.step += 1
         state.tokens_seen += shape.global_tokens
         state.micro_steps = shape.num_micro_steps
+        # Classification counts texts in `tokens` (its schedule's unit); its loader counts the
+        # step's real tokens, which vary with the texts' lengths, for tokens/s.
+        step_tokens = getattr(loader, "last_step_tokens", shape.global_tokens)
         state.skipped_steps += stats.skipped
         state.bad_steps_in_row = state.bad_steps_in_row + 1 if stats.skipped else 0
         if stats.noise is not None and not stats.skipped:
@@ -122,10 +133,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         seconds = time.perf_counter() - started
         loss = float(stats.loss)  # host sync: logging point, once per optimizer step
         row = {"step": state.step, "tokens": state.tokens_seen, "loss": loss, "lr": lr,
-               "grad_norm": float(stats.grad_norm), "tokens_per_s": shape.global_tokens / seconds,
+               "grad_norm": float(stats.grad_norm), "tokens_per_s": step_tokens / seconds,
                "global_tokens": shape.global_tokens, "seq_len": shape.seq_len,
                "micro_batch_size": shape.micro_batch_size,
-               "num_micro_steps": shape.num_micro_steps, "step_seconds": seconds,
+               "num_micro_steps": len(micro_batches), "step_seconds": seconds,
                "skipped_steps": state.skipped_steps,
                "peak_memory_bytes": peak_memory_bytes(device), **noise_metrics(state.noise)}
         if precision.scaling:
@@ -138,11 +149,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                              "lower optim.lr, use bf16, or check the data")
         every = cfg.train.eval_every
         if (every and state.step % every == 0) or finished(state, schedule):
-            state.last_val_loss = evaluate(model, val_batches, precision, dist, device,
-                                           loss_sum_fn)
-            log.write({"step": state.step, "tokens": state.tokens_seen,
-                       "val_loss": state.last_val_loss})
-            progress.message(f"step {state.step}: val_loss {state.last_val_loss:.4f}")
+            metrics = evaluate_fn(model)
+            state.last_val_loss = metrics["val_loss"]
+            log.write({"step": state.step, "tokens": state.tokens_seen, **metrics})
+            progress.message(f"step {state.step}: " + " | ".join(
+                f"{key} {value:.4f}" for key, value in metrics.items()))
             state.reached_target = bool(target) and state.last_val_loss <= target
         on_step_end(state)
         if should_stop():

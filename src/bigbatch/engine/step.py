@@ -57,7 +57,9 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def lm_loss_sum(model: nn.Module, batch) -> torch.Tensor:
     """Summed next-token cross-entropy over the unmasked targets (softmax in fp32 or wider)."""
-    return token_loss_sum(model(batch.inputs), batch.targets)
+    output = model(batch.inputs)
+    logits = getattr(output, "logits", output)  # a Hugging Face model returns a ModelOutput
+    return token_loss_sum(logits, batch.targets)
 
 
 @dataclass

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from bigbatch.config import Config
+from bigbatch.errors import UsageError
 from bigbatch.model import resolve_attention
 from bigbatch.plan.budget import format_bytes, resolve_budget
 from bigbatch.plan.memory import ModelDims, Setup
-from bigbatch.plan.probe import run_probe
+from bigbatch.plan.probe import ProbeRequest, ProbeResult, run_probe
 from bigbatch.plan.search import (
     MemoryPlan,
     ProbeFn,
@@ -24,8 +25,20 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
                     data_bytes: int = 0, probe: ProbeFn = run_probe) -> MemoryPlan:
     """Search the micro-batch for `cfg` (as if `batch.micro_batch_size = "auto"`)."""
     device_type, _, index = device.partition(":")
-    dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
-                     cfg.model.n_head, resolve_attention(cfg.model.attention, device_type))
+    if cfg.model.source != "gpt":  # a Hugging Face model: its own dimensions, probed as itself
+        from bigbatch.hf.probe import hf_dims, planning_config
+
+        cfg = planning_config(cfg)
+        dims = hf_dims(cfg, cfg.data.seq_len)
+        gpt_probe = probe
+
+        def probe(request: ProbeRequest) -> ProbeResult:
+            return gpt_probe(dataclasses.replace(
+                request, model_source=cfg.model.source, task=cfg.train.task,
+                trust_remote_code=cfg.model.trust_remote_code))
+    else:
+        dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
+                         cfg.model.n_head, resolve_attention(cfg.model.attention, device_type))
     budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None)
     base = Setup(micro_batch_size=1, precision=cfg.precision.dtype, optimizer=cfg.optim.name,
                  world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes)
@@ -37,6 +50,10 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
                               device=device, allocator=cfg.train.allocator, probe=probe)
     tactics = tactics_for(model.activation_checkpointing, model.checkpoint_every,
                           model.loss_chunk_tokens, cfg.data.seq_len)
+    if cfg.model.source != "gpt" and plan.loss_chunk_tokens:
+        raise UsageError(f"batch.memory_budget = {format_bytes(budget)} is too small for this "
+                         "model without chunked loss, which Hugging Face models lack: raise the "
+                         "budget or give a smaller data.seq_len / data.max_length")
     return agree_across_ranks(plan, tactics)
 
 

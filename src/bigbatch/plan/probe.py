@@ -36,6 +36,9 @@ class ProbeRequest:
     device: str = "cpu"
     allocator: str = "tuned"
     seed: int = 0
+    model_source: str = "gpt"   # or a Hugging Face model (hf:/hf-config:), built for `task`
+    task: str = "lm"
+    trust_remote_code: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -91,16 +94,24 @@ def measure(request: ProbeRequest) -> ProbeResult:
     d = request.dims
     device = torch.device(request.device)
     torch.manual_seed(request.seed)
-    model = GPT(GPTShape(d.vocab_size, d.seq_len, d.n_layer, d.n_head, d.d_model),
-                attention=d.attention).to(device)
-    apply_activation_checkpointing(model, request.checkpointing, request.checkpoint_every)
+    shape = (request.micro_batch_size, d.seq_len)
+    if request.model_source == "gpt":
+        model = GPT(GPTShape(d.vocab_size, d.seq_len, d.n_layer, d.n_head, d.d_model),
+                    attention=d.attention).to(device)
+        apply_activation_checkpointing(model, request.checkpointing, request.checkpoint_every)
+        loss_sum_fn = make_loss_sum_fn(request.loss_chunk_tokens)
+        make_batch = None
+    else:
+        from bigbatch.hf.probe import hf_probe_setup
+
+        model, loss_sum_fn, make_batch = hf_probe_setup(request, device)
     optimizer = build_optimizer(model, OptimConfig(), device)
     precision = make_precision(PrecisionConfig(dtype=request.precision), device)
-    loss_sum_fn = make_loss_sum_fn(request.loss_chunk_tokens)
-    shape = (request.micro_batch_size, d.seq_len)
 
     def fresh_batches() -> list[MicroBatch]:
         # New tensors every step, as the loader makes them: the allocator sees the same churn.
+        if make_batch is not None:
+            return [make_batch() for _ in range(request.num_micro_steps)]
         return [MicroBatch(torch.randint(0, d.vocab_size, shape, device=device),
                            torch.randint(0, d.vocab_size, shape, device=device))
                 for _ in range(request.num_micro_steps)]

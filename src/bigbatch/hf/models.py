@@ -1,0 +1,137 @@
+"""Hugging Face models in: `model.source = "hf:DIR" | "hf-config:FILE"`, loaded from local files only.
+
+The model class follows the task (`AutoModelForCausalLM` for lm, `AutoModelForSequenceClassification`
+for classify); the tokenizer comes from the same directory (for hf-config:, from `data.tokenizer` or
+the config file's directory). Nothing is fetched over the network (`local_files_only`), and a
+directory's own Python code runs only with `model.trust_remote_code = true`.
+
+`hf:package:NAME/SUB` names SUB inside the installed Python package NAME (found by importlib), so a
+recipe can point at weights a package ships without knowing where site-packages is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigbatch.errors import UsageError
+
+
+@dataclass(frozen=True)
+class HFSource:
+    kind: str          # "hf" (pretrained weights) or "hf-config" (random initialisation)
+    path: Path         # the model directory, or the config file
+
+
+def parse_source(source: str) -> HFSource | None:
+    """None for the built-in GPT; otherwise where the Hugging Face model lives (checked)."""
+    if source == "gpt":
+        return None
+    kind, _, rest = source.partition(":")
+    if kind == "hf" and rest.startswith("package:"):
+        name, _, sub = rest[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(name) if name else None
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(f"model.source = {source!r}: no installed Python package {name!r} "
+                             "(install it, or give hf:DIR)")
+        path = Path(next(iter(spec.submodule_search_locations))) / sub
+    else:
+        path = Path(rest).expanduser()
+    if kind == "hf" and not (path / "config.json").is_file():
+        raise UsageError(f"model.source = {source!r}: {str(path)!r} is not a Hugging Face model "
+                         "directory (no config.json)")
+    if kind == "hf-config" and not path.is_file():
+        raise UsageError(f"model.source = {source!r}: {str(path)!r} is not a config file")
+    if kind not in ("hf", "hf-config"):
+        raise UsageError(f"model.source = {source!r} is invalid: gpt, hf:DIR or hf-config:FILE")
+    return HFSource(kind, path)
+
+
+def tokenizer_dir(source: HFSource, data_tokenizer: str) -> Path:
+    if data_tokenizer:
+        return Path(data_tokenizer).expanduser()
+    return source.path if source.kind == "hf" else source.path.parent
+
+
+def load_tokenizer(source: HFSource, data_tokenizer: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    directory = tokenizer_dir(source, data_tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"no Hugging Face tokenizer in {str(directory)!r} (set data.tokenizer "
+                         f"to a directory with one): {str(err).splitlines()[0]}") from None
+    if not tokenizer.is_fast:  # windows of long texts need the fast tokenizer's overflow
+        raise UsageError(f"the tokenizer in {str(directory)!r} is not a fast (Rust) tokenizer: "
+                         "give a directory with tokenizer.json")
+    return tokenizer
+
+
+def load_config(source: HFSource, trust_remote_code: bool, **overrides):
+    from transformers import AutoConfig
+
+    path = source.path  # a directory (hf:) or a config file (hf-config:): AutoConfig reads both
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                          trust_remote_code=trust_remote_code, **overrides)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"model.source: cannot read a Hugging Face config from {str(path)!r}: "
+                         f"{str(err).splitlines()[0]}") from None
+
+
+def build_hf_model(source: HFSource, task: str, *, trust_remote_code: bool,
+                   labels: list[str] | None = None, dtype: torch.dtype = torch.float32
+                   ) -> nn.Module:
+    """The model for `task`, pretrained (hf:) or freshly initialised (hf-config:), in fp32
+    (autocast does the lower precision). For classify, the head gets one output per label and the
+    label names (so an exported model reports them)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    overrides = {}
+    if task == "classify":
+        assert labels is not None
+        overrides = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                     "label2id": {name: i for i, name in enumerate(labels)}}
+    config = load_config(source, trust_remote_code, **overrides)
+    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    try:
+        if source.kind == "hf-config":
+            return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        return auto.from_pretrained(str(source.path), config=config, local_files_only=True,
+                                    trust_remote_code=trust_remote_code, dtype=dtype)
+    except ValueError as err:  # e.g. an architecture without a head for this task
+        raise UsageError(f"model.source = {str(source.path)!r} has no {auto.__name__} for "
+                         f"train.task = {task!r}: {str(err).splitlines()[0]}") from None
+
+
+def apply_hf_checkpointing(model: nn.Module, mode: str, every: int = 1) -> bool:
+    """Activation checkpointing through transformers' own switch (per layer; non-reentrant, so
+    it works with DDP and with inputs that need no grad). every_n: every `every`-th layer."""
+    if mode in ("none", "auto"):  # "auto" unresolved by the planner means none
+        return False
+    every = every if mode == "every_n" else 1
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                              every_n_layers=every)
+    elif every == 1:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise UsageError("model.activation_checkpointing = \"every_n\" needs a transformers "
+                         "version with activation_checkpointing_enable: use all or none")
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a generation cache is useless in training
+    return True
+
+
+def describe_hf_model(model: nn.Module, source: HFSource) -> str:
+    count = sum(p.numel() for p in model.parameters())
+    how = "pretrained" if source.kind == "hf" else "randomly initialised"
+    return (f"model: {type(model).__name__} {count / 1e6:.2f}M parameters, {how} from "
+            f"{source.path}")
