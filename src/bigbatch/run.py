@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -169,12 +170,18 @@ def warn(message: str) -> None:
 
 def close_run(out_dir: Path, ended: str, say, unigram_val_loss: float) -> None:
     """Close run_info.json's session and write report.html. The checkpoint or model is already
-    on disk, so a failure here costs the run nothing: it is a warning, never an error."""
-    try:
-        from bigbatch.report import write_report
+    on disk, so a failure here costs the run nothing: it is a warning, never an error.
 
+    The report is drawn by a child process (`bigbatch report`): matplotlib and the rendered
+    figures (~40 MB) then never raise the training process's peak memory, which the planner's
+    `batch.memory_budget` bounds."""
+    try:
         end_run_info(out_dir, ended, unigram_val_loss=unigram_val_loss)
-        say(f"report: {write_report(out_dir)}")
+        done = subprocess.run([sys.executable, "-m", "bigbatch", "report", str(out_dir)],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1])
+        say(f"report: {done.stdout.strip().splitlines()[-1]}")
     except Exception as err:  # any report bug must not turn a saved run into a failed one
         warn(f"could not write the run report: {type(err).__name__}: {err}")
 
