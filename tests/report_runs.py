@@ -29,7 +29,7 @@ def figures_in(page: str) -> dict[str, np.ndarray]:
 def synthetic_rows(clip_logged: bool) -> list[dict]:
     """Every key a run can log, with a ramped batch and fp16 skipped steps."""
     rows, tokens = [{"step": 0, "tokens": 0, "val_loss": 7.0, "val_accuracy": 0.5,
-                     "val_f1": 0.4}], 0
+                     "val_macro_f1": 0.4}], 0
     for step in range(1, 21):
         batch = 1024 if step <= 10 else 2048
         tokens += batch
@@ -45,7 +45,7 @@ def synthetic_rows(clip_logged: bool) -> list[dict]:
         rows.append(row)
         if step % 10 == 0:
             rows.append({"step": step, "tokens": tokens, "val_loss": 7 - step / 9,
-                         "val_accuracy": 0.5 + step / 50, "val_f1": 0.4 + step / 50})
+                         "val_accuracy": 0.5 + step / 50, "val_macro_f1": 0.4 + step / 50})
     return rows
 
 

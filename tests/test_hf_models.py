@@ -68,6 +68,11 @@ def test_tiny_bert_from_a_config_learns_sst2(trained_run, sst2_subset):
     assert json.loads((trained_run.out_dir / "labels.json").read_text()) == {"0": "0", "1": "1"}
 
 
+def test_classification_run_writes_its_report_with_accuracy_and_f1(trained_run):
+    page = (trained_run.out_dir / "report.html").read_text()
+    assert "Validation accuracy and F1" in page and "data:image/png;base64," in page
+
+
 def test_exported_classifier_reproduces_the_runs_own_evaluation(trained_run, tmp_path):
     """The export, loaded with from_pretrained, scores the held-back texts with bigbatch's own
     evaluation to the same loss and accuracy the run logged at its end."""

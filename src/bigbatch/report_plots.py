@@ -108,7 +108,7 @@ def plot_loss(runs: list[RunData]) -> Figure | None:
 
 
 def plot_val_metrics(runs: list[RunData]) -> Figure | None:
-    keys = [("val_accuracy", "accuracy", "-"), ("val_f1", "F1", "--")]
+    keys = [("val_accuracy", "accuracy", "-"), ("val_macro_f1", "macro-F1", "--")]
     if not any(run.has(key) for run in runs for key, _, _ in keys):
         return None
     fig, (ax,) = _new_figure()

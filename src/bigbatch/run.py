@@ -168,7 +168,7 @@ def warn(message: str) -> None:
     print(f"bigbatch: warning: {message}", file=sys.stderr, flush=True)
 
 
-def close_run(out_dir: Path, ended: str, say, unigram_val_loss: float) -> None:
+def close_run(out_dir: Path, ended: str, say, unigram_val_loss: float | None) -> None:
     """Close run_info.json's session and write report.html. The checkpoint or model is already
     on disk, so a failure here costs the run nothing: it is a warning, never an error.
 

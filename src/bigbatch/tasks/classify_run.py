@@ -136,7 +136,7 @@ def plan_windows_per_micro_batch(cfg: Config, dist, device: torch.device, out_di
 
 def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None = None,
                      preemption: Preemption | None = None) -> ClassifyResult:
-    from bigbatch.run import prepare_out_dir, resolve_device, seed_everything, warn
+    from bigbatch.run import close_run, prepare_out_dir, resolve_device, seed_everything, warn
 
     source = parse_source(cfg.model.source)
     if source is None:
@@ -240,5 +240,6 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
             f"({splits.val.num_docs} texts, window logits aggregated by {cfg.data.aggregate})")
         say(f"outputs: {out_dir}/ (Hugging Face model + tokenizer, labels.json, metrics.jsonl, "
             "config.toml)")
+        close_run(out_dir, "finished", say, None)  # no unigram baseline for labels
     shutdown(dist)
     return ClassifyResult(out_dir, state, dict(last_metrics), num_parameters)
