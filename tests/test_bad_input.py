@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from bigbatch import checkpoint
 from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
 from bigbatch.cli import main
-from bigbatch.config import SECTIONS, field_docs
+from bigbatch.config import SECTIONS
+from bigbatch.config_files import field_docs
 from bigbatch.run import train
 from small_runs import ROOT, cli_command, small_args, small_config
 

@@ -25,7 +25,7 @@ from bigbatch.batch_schedule import (
     warmup_seq_len,
 )
 from bigbatch.batching import plan_batch
-from bigbatch.config import load_config
+from bigbatch.config_files import load_config
 from bigbatch.data.loader import TokenLoader
 from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.schedule import learning_rate, step_learning_rate

@@ -19,7 +19,8 @@ import tomllib
 
 from bigbatch.batching import plan_batch
 from bigbatch.cli import main
-from bigbatch.config import Config, config_from_dict, config_to_toml, load_config
+from bigbatch.config import Config
+from bigbatch.config_files import config_from_dict, config_to_toml, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.toml")

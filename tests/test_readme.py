@@ -9,7 +9,7 @@ import shlex
 import pytest
 
 from bigbatch.cli import main, parse_run_args
-from bigbatch.config import load_config
+from bigbatch.config_files import load_config
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

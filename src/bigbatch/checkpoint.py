@@ -47,7 +47,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from bigbatch.artifacts import state_dict_for_saving, unwrap
-from bigbatch.config import Config, config_to_dict
+from bigbatch.config import Config
+from bigbatch.config_files import config_to_dict
 from bigbatch.data.loader import TokenLoader
 from bigbatch.distributed import DistInfo, barrier
 from bigbatch.engine.loop import TrainState

@@ -69,7 +69,7 @@ def parse_run_args(args: list[str], valued: set[str], switches: set[str]) -> Run
 
 
 def cmd_train(args: list[str]) -> int:
-    from bigbatch.config import load_config
+    from bigbatch.config_files import load_config
     from bigbatch.run import train
 
     run = parse_run_args(args, valued={"--out", "--nproc", "--resume"}, switches={"--debug"})
@@ -87,7 +87,7 @@ def cmd_train(args: list[str]) -> int:
 def cmd_config(args: list[str]) -> int:
     from bigbatch.batch_schedule import build_batch_schedule, describe_schedule
     from bigbatch.batching import plan_batch
-    from bigbatch.config import config_to_toml, field_docs, load_config
+    from bigbatch.config_files import config_to_toml, field_docs, load_config
     from bigbatch.engine.schedule import describe_lr_scaling
 
     run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--fields"})
@@ -123,7 +123,7 @@ def cmd_config(args: list[str]) -> int:
 
 
 def cmd_verify(args: list[str]) -> int:
-    from bigbatch.config import load_config
+    from bigbatch.config_files import load_config
     from bigbatch.verify import verify
 
     run = parse_run_args(args, valued={"--nproc"}, switches={"--debug", "--float64"})
@@ -185,7 +185,7 @@ def cmd_export(args: list[str]) -> int:
 def cmd_plan(args: list[str]) -> int:
     import json
 
-    from bigbatch.config import load_config
+    from bigbatch.config_files import load_config
     from bigbatch.plan.planner import describe_plan, plan_for_config, probe_device
 
     run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--json"})

@@ -104,7 +104,7 @@ def export(run_dir: Path, out: Path, fmt: str = "hf") -> str:
     if (run_dir / "config.json").is_file():
         trust = False
         if (run_dir / "config.toml").is_file():
-            from bigbatch.config import load_config
+            from bigbatch.config_files import load_config
 
             trust = load_config(run_dir / "config.toml").model.trust_remote_code
         return export_hf(run_dir, out, trust)

@@ -22,7 +22,8 @@ from bigbatch.artifacts import save_model, unwrap
 from bigbatch.batch_schedule import BatchSchedule, build_batch_schedule, describe_schedule
 from bigbatch.batching import plan_batch
 from bigbatch.checkpoint import Checkpointer
-from bigbatch.config import Config, config_to_toml
+from bigbatch.config import Config
+from bigbatch.config_files import config_to_toml
 from bigbatch.data.corpus import Corpus, prepare_corpus
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
 from bigbatch.data.packing import IGNORE_INDEX

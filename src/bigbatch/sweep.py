@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bigbatch.config import Config, load_config
+from bigbatch.config import Config
+from bigbatch.config_files import load_config
 from bigbatch.errors import UsageError
 
 

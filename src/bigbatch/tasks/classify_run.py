@@ -19,7 +19,8 @@ import torch
 from bigbatch.batch_schedule import BatchSchedule
 from bigbatch.batching import plan_batch
 from bigbatch.checkpoint import Checkpointer
-from bigbatch.config import Config, config_to_toml
+from bigbatch.config import Config
+from bigbatch.config_files import config_to_toml
 from bigbatch.data.classification import (
     ClassificationLoader,
     Windows,
