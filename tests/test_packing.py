@@ -222,3 +222,29 @@ def test_unigram_loss_is_the_cross_entropy_of_smoothed_training_frequencies():
     # add-one: p = (4, 2, 3, 1) / 10
     expected = -(np.log(0.4) + np.log(0.1) + np.log(0.4)) / 3
     assert abs(corpus.unigram_loss(np.array([0, 3, 0])) - expected) < 1e-12
+
+
+def test_cold_cache_is_filled_by_a_child_process_with_the_same_tokens(tmp_path):
+    """The training process tokenizes in a child (its heap stays clean for the planner); the
+    result must be the cache an in-process build makes, and a child's bad-input error must
+    come back as the same one-line UsageError."""
+    from bigbatch.config import DataConfig
+    from bigbatch.data.corpus import prepare_corpus, prepare_corpus_in_child
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(12):
+        (text / f"doc{i}.txt").write_text(f"document {i}: " + "the cat sat on a mat. " * (5 + i))
+    in_child = prepare_corpus_in_child(DataConfig(path=str(text), vocab_size=300,
+                                                  cache_dir=str(tmp_path / "child")))
+    in_process = prepare_corpus(DataConfig(path=str(text), vocab_size=300,
+                                           cache_dir=str(tmp_path / "here")))
+    assert np.array_equal(in_child.train_tokens, in_process.train_tokens)
+    assert np.array_equal(in_child.val_tokens, in_process.val_tokens)
+    assert in_child.tokenizer.to_str() == in_process.tokenizer.to_str()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("")
+    with pytest.raises(UsageError, match="holds no readable text"):
+        prepare_corpus_in_child(DataConfig(path=str(empty), cache_dir=str(tmp_path / "c")))

@@ -24,7 +24,7 @@ from bigbatch.batching import plan_batch
 from bigbatch.checkpoint import Checkpointer
 from bigbatch.config import Config
 from bigbatch.config_files import config_to_toml
-from bigbatch.data.corpus import Corpus, prepare_corpus
+from bigbatch.data.corpus import Corpus, prepare_corpus, prepare_corpus_in_child
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
 from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.distributed import (
@@ -123,9 +123,10 @@ def plan_memory(cfg: Config, corpus: Corpus, dist: DistInfo, device: torch.devic
 
 
 def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
-    """Rank 0 tokenizes and fills the cache; the other ranks wait, then read it."""
+    """Rank 0 tokenizes and fills the cache (in a child process: see prepare_corpus_in_child);
+    the other ranks wait, then read it."""
     if dist.is_main:
-        corpus = prepare_corpus(cfg.data)
+        corpus = prepare_corpus_in_child(cfg.data)
     barrier(dist)
     if not dist.is_main:
         corpus = prepare_corpus(cfg.data)

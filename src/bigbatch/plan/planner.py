@@ -13,6 +13,7 @@ from bigbatch.plan.budget import format_bytes, resolve_budget
 from bigbatch.plan.memory import ModelDims, Setup
 from bigbatch.plan.probe import ProbeRequest, ProbeResult, run_probe
 from bigbatch.plan.search import (
+    PEAK_HEADROOM,
     MemoryPlan,
     ProbeFn,
     agree_across_ranks,
@@ -96,7 +97,8 @@ def describe_plan(plan: MemoryPlan) -> list[str]:
         f"activation checkpointing: {plan.activation_checkpointing}{every}; loss: {chunk}",
         f"predicted peak: {format_bytes(plan.predicted_peak_bytes)} of a "
         f"{format_bytes(plan.budget_bytes)} budget on {plan.device} "
-        f"({100 * plan.predicted_peak_bytes / plan.budget_bytes:.0f}%)",
+        f"({100 * plan.predicted_peak_bytes / plan.budget_bytes:.0f}%; a plan keeps "
+        f"{100 * PEAK_HEADROOM:.0f}% of its peak as headroom)",
     ]
     lines += [f"  {name:<16} {format_bytes(size):>12}" for name, size in plan.components.items()]
     cal = plan.calibration

@@ -93,6 +93,14 @@ def measure(request: ProbeRequest) -> ProbeResult:
 
     d = request.dims
     device = torch.device(request.device)
+    # What a run's process holds besides its steps, so the peak measured here is the run's:
+    # TensorBoard's modules (metrics.py, rank 0) and the matmul-peak measurement at start
+    # (run_info.py), which leaves the math library's buffers behind (17 MiB measured together).
+    import torch.utils.tensorboard  # noqa: F401
+
+    from bigbatch.run_info import quick_matmul_peak
+
+    quick_matmul_peak(device, request.precision)
     torch.manual_seed(request.seed)
     shape = (request.micro_batch_size, d.seq_len)
     if request.model_source == "gpt":

@@ -34,6 +34,13 @@ from bigbatch.plan.probe import ProbeRequest, ProbeResult, fit_calibration, run_
 
 DEFAULT_CHUNK_TOKENS = 1024  # chunked-loss slice when the planner turns it on
 NUM_FAST_PROBES = 3          # largest fitting candidates measured, for the fit and for speed
+# A plan keeps this fraction of its peak free below the budget. The same configuration's peak RSS
+# varies between fresh processes: under the tuned allocator the heap's layout depends on which
+# thread freed what first (bench_memory measured each setting 3 times: a spread of up to ~8%
+# either side at the wide fp32 size, ~2% at small ones), and a run does a little the probes
+# do not (metrics, TensorBoard, the report's child). 5% covers the spread measured on all but
+# the worst case; the budget itself is already a fraction of free memory (budget.py).
+PEAK_HEADROOM = 0.05
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,12 @@ class Candidate:
     tokens_per_s: float | None = None
     note: str = ""
 
+    def need_bytes(self) -> int:
+        """The larger of prediction and measurement, plus the headroom (PEAK_HEADROOM)."""
+        return round(max(self.predicted_bytes, self.measured_bytes or 0) * (1 + PEAK_HEADROOM))
+
     def fits(self, budget: int) -> bool:
-        measured_ok = self.measured_bytes is None or self.measured_bytes <= budget
-        return self.predicted_bytes <= budget and measured_ok and not self.note
+        return self.need_bytes() <= budget and not self.note
 
 
 @dataclass
@@ -138,7 +148,7 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
         for found in candidates.values():
             found.predicted_bytes = predict(found.micro_batch_size)
 
-    if candidates[sizes[0]].predicted_bytes > budget:
+    if not candidates[sizes[0]].fits(budget):
         return [candidates[s] for s in sizes], calibration
     measure(sizes[0])  # the smallest fixes the overhead
     refit()
@@ -173,8 +183,7 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
         candidates, calibration = search_tactic(dims, base, tactic, sizes, budget, device,
                                                 allocator, probe)
         measured = [c for c in candidates if c.fits(budget) and c.tokens_per_s is not None]
-        one = candidates[0]
-        need = max(one.predicted_bytes, one.measured_bytes or 0)
+        need = candidates[0].need_bytes()
         smallest_need = need if smallest_need is None else min(smallest_need, need)
         if not measured:
             continue
@@ -196,7 +205,8 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
             device=device, candidates=[asdict(c) for c in candidates], tactics_tried=tried)
     raise UsageError(f"batch.memory_budget = {format_bytes(budget)} is too small: the smallest "
                      f"plan (micro-batch 1, {tried[-1]}) needs about "
-                     f"{format_bytes(smallest_need)} ({smallest_need} bytes); raise the budget or "
+                     f"{format_bytes(smallest_need)} ({smallest_need} bytes, with "
+                     f"{100 * PEAK_HEADROOM:.0f}% headroom); raise the budget or "
                      "shrink the model or data.seq_len")
 
 
