@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,6 +63,15 @@ def request(dims: ModelDims, setup: Setup) -> ProbeRequest:
                         checkpointing=setup.checkpointing, loss_chunk_tokens=setup.loss_chunk_tokens)
 
 
+REPEATS = 3  # fresh processes per measurement: a peak RSS varies between them (see below)
+
+
+def median_peak(dims: ModelDims, setup: Setup) -> tuple[int, int, int]:
+    """Median, min and max peak RSS of REPEATS fresh probe processes."""
+    peaks = sorted(run_probe(request(dims, setup)).peak_bytes for _ in range(REPEATS))
+    return peaks[len(peaks) // 2], peaks[0], peaks[-1]
+
+
 def prediction_table() -> list[str]:
     cases = [("tiny", TINY, Setup(16)), ("tiny", TINY, Setup(16, precision="bf16")),
              ("tiny", TINY, Setup(16, checkpointing="all")),
@@ -71,17 +81,16 @@ def prediction_table() -> list[str]:
                                   loss_chunk_tokens=256)),
              ("wide", WIDE, Setup(8))]
     rows = ["| model | prec | ckpt | chunk | mb | live (profiler) | formula | err | "
-            "fit from mb 1, mb/2 -> predicted | measured RSS | err |",
+            "fit from mb 1, mb/4, mb/2 -> predicted | measured RSS, median (range) | err |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, dims, setup in cases:
         points = []
-        for small in (1, setup.micro_batch_size // 2):
-            s = Setup(small, precision=setup.precision, checkpointing=setup.checkpointing,
-                      loss_chunk_tokens=setup.loss_chunk_tokens)
-            points.append((s, run_probe(request(dims, s)).peak_bytes))
+        for small in sorted({1, setup.micro_batch_size // 4, setup.micro_batch_size // 2}):
+            s = replace(setup, micro_batch_size=small)
+            points.append((s, median_peak(dims, s)[0]))
         calibration = fit_calibration(dims, points, Calibration(DEFAULT_OVERHEAD["cpu"]))
         predicted = estimate_memory(dims, setup, calibration).total
-        measured = run_probe(request(dims, setup)).peak_bytes
+        measured, low, high = median_peak(dims, setup)
         live = live_peak(dims, setup)
         parts = estimate_memory(dims, setup, Calibration(0))
         # What the profiler sees allocated in one forward+backward: no optimizer state yet
@@ -90,7 +99,8 @@ def prediction_table() -> list[str]:
                     f"{setup.loss_chunk_tokens or '-'} | {setup.micro_batch_size} | "
                     f"{live / MiB:.1f} MiB | {formula / MiB:.1f} MiB | "
                     f"{100 * (formula - live) / live:+.1f}% | {predicted / MiB:.0f} MiB | "
-                    f"{measured / MiB:.0f} MiB | {100 * (predicted - measured) / measured:+.1f}% |")
+                    f"{measured / MiB:.0f} MiB ({low / MiB:.0f}-{high / MiB:.0f}) | "
+                    f"{100 * (predicted - measured) / measured:+.1f}% |")
         print(rows[-1], flush=True)
     return rows
 
@@ -158,21 +168,23 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     body = ["## Memory planner (bench_memory)", "",
-            "`.venv/bin/python benchmarks/bench_memory.py` on a 2-core CPU shared with other "
-            f"engineers' jobs (load average {os.getloadavg()[0]:.1f} at the start, LOAD_END at "
-            "the end): tokens/s are noisy. Live-tensor peaks are exact and repeatable; peak "
+            f"`.venv/bin/python benchmarks/bench_memory.py`, {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"on a 2-core CPU (load average {os.getloadavg()[0]:.1f} at the start, LOAD_END at "
+            "the end; above 0.5, tokens/s are disturbed by other processes). Live-tensor peaks are exact and repeatable; peak "
             "RSS under the tuned allocator (glibc heap, never trimmed) depends on the "
-            "allocation history: at the wide size the same configuration measured 764-921 MiB "
-            "across runs, and checkpointing can show a higher RSS than none although it "
-            "allocates 64 MiB less. With `train.allocator=system` RSS follows live memory. "
+            "allocation history (which thread frees first), so the same configuration spreads "
+            "between processes (ranges below): the planner keeps 5% of a plan's peak as "
+            "headroom for that. Checkpointing can show a higher RSS than none although it "
+            "allocates less. With `train.allocator=system` RSS follows live memory. "
             f"torch {torch.__version__}, default allocator setting (tuned). tiny = "
             "V2048 T128 L2 C128; wide = V8192 T256 L4 C256.", "",
             "### Predicted vs measured peak", "",
             "live/formula: the formulas of plan/memory.py (no fitting) against the profiler's "
             "peak of live tensors in one forward+backward (parameters excluded). predicted: "
-            "the planner's fit of two probes (mb 1 and mb/2, as its search refines with larger "
-            "candidates), extrapolated to mb; measured: a "
-            "fresh process's peak RSS over 5 steps at that micro-batch.", ""]
+            "the planner's least-squares fit to probes at mb 1, mb/4 and mb/2 (as its search "
+            "refines with larger candidates), extrapolated to mb; measured: peak RSS over 5 "
+            "steps at that micro-batch. Every peak is the median of REPEATS fresh processes "
+            "(the range is shown for the target).", ""]
     body += prediction_table()
     body += ["", "### auto against the best hand-picked micro-batch (tiny, bf16, 8,192-token "
              "batch, 600 MiB budget)", ""]
@@ -180,7 +192,8 @@ def main() -> None:
     body += ["", "### Activation checkpointing and chunked loss: memory saved, time paid", ""]
     body += tactics_table()
     body += ["", f"({time.time() - started:.0f}s in all.)"]
-    body = [line.replace("LOAD_END", f"{os.getloadavg()[0]:.1f}") for line in body]
+    body = [line.replace("LOAD_END", f"{os.getloadavg()[0]:.1f}").replace("REPEATS", str(REPEATS))
+            for line in body]
     write_section(args.out, body)
     print(f"wrote {args.out}", file=sys.stderr)
 
