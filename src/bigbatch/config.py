@@ -79,6 +79,7 @@ class DataConfig:
 
 
 ATTENTION_CHOICES = ("auto", "sdpa", "explicit")  # model.ATTENTION_KERNELS plus auto
+LOSS_KERNELS = ("auto", "standard", "fused")
 CHECKPOINTING = ("none", "all", "every_n", "auto")
 
 
@@ -96,6 +97,12 @@ class ModelConfig:
     checkpoint_every: int = option(2, "every_n checkpointing: checkpoint every this many blocks.")
     loss_chunk_tokens: int = option(0, "Compute the loss over slices of this many tokens so the "
                                        "full tokens x vocab logits never exist; 0 = off.")
+    loss_kernel: str = option("auto", "How the built-in GPT computes its loss: standard (the "
+                                      "logits, then cross-entropy; checkpointed slices with "
+                                      "loss_chunk_tokens) | fused (lm_head and cross-entropy "
+                                      "chunk by chunk, gradients in forward, compiled: the "
+                                      "logits never exist whole) | auto (fused from a 32,768-"
+                                      "token vocabulary up, where it pays; not with FSDP).")
     attention: str = option("auto", "Attention kernel: sdpa (scaled_dot_product_attention, "
                                     "flash where the device has it) | explicit (softmax(qk^T)v "
                                     "as plain ops: faster on CPU, keeps T x T probabilities) | "
@@ -112,6 +119,8 @@ class ModelConfig:
                  self.activation_checkpointing, f"one of {CHECKPOINTING}")
         _require(self.attention in ATTENTION_CHOICES, "model.attention", self.attention,
                  f"one of {', '.join(ATTENTION_CHOICES)}")
+        _require(self.loss_kernel in LOSS_KERNELS, "model.loss_kernel", self.loss_kernel,
+                 f"one of {', '.join(LOSS_KERNELS)}")
         _require(self.checkpoint_every >= 1, "model.checkpoint_every", self.checkpoint_every,
                  "an integer >= 1")
         _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens,

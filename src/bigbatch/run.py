@@ -34,7 +34,8 @@ from bigbatch.distributed import (
     init_process_group,
     shutdown,
 )
-from bigbatch.engine.chunked_loss import make_loss_sum_fn
+from bigbatch.engine.chunked_loss import describe_loss, make_loss_sum_fn
+from bigbatch.engine.fused_loss import resolve_loss_kernel
 from bigbatch.engine.loop import TrainState, finished, fit
 from bigbatch.engine.noise_scale import NoiseScaleEMA, noise_scale_summary
 from bigbatch.engine.optim import build_optimizer
@@ -228,8 +229,14 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     if hf_source is None:  # a Hugging Face model's own switch was set by build_model
         apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
                                        cfg.model.checkpoint_every)  # before compile and DDP/FSDP
+    loss_kernel = "standard"
+    if hf_source is None:
+        loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, corpus.vocab_size,
+                                          cfg.parallel.strategy, dist.world_size)
+    loss_sum_fn = make_loss_sum_fn(cfg.model.loss_chunk_tokens, loss_kernel)
     for line in startup_lines(cfg, schedule, model, device, allocator):
         say(line)
+    say(f"loss: {describe_loss(loss_kernel, cfg.model.loss_chunk_tokens)}")
     wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
     optimizer = build_optimizer(model, cfg.optim, device)
     precision = make_precision(cfg.precision, device)
@@ -265,7 +272,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
             state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, schedule=schedule,
                         precision=precision, dist=dist, device=device, state=state, log=log,
                         progress=progress, on_step_end=checkpointer.maybe_save,
-                        loss_sum_fn=make_loss_sum_fn(cfg.model.loss_chunk_tokens),
+                        loss_sum_fn=loss_sum_fn,
                         should_stop=lambda: any_rank(preemption.requested, dist, device))
             if not finished(state, schedule):  # a signal stopped the loop early
                 path = checkpointer.save_unless_saved(state)

@@ -37,8 +37,25 @@ def chunked_lm_loss_sum(model: nn.Module, batch, chunk_tokens: int) -> torch.Ten
     return total
 
 
-def make_loss_sum_fn(loss_chunk_tokens: int) -> LossSumFn:
-    """`lm_loss_sum` when chunking is off (0), else the chunked equivalent."""
+def describe_loss(loss_kernel: str, loss_chunk_tokens: int) -> str:
+    if loss_kernel == "fused":
+        from bigbatch.engine.fused_loss import DEFAULT_FUSED_CHUNK
+
+        return (f"fused lm_head + cross-entropy (compiled), chunks of "
+                f"{loss_chunk_tokens or DEFAULT_FUSED_CHUNK} tokens")
+    if loss_chunk_tokens:
+        return f"cross-entropy over checkpointed slices of {loss_chunk_tokens} tokens"
+    return "cross-entropy over the whole logits"
+
+
+def make_loss_sum_fn(loss_chunk_tokens: int, loss_kernel: str = "standard") -> LossSumFn:
+    """The built-in GPT's summed loss: the fused kernel (fused_loss.py; chunks of
+    `loss_chunk_tokens`, or its default), else `lm_loss_sum` when chunking is off (0), else
+    the checkpointed chunks below. `loss_kernel` is resolved already (no "auto")."""
+    if loss_kernel == "fused":
+        from bigbatch.engine.fused_loss import FusedLinearCrossEntropy
+
+        return FusedLinearCrossEntropy(loss_chunk_tokens)
     if loss_chunk_tokens <= 0:
         return lm_loss_sum
 

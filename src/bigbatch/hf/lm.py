@@ -33,6 +33,9 @@ def with_model_tokenizer(cfg: Config) -> tuple[Config, HFSource | None]:
     if cfg.model.loss_chunk_tokens:
         raise UsageError("model.loss_chunk_tokens needs the built-in GPT (model.source = "
                          "\"gpt\"): set it to 0 for a Hugging Face model")
+    if cfg.model.loss_kernel == "fused":
+        raise UsageError("model.loss_kernel = 'fused' needs the built-in GPT (model.source = "
+                         "\"gpt\"): use 'auto' or 'standard' for a Hugging Face model")
     directory = str(tokenizer_dir(source, cfg.data.tokenizer))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=directory)), \
         source

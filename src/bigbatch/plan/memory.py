@@ -30,6 +30,10 @@ time in backward, so the step's peak per token is
     L_plain * block + L_ckpt * 4C + final + max(12 V x chunk share, block if L_ckpt else 0)
 where chunked loss (`loss_chunk_tokens` = K) holds the 12 V buffers for K tokens at a time
 instead of N (plus 6C per token for the hidden states' gradient assembled from the slices).
+The fused loss kernel (`loss_kernel = "fused"`, engine/fused_loss.py) instead holds, while its
+forward runs, one chunk's logits and their gradient in the compute dtype (2 a V per chunk
+token), the hidden states and their gradient in the compute dtype (2 a C per token), and the
+lm_head weight's cast and fp32 gradient (a V C + 4 V C), in place of the 12 V per token.
 
 These formulas match the peak of live tensors that torch.profiler reports for a forward and
 backward to within 0.1% (2.6% with chunked loss) for fp32 and bf16, with and without
@@ -43,7 +47,9 @@ import math
 from dataclasses import asdict, dataclass
 
 AUTOCAST_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OPTIMIZER_STATES = {"adamw": 2}  # fp32 tensors of the parameters' size, per optimizer
+# fp32 tensors of the parameters' size, per optimizer (engine/optim.py, large_batch_optim.py):
+# AdamW and LAMB keep two moments; LARS and SGD one momentum buffer.
+OPTIMIZER_STATES = {"adamw": 2, "lamb": 2, "lars": 1, "sgd": 1}
 CHECKPOINT_MODES = ("none", "all", "every_n")
 SHARDINGS = ("ddp", "fsdp")
 LOGITS_BUFFERS = 3  # fp32 tokens x vocab buffers alive at once: see the module docstring
@@ -92,6 +98,7 @@ class Setup:
     checkpointing: str = "none"   # none | all | every_n
     checkpoint_every: int = 1
     loss_chunk_tokens: int = 0    # 0 = the whole micro-batch at once
+    loss_kernel: str = "standard"  # or "fused" (engine/fused_loss.py)
     world_size: int = 1
     sharding: str = "ddp"
     data_bytes: int = 0
@@ -154,7 +161,7 @@ def activation_bytes(dims: ModelDims, setup: Setup) -> int:
     ckpt = num_checkpointed_blocks(dims.n_layer, setup.checkpointing, setup.checkpoint_every)
     saved = (dims.n_layer - ckpt) * block + ckpt * 4 * dims.d_model
     saved += final_bytes_per_token(dims, setup.precision)
-    if setup.loss_chunk_tokens > 0:
+    if setup.loss_chunk_tokens > 0 and setup.loss_kernel != "fused":
         # The hidden states' gradient assembled from the slices' gradients (an N x C fp32 sum
         # and a slice scattered into a full-size zero tensor), alive through the blocks'
         # backward: 6C per token as the profiler measures it.
@@ -164,6 +171,13 @@ def activation_bytes(dims: ModelDims, setup: Setup) -> int:
 
 def logits_bytes(dims: ModelDims, setup: Setup) -> int:
     tokens = setup.micro_batch_size * dims.seq_len
+    if setup.loss_kernel == "fused":
+        from bigbatch.engine.fused_loss import DEFAULT_FUSED_CHUNK
+
+        a = AUTOCAST_BYTES[setup.precision]
+        chunk = min(tokens, setup.loss_chunk_tokens or DEFAULT_FUSED_CHUNK)
+        return (2 * a * dims.vocab_size * chunk + 2 * a * dims.d_model * tokens
+                + (a + 4) * dims.vocab_size * dims.d_model)
     if setup.loss_chunk_tokens > 0:
         tokens = min(tokens, setup.loss_chunk_tokens)
     return LOGITS_BUFFERS * 4 * dims.vocab_size * tokens

@@ -41,8 +41,15 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
         dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
                          cfg.model.n_head, resolve_attention(cfg.model.attention, device_type))
     budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None)
+    loss_kernel = "standard"
+    if cfg.model.source == "gpt":
+        from bigbatch.engine.fused_loss import resolve_loss_kernel
+
+        loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, dims.vocab_size,
+                                          cfg.parallel.strategy, world_size)
     base = Setup(micro_batch_size=1, precision=cfg.precision.dtype, optimizer=cfg.optim.name,
-                 world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes)
+                 world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes,
+                 loss_kernel=loss_kernel)
     model = cfg.model
     plan = choose_micro_batch(dims, base, global_tokens=cfg.batch.global_tokens,
                               mode=model.activation_checkpointing,

@@ -33,6 +33,7 @@ class ProbeRequest:
     checkpointing: str = "none"
     checkpoint_every: int = 1
     loss_chunk_tokens: int = 0
+    loss_kernel: str = "standard"  # resolved: standard | fused
     device: str = "cpu"
     allocator: str = "tuned"
     seed: int = 0
@@ -107,7 +108,7 @@ def measure(request: ProbeRequest) -> ProbeResult:
         model = GPT(GPTShape(d.vocab_size, d.seq_len, d.n_layer, d.n_head, d.d_model),
                     attention=d.attention).to(device)
         apply_activation_checkpointing(model, request.checkpointing, request.checkpoint_every)
-        loss_sum_fn = make_loss_sum_fn(request.loss_chunk_tokens)
+        loss_sum_fn = make_loss_sum_fn(request.loss_chunk_tokens, request.loss_kernel)
         make_batch = None
     else:
         from bigbatch.hf.probe import hf_probe_setup

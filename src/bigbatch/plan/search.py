@@ -133,8 +133,8 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
         request = ProbeRequest(dims, size, num_micro_steps=max(2, min(4, per_rank // size)),
                                precision=base.precision, checkpointing=tactic.checkpointing,
                                checkpoint_every=tactic.checkpoint_every,
-                               loss_chunk_tokens=tactic.loss_chunk_tokens, device=device,
-                               allocator=allocator)
+                               loss_chunk_tokens=tactic.loss_chunk_tokens,
+                               loss_kernel=base.loss_kernel, device=device, allocator=allocator)
         result = probe(request)
         found = candidates[size]
         found.measured_bytes, found.tokens_per_s = result.peak_bytes, result.tokens_per_s

@@ -145,6 +145,9 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
                          "hf:DIR or hf-config:FILE")
     if cfg.model.loss_chunk_tokens:
         raise UsageError("model.loss_chunk_tokens is for language modelling; set it to 0")
+    if cfg.model.loss_kernel == "fused":
+        raise UsageError("model.loss_kernel = 'fused' is for language modelling with the "
+                         "built-in GPT; use 'auto' or 'standard'")
     dist = dist_info_from_env()
     device = resolve_device(cfg.train.device, dist)
     init_process_group(dist, device)
