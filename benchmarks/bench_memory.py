@@ -41,7 +41,7 @@ def live_peak(dims: ModelDims, setup: Setup) -> int:
     model = GPT(GPTShape(dims.vocab_size, dims.seq_len, dims.n_layer, dims.n_head, dims.d_model))
     apply_activation_checkpointing(model, setup.checkpointing, setup.checkpoint_every)
     ids = torch.randint(0, dims.vocab_size, (setup.micro_batch_size, dims.seq_len))
-    loss_fn = make_loss_sum_fn(setup.loss_chunk_tokens)
+    loss_fn = make_loss_sum_fn(setup.loss_chunk_tokens, setup.loss_kernel)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if setup.precision == "bf16"
                 else contextlib.nullcontext())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -60,7 +60,14 @@ def live_peak(dims: ModelDims, setup: Setup) -> int:
 
 def request(dims: ModelDims, setup: Setup) -> ProbeRequest:
     return ProbeRequest(dims, setup.micro_batch_size, precision=setup.precision,
-                        checkpointing=setup.checkpointing, loss_chunk_tokens=setup.loss_chunk_tokens)
+                        checkpointing=setup.checkpointing, loss_chunk_tokens=setup.loss_chunk_tokens,
+                        loss_kernel=setup.loss_kernel)
+
+
+def loss_label(setup: Setup) -> str:
+    if setup.loss_kernel == "fused":
+        return "fused"
+    return f"chunks of {setup.loss_chunk_tokens}" if setup.loss_chunk_tokens else "whole"
 
 
 REPEATS = 3  # fresh processes per measurement: a peak RSS varies between them (see below)
@@ -79,8 +86,9 @@ def prediction_table() -> list[str]:
              ("wide", WIDE, Setup(8, precision="bf16")),
              ("wide", WIDE, Setup(8, precision="bf16", checkpointing="all",
                                   loss_chunk_tokens=256)),
-             ("wide", WIDE, Setup(8))]
-    rows = ["| model | prec | ckpt | chunk | mb | live (profiler) | formula | err | "
+             ("wide", WIDE, Setup(8)),
+             ("wide", WIDE, Setup(8, precision="bf16", loss_kernel="fused"))]
+    rows = ["| model | prec | ckpt | loss | mb | live (profiler) | formula | err | "
             "fit from mb 1, mb/4, mb/2 -> predicted | measured RSS, median (range) | err |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, dims, setup in cases:
@@ -96,7 +104,7 @@ def prediction_table() -> list[str]:
         # What the profiler sees allocated in one forward+backward: no optimizer state yet
         formula = parts.autocast_copies + parts.activations + parts.logits_and_loss
         rows.append(f"| {name} | {setup.precision} | {setup.checkpointing} | "
-                    f"{setup.loss_chunk_tokens or '-'} | {setup.micro_batch_size} | "
+                    f"{loss_label(setup)} | {setup.micro_batch_size} | "
                     f"{live / MiB:.1f} MiB | {formula / MiB:.1f} MiB | "
                     f"{100 * (formula - live) / live:+.1f}% | {predicted / MiB:.0f} MiB | "
                     f"{measured / MiB:.0f} MiB ({low / MiB:.0f}-{high / MiB:.0f}) | "
@@ -135,10 +143,13 @@ def tactics_table() -> list[str]:
     rows = ["| tactic (wide, bf16, mb 8) | activations (formula) | logits+loss (formula) | "
             "measured RSS | tokens/s | memory saved | time paid |", "|---|---|---|---|---|---|---|"]
     base = None
-    for label, ckpt, chunk in (("none", "none", 0), ("checkpointing all", "all", 0),
-                               ("chunked loss 256", "none", 256),
-                               ("both", "all", 256)):
-        setup = Setup(8, precision="bf16", checkpointing=ckpt, loss_chunk_tokens=chunk)
+    for label, ckpt, chunk, kernel in (("none", "none", 0, "standard"),
+                                       ("checkpointing all", "all", 0, "standard"),
+                                       ("chunked loss 256", "none", 256, "standard"),
+                                       ("both", "all", 256, "standard"),
+                                       ("fused loss kernel", "none", 0, "fused")):
+        setup = Setup(8, precision="bf16", checkpointing=ckpt, loss_chunk_tokens=chunk,
+                      loss_kernel=kernel)
         estimate = estimate_memory(WIDE, setup, Calibration(0))
         result = run_probe(request(WIDE, setup))
         if base is None:

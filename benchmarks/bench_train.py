@@ -179,6 +179,14 @@ def make_variants(args: argparse.Namespace) -> list[Variant]:
                 bigbatch_argv("bf16", "--model.attention=sdpa"), bigbatch_tokens_per_s, run),
         Variant("bigbatch_bf16_system", "bigbatch bf16, `--train.allocator=system`", "bf16",
                 bigbatch_argv("bf16", "--train.allocator=system"), bigbatch_tokens_per_s, run),
+        Variant("bigbatch_bf16_50k_standard", "bigbatch bf16 (vocab 50K), "
+                "`--model.loss_kernel=standard`", "bf16",
+                bigbatch_argv("bf16", "--model.loss_kernel=standard"), bigbatch_tokens_per_s,
+                wide_run),
+        Variant("bigbatch_fp32_50k_standard", "bigbatch fp32 (vocab 50K), "
+                "`--model.loss_kernel=standard`", "fp32",
+                bigbatch_argv("fp32", "--model.loss_kernel=standard"), bigbatch_tokens_per_s,
+                wide_run),
         Variant("bigbatch_bf16_k1", f"bigbatch bf16, k = 1 ({micro_tokens:,} tokens/step)",
                 "bf16", bigbatch_argv("bf16"), bigbatch_tokens_per_s, k1),
         Variant("bigbatch_bf16_k32", f"bigbatch bf16, k = 32 ({32 * micro_tokens:,} "
@@ -205,6 +213,10 @@ COMPARISONS = [
     ("attention kernel: explicit (auto on CPU) / SDPA (bigbatch bf16)", "bigbatch_bf16",
      "bigbatch_bf16_sdpa", None),
     ("allocator: tuned / system (bigbatch bf16)", "bigbatch_bf16", "bigbatch_bf16_system", None),
+    ("loss kernel: fused (auto at vocab 50K) / standard (bigbatch bf16, vocab 50K)",
+     "bigbatch_bf16_50k", "bigbatch_bf16_50k_standard", None),
+    ("loss kernel: fused (auto at vocab 50K) / standard (bigbatch fp32, vocab 50K)",
+     "bigbatch_fp32_50k", "bigbatch_fp32_50k_standard", None),
 ]
 
 

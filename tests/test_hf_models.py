@@ -177,3 +177,46 @@ def test_classification_stops_and_resumes_exactly(sst2_subset, tmp_path):
     assert metric_rows(tmp_path / "resumed") == metric_rows(straight.out_dir)
     assert ((tmp_path / "resumed" / "model.safetensors").read_bytes()
             == (straight.out_dir / "model.safetensors").read_bytes())
+
+
+def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
+    """`bigbatch train --nproc 2` (torchrun, DDP, gloo) of a dropout-free tiny BERT: the same
+    texts per step split over two ranks, token-budget micro-batches of different sizes on each,
+    the loss normalised by the step's texts over both ranks. Every logged loss and the final
+    weights equal a one-process run up to fp32 summation order."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = tmp_path / "nodrop"
+    transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=128, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0).save_pretrained(root)
+    args = ["--train.task=classify", f"--model.source=hf-config:{root / 'config.json'}",
+            f"--data.tokenizer={minilm.MODEL_DIR}", f"--data.path={sst2_subset / 'train.tsv'}",
+            f"--data.val_path={sst2_subset / 'held.tsv'}", "--data.text_field=sentence",
+            "--data.max_length=32", "--data.stride=8", "--batch.global_sequences=32",
+            "--batch.micro_batch_tokens=160", "--train.max_steps=3", "--train.eval_every=3",
+            "--train.eval_tokens=2000", "--precision.dtype=fp32", "--train.device=cpu",
+            "--checkpoint.every_minutes=0"]
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--nproc",
+                               str(nproc), "--out", str(out)], capture_output=True, text=True,
+                              timeout=600, cwd=Path(__file__).resolve().parents[1],
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        runs[nproc] = ([r["loss"] for r in rows if "loss" in r],
+                       [r["val_loss"] for r in rows if "val_loss" in r],
+                       load_file(str(out / "model.safetensors")))
+    (loss1, val1, weights1), (loss2, val2, weights2) = runs[1], runs[2]
+    assert len(loss1) == len(loss2) == 3
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+    np.testing.assert_allclose(val2, val1, rtol=1e-5)
+    assert weights1.keys() == weights2.keys()
+    for name, tensor in weights1.items():
+        torch.testing.assert_close(weights2[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

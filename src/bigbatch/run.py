@@ -274,6 +274,9 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                         progress=progress, on_step_end=checkpointer.maybe_save,
                         loss_sum_fn=loss_sum_fn,
                         should_stop=lambda: any_rank(preemption.requested, dist, device))
+            if getattr(loss_sum_fn, "compile_seconds", None):  # the fused loss kernel
+                say(f"fused loss kernel: first call (compiling) took "
+                    f"{loss_sum_fn.compile_seconds:.1f}s; later runs reuse the inductor cache")
             if not finished(state, schedule):  # a signal stopped the loop early
                 path = checkpointer.save_unless_saved(state)
                 say(f"stopped by {preemption.signal_name} after step {state.step}/"
