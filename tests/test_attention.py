@@ -61,5 +61,7 @@ def test_explicit_kernel_matches_sdpa_under_bf16_autocast(batch):
 
 def test_auto_picks_explicit_on_cpu_only():
     assert resolve_attention("auto", "cpu") == "explicit"
+    assert resolve_attention("auto", "cpu", "fp16") == "explicit"
+    assert resolve_attention("auto", "cpu", "fp32") == "sdpa"  # SDPA is faster in fp32 here
     assert resolve_attention("auto", "cuda") == "sdpa"
     assert resolve_attention("sdpa", "cpu") == "sdpa"

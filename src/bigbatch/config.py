@@ -106,7 +106,8 @@ class ModelConfig:
     attention: str = option("auto", "Attention kernel: sdpa (scaled_dot_product_attention, "
                                     "flash where the device has it) | explicit (softmax(qk^T)v "
                                     "as plain ops: faster on CPU, keeps T x T probabilities) | "
-                                    "auto (explicit on CPU, sdpa elsewhere).")
+                                    "auto (explicit on CPU in bf16/fp16, sdpa "
+                                    "otherwise).")
     source: str = option("gpt", "gpt (the built-in GPT; n_layer, d_model, n_head apply) | hf:DIR "
                                 "(a local Hugging Face model directory; hf:package:NAME/SUB is "
                                 "SUB inside the installed Python package NAME) | hf-config:FILE "

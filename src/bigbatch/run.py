@@ -94,7 +94,8 @@ def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> nn.Mo
     return GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
                         n_head=cfg.model.n_head, d_model=cfg.model.d_model,
                         dropout=cfg.model.dropout),
-               attention=resolve_attention(cfg.model.attention, device_type))
+               attention=resolve_attention(cfg.model.attention, device_type,
+                                             cfg.precision.dtype))
 
 
 def model_width(cfg: Config) -> tuple[int, int]:

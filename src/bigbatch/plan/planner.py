@@ -39,7 +39,8 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
                 trust_remote_code=cfg.model.trust_remote_code))
     else:
         dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
-                         cfg.model.n_head, resolve_attention(cfg.model.attention, device_type))
+                         cfg.model.n_head, resolve_attention(cfg.model.attention, device_type,
+                                                           cfg.precision.dtype))
     budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None)
     loss_kernel = "standard"
     if cfg.model.source == "gpt":
