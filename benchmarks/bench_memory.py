@@ -27,7 +27,7 @@ from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.model import GPT, GPTShape
 from bigbatch.plan.memory import DEFAULT_OVERHEAD, Calibration, ModelDims, Setup, estimate_memory
 from bigbatch.plan.probe import ProbeRequest, fit_calibration, run_probe
-from bigbatch.plan.search import choose_micro_batch
+from bigbatch.plan.search import PEAK_HEADROOM, choose_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_memory:start -->", "<!-- bench_memory:end -->"
@@ -118,24 +118,29 @@ def auto_vs_hand_table() -> list[str]:
     plan = choose_micro_batch(TINY, Setup(1, precision="bf16"), global_tokens=64 * 128,
                               mode="none", checkpoint_every=1, loss_chunk_tokens=0,
                               budget=budget)
-    rows = ["| micro-batch | fits 600 MiB (measured) | tokens/s (hand-picked run) |",
-            "|---|---|---|"]
-    speeds = {}
+    rows = ["| micro-batch | fits 600 MiB (measured) | with the planner's 5% headroom | "
+            "tokens/s (hand-picked run) |", "|---|---|---|---|"]
+    speeds, roomy = {}, {}
     for size in (1, 2, 4, 8, 16, 32, 64):
         result = run_probe(ProbeRequest(TINY, size, precision="bf16",
                                         num_micro_steps=64 // size, num_steps=3))
         fits = result.peak_bytes <= budget
+        with_room = result.peak_bytes * (1 + PEAK_HEADROOM) <= budget
         if fits:
             speeds[size] = result.tokens_per_s
+        if with_room:
+            roomy[size] = result.tokens_per_s
         rows.append(f"| {size} | {'yes' if fits else 'no'} ({result.peak_bytes / MiB:.0f} MiB) "
-                    f"| {result.tokens_per_s:,.0f} |")
+                    f"| {'yes' if with_room else 'no'} | {result.tokens_per_s:,.0f} |")
         print(rows[-1], flush=True)
-    best = max(speeds, key=speeds.get)
-    ratio = speeds.get(plan.micro_batch_size, 0) / speeds[best]
     rows.append("")
-    rows.append(f"auto chose micro-batch {plan.micro_batch_size} ({plan.num_micro_steps} "
-                f"micro-steps); best hand-picked that fits: {best}; auto / best = {ratio:.2f}x "
-                "(same full-step runs as the table)")
+    for label, table in (("that fits", speeds), ("that fits with 5% headroom", roomy)):
+        best = max(table, key=table.get)
+        ratio = table.get(plan.micro_batch_size, speeds.get(plan.micro_batch_size, 0)) / table[best]
+        rows.append(f"- auto chose micro-batch {plan.micro_batch_size} "
+                    f"({plan.num_micro_steps} micro-steps); best hand-picked {label}: {best}; "
+                    f"auto / best = **{ratio:.2f}x** (bar ≥ 0.9; same full-step runs as the "
+                    "table)")
     return rows
 
 

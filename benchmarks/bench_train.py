@@ -280,8 +280,8 @@ def render(args: argparse.Namespace, variants: dict[str, Variant],
         f"per run; {args.rounds} interleaved rounds. Same model, tokens (the default corpus's "
         "prepared token array), batch, accumulation, precision and clipping on every side. "
         "The plain loop and the Trainer use SDPA attention (what one writes, and what "
-        "`GPT2LMHeadModel` uses); bigbatch uses its `model.attention = auto` choice, the "
-        "explicit kernel on CPU.  ",
+        "`GPT2LMHeadModel` uses); bigbatch uses its `auto` choices: the explicit attention "
+        "kernel on CPU in bf16 (SDPA in fp32), and from vocab 32K the fused loss kernel.  ",
         f"MFU: tokens/s x FLOPs/token (6·(12·L·d² + d·V) + 12·L·d·T: "
         f"{default.shape.flops_per_token() / 1e6:.1f} M, vocab 50K "
         f"{wide.shape.flops_per_token() / 1e6:.1f} M) / the matmul peak measured in this run on "

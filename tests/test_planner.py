@@ -74,6 +74,19 @@ def test_turns_on_checkpointing_then_chunked_loss_only_when_needed():
     assert (roomy.activation_checkpointing, roomy.loss_chunk_tokens) == ("none", 0)
 
 
+def test_a_speed_tie_goes_to_the_larger_micro_batch():
+    """Probe speeds vary by a few %: within SPEED_TIE of the fastest, the larger micro-batch
+    wins; a clearly faster small one still wins."""
+    tie = choose_micro_batch(DIMS, Setup(1), global_tokens=8 * 64, mode="none",
+                             checkpoint_every=1, loss_chunk_tokens=0, budget=2**40,
+                             probe=fake_probe({1: 10.0, 2: 100.0, 4: 99.0, 8: 98.5}, []))
+    assert tie.micro_batch_size == 8
+    clear = choose_micro_batch(DIMS, Setup(1), global_tokens=8 * 64, mode="none",
+                               checkpoint_every=1, loss_chunk_tokens=0, budget=2**40,
+                               probe=fake_probe({1: 10.0, 2: 100.0, 4: 90.0, 8: 80.0}, []))
+    assert clear.micro_batch_size == 2
+
+
 def test_a_peak_inside_the_headroom_does_not_fit():
     """Peaks of one configuration spread a few % between processes: a candidate whose measured
     peak fits the budget by less than PEAK_HEADROOM is not chosen."""

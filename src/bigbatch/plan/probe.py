@@ -29,6 +29,10 @@ class ProbeRequest:
     micro_batch_size: int
     num_micro_steps: int = 2
     num_steps: int = 5
+    # ...and more, up to max_steps, until the timed steps (all but the first) last this long:
+    # a small model's step takes milliseconds, and one disturbed step would decide its speed.
+    min_timed_seconds: float = 1.0
+    max_steps: int = 30
     precision: str = "fp32"
     checkpointing: str = "none"
     checkpoint_every: int = 1
@@ -131,7 +135,8 @@ def measure(request: ProbeRequest) -> ProbeResult:
         # fit() evaluates before the first step and after the last, in micro-batches of the
         # same size; the allocator's heap after that mix is what a run sees, so probe it too.
         evaluate(model, batches[:1], precision, SINGLE_PROCESS, device, loss_sum_fn)
-        for _ in range(request.num_steps):
+        while len(seconds) < request.num_steps or (
+                sum(seconds[1:]) < request.min_timed_seconds and len(seconds) < request.max_steps):
             started = time.perf_counter()
             batches = fresh_batches()
             stats = train_step(model, optimizer, batches, precision=precision, clip_norm=1.0,

@@ -9,7 +9,8 @@ checkpointing and chunked loss, when `model.activation_checkpointing = "auto"`):
     probe the smallest candidate (a fresh process), fit the overhead to it
     a few times: probe the largest candidate predicted to fit, refit both constants to all
         measurements so far (the scale now has spread), predict again
-    choose the fastest measured candidate whose peak fits (measured and predicted)
+    choose the fastest measured candidate whose peak fits (measured and predicted, plus
+        PEAK_HEADROOM); within SPEED_TIE of the fastest, the largest
 
 If no tactic fits, a one-line UsageError names the smallest memory that would do. Under several
 ranks each rank searches, then all take the smallest micro-batch and the strongest tactic.
@@ -41,6 +42,9 @@ NUM_FAST_PROBES = 3          # largest fitting candidates measured, for the fit 
 # do not (metrics, TensorBoard, the report's child). 5% covers the spread measured on all but
 # the worst case; the budget itself is already a fraction of free memory (budget.py).
 PEAK_HEADROOM = 0.05
+# Probe speeds of one micro-batch vary by a few % between processes; among candidates within
+# this fraction of the fastest, the largest micro-batch is chosen (fewer, larger matmuls).
+SPEED_TIE = 0.03
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,9 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
         smallest_need = need if smallest_need is None else min(smallest_need, need)
         if not measured:
             continue
-        best = max(measured, key=lambda c: c.tokens_per_s)
+        fastest = max(c.tokens_per_s for c in measured)
+        best = max((c for c in measured if c.tokens_per_s >= (1 - SPEED_TIE) * fastest),
+                   key=lambda c: c.micro_batch_size)
         setup = _setup(base, tactic, best.micro_batch_size)
         estimate = estimate_memory(dims, setup, calibration)
         return MemoryPlan(
