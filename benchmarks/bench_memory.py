@@ -199,7 +199,7 @@ def main() -> None:
             "peak of live tensors in one forward+backward (parameters excluded). predicted: "
             "the planner's least-squares fit to probes at mb 1, mb/4 and mb/2 (as its search "
             "refines with larger candidates), extrapolated to mb; measured: peak RSS over 5 "
-            "steps at that micro-batch. Every peak is the median of REPEATS fresh processes "
+            "steps (more, up to 30, until 1 s of steps is timed) at that micro-batch. Every peak is the median of REPEATS fresh processes "
             "(the range is shown for the target).", ""]
     body += prediction_table()
     body += ["", "### auto against the best hand-picked micro-batch (tiny, bf16, 8,192-token "
