@@ -26,6 +26,7 @@ others used more than `--max-other-cores` is repeated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class Variant:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     first_step_s: float = 0.0
+    vocab_size: int = 8192
 
 
 def product_step(loss_sum_fn=lm_loss_sum) -> Callable:
@@ -96,24 +98,30 @@ VARIANTS = [
             "explicit", product_step(FusedLinearCrossEntropy())),
     Variant("compile", "product + torch.compile (candidate)", "explicit", product_step(),
             compile=True),
+    Variant("standard_50k", "product at vocab 50,304, `model.loss_kernel=standard`", "explicit",
+            product_step(), vocab_size=50304),
+    Variant("fused_50k", "product at vocab 50,304, `model.loss_kernel=fused` (auto there)",
+            "explicit", product_step(FusedLinearCrossEntropy()), vocab_size=50304),
 ]
 COMPARISONS = [("cast once per step", "cast_once", "baseline"),
                ("explicit attention", "product", "cast_once"),
                ("all kept levers", "product", "baseline"),
                ("fused loss kernel at vocab 8K (auto: off here)", "fused_ce", "product"),
-               ("torch.compile (candidate)", "compile", "product")]
+               ("torch.compile (candidate)", "compile", "product"),
+               ("fused loss kernel at vocab 50K (auto: on)", "fused_50k", "standard_50k")]
 
 
-def micro_batches() -> list[MicroBatch]:
+def micro_batches(vocab_size: int) -> list[MicroBatch]:
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, SHAPE.vocab_size, (MICRO_STEPS, MICRO_BATCH, SHAPE.seq_len + 1),
+    ids = torch.randint(0, vocab_size, (MICRO_STEPS, MICRO_BATCH, SHAPE.seq_len + 1),
                         generator=generator)
     return [MicroBatch(row[:, :-1], row[:, 1:]) for row in ids]
 
 
 def build(variant: Variant):
     torch.manual_seed(0)
-    model = GPT(SHAPE, attention=variant.attention)
+    model = GPT(dataclasses.replace(SHAPE, vocab_size=variant.vocab_size),
+                attention=variant.attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if variant.compile:
         model = torch.compile(model)
@@ -125,7 +133,8 @@ def render(args, variants: dict[str, Variant], repeats: int) -> str:
     lines = ["## Speed levers one at a time (bench_levers)", "",
              f"Command: `python benchmarks/bench_levers.py --rounds {args.rounds}` ({today()})  ",
              f"Machine: {machine_description()}  ",
-             f"One optimizer step of the default GPT, bf16, {MICRO_STEPS} micro-steps of "
+             f"One optimizer step of the default GPT (and, for the last two rows, the same with "
+             f"vocab 50,304), bf16, {MICRO_STEPS} micro-steps of "
              f"{MICRO_BATCH} x {SHAPE.seq_len} tokens, in one process with the tuned allocator; "
              f"{args.rounds} interleaved rounds after one warm-up step each; {repeats} round(s) "
              f"repeated for load from other processes.", "",
@@ -155,12 +164,12 @@ def main() -> None:
     args = parser.parse_args()
     tune_glibc_malloc()
     variants = {v.key: v for v in VARIANTS}
-    batches = micro_batches()
+    batches = {size: micro_batches(size) for size in {v.vocab_size for v in VARIANTS}}
     built = {}
     for v in variants.values():
         built[v.key] = build(v)
         started = time.perf_counter()
-        v.step(*built[v.key], batches)  # warm-up (and, with compile, compiling)
+        v.step(*built[v.key], batches[v.vocab_size])  # warm-up (and, with compile, compiling)
         v.first_step_s = time.perf_counter() - started
     repeats = 0
     for r in range(args.rounds):
@@ -171,7 +180,7 @@ def main() -> None:
                 time.perf_counter()
             for v in order if r % 2 == 0 else reversed(order):
                 wall0, cpu0 = time.perf_counter(), time.process_time()
-                v.step(*built[v.key], batches)
+                v.step(*built[v.key], batches[v.vocab_size])
                 results[v.key] = (time.perf_counter() - wall0, time.process_time() - cpu0)
             busy = read_cpu_times().busy - busy0
             others = (busy - (time.process_time() - cpu_all0)) / (time.perf_counter() - wall_all0)
