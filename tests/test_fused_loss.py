@@ -128,3 +128,38 @@ def test_memory_model_fused_logits_term():
     assert standard == 12 * 50304 * 16 * 256
     assert fused < standard / 3
     assert logits_bytes(dims, Setup(32, precision="bf16", loss_kernel="fused")) > fused
+
+
+def test_two_ddp_ranks_with_the_fused_kernel_equal_one_process(tiny_overrides, tmp_path):
+    """`bigbatch train --nproc 2` with the fused kernel: its gradients come from the kernel's
+    backward, outside the model's forward, and DDP must still reduce them once per step.
+    Losses and weights after 2 SGD steps equal one process's (fp32 summation order only)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        done = subprocess.run(
+            [sys.executable, "-m", "bigbatch", "train", "configs/tiny.toml", *tiny_overrides,
+             "--nproc", str(nproc), "--out", str(out), "--train.max_steps=2",
+             "--train.eval_every=0", "--train.eval_tokens=1024", "--precision.dtype=fp32",
+             "--model.loss_kernel=fused", "--optim.name=sgd"],
+            cwd=root, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "loss: fused" in done.stdout
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        runs[nproc] = ([r["loss"] for r in rows if "loss" in r],
+                       load_file(str(out / "model.safetensors")))
+    (loss1, weights1), (loss2, weights2) = runs[1], runs[2]
+    assert len(loss1) == 2
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    for name, tensor in weights1.items():
+        torch.testing.assert_close(weights2[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
