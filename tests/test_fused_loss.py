@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.data.loader import MicroBatch
 from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.engine.fused_loss import (
@@ -18,20 +17,11 @@ from bigbatch.engine.fused_loss import (
 )
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.errors import UsageError
-from bigbatch.model import GPT, GPTShape
 from bigbatch.plan.memory import ModelDims, Setup, logits_bytes
 from bigbatch.precision import Precision
 
-SHAPE = GPTShape(vocab_size=300, seq_len=24, n_layer=2, n_head=2, d_model=16)
-
-
-def _model_and_batch(seed: int = 0):
-    torch.manual_seed(seed)
-    model = GPT(SHAPE).double()
-    inputs = torch.randint(0, SHAPE.vocab_size, (3, SHAPE.seq_len))
-    targets = torch.randint(0, SHAPE.vocab_size, (3, SHAPE.seq_len))
-    targets[1, 5:9] = IGNORE_INDEX  # masked targets must be skipped in every chunk
-    return model, MicroBatch(inputs, targets)
+# The same small float64 model and micro-batch (with masked targets) as the chunked loss's tests.
+from test_chunked_loss import _model_and_batch  # noqa: E402
 
 
 def _grads(model, batch, loss_fn):
