@@ -32,20 +32,3 @@ def tune_glibc_malloc() -> bool:
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1  # no mmap-per-allocation: serve from the heap
     ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # never hand the heap top back
     return bool(ok)
-
-
-def release_free_heap() -> bool:
-    """Give the heap's free pages back to the OS now (glibc `malloc_trim(0)`, which also returns
-    free pages in the middle of the heap, not only at its top).
-
-    Under the tuned setting nothing is ever trimmed, so whatever a one-off phase freed (training
-    the BPE, tokenizing a corpus on the first run) would stay resident, scattered in holes that
-    the training step's buffers of other sizes cannot reuse: measured here, a first run's peak
-    came out 70 MiB above a run with the cache warm. Called once, after the data is ready and
-    before the model exists, so the run's memory is what the planner's probes measured.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.malloc_trim(0)
-    return True
