@@ -113,7 +113,7 @@ TABLE = [
          "is not a tokenizer directory"),
     Case("out-holds-another-runs-checkpoints",
          lambda c: ["train", *small_args(c.tiny), "--out", str(c.finished)],
-         "already holds checkpoints"),
+         "already holds a run (checkpoints/ (newest step-00000002)"),
     Case("incompatible-checkpoint",
          lambda c: c.train("--model.d_model=64", "--resume",
                            str(c.finished / "checkpoints" / "step-00000002")),

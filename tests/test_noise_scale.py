@@ -111,3 +111,71 @@ def test_summary_says_what_the_ratio_means():
     assert "buying little" in noise_scale_summary(60_000, 10_000.0)
     assert "larger batch" in noise_scale_summary(1_000, 10_000.0)
     assert "not measured" in noise_scale_summary(1_000, None)
+
+
+@dataclass
+class WeightedExamples:
+    """Examples with weights, as classification windows (a text split in n windows weighs 1/n
+    each): the batch's size is its weight sum, which can be below one."""
+
+    x: torch.Tensor
+    weights: torch.Tensor
+
+    def num_targets(self) -> torch.Tensor:
+        return self.weights.sum()
+
+
+def weighted_quadratic_loss_sum(model: Point, batch: WeightedExamples) -> torch.Tensor:
+    return (0.5 * ((model.w - batch.x) ** 2).sum(dim=1) * batch.weights).sum()
+
+
+def test_a_small_batch_of_a_fraction_of_a_text_is_measured_at_its_true_size():
+    """A first micro-batch of weight 0.2 (one window of a five-window text): the estimate must
+    use 0.2 as the small batch's size, not round it up to one. Oracle: the unbiased formula on
+    the gradients computed directly (small batch: its weighted mean; big batch: the step's)."""
+    generator = torch.Generator().manual_seed(5)
+    small = WeightedExamples(torch.randn(1, DIM, generator=generator, dtype=torch.float64),
+                             torch.tensor([0.2], dtype=torch.float64))
+    rest = WeightedExamples(torch.randn(6, DIM, generator=generator, dtype=torch.float64),
+                            torch.full((6,), 0.8, dtype=torch.float64))
+    model = Point()
+    precision = make_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu"))
+    stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [small, rest],
+                       precision=precision, loss_sum_fn=weighted_quadratic_loss_sum)
+
+    def mean_grad(batches):  # gradient of the weighted mean loss at w = 0: -(sum w x) / sum w
+        weights = torch.cat([b.weights for b in batches])
+        x = torch.cat([b.x for b in batches])
+        return -(weights[:, None] * x).sum(0) / weights.sum()
+
+    expected = unbiased_grad_sq_and_trace(mean_grad([small]).square().sum(), small.weights.sum(),
+                                          mean_grad([small, rest]).square().sum(),
+                                          small.weights.sum() + rest.weights.sum())
+    torch.testing.assert_close(stats.noise, expected, rtol=1e-10, atol=0)
+
+
+def test_an_empty_small_batch_gives_no_estimate_and_the_averages_skip_it():
+    """A rank's weight-0 filler micro-batch first: no small-batch gradient to compare."""
+    model = Point()
+    precision = make_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu"))
+    empty = WeightedExamples(torch.ones(1, DIM, dtype=torch.float64),
+                             torch.zeros(1, dtype=torch.float64))
+    full = WeightedExamples(torch.randn(4, DIM, dtype=torch.float64),
+                            torch.ones(4, dtype=torch.float64))
+    stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [empty, full],
+                       precision=precision, loss_sum_fn=weighted_quadratic_loss_sum)
+    assert torch.isnan(stats.noise).all()
+    ema = NoiseScaleEMA()
+    ema.update(*stats.noise.tolist())
+    assert ema.count == 0 and ema.noise_scale is None
+    ema.update(1.0, 4.0)
+    assert ema.noise_scale == pytest.approx(4.0)
+
+
+def test_measure_noise_false_gives_no_estimate():
+    model = Point()
+    precision = make_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu"))
+    batches = [Examples(torch.randn(n, DIM, dtype=torch.float64)) for n in (3, 5)]
+    stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batches,
+                       precision=precision, loss_sum_fn=quadratic_loss_sum, measure_noise=False)
+    assert stats.noise is None

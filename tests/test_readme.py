@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from bigbatch.cli import main, parse_run_args
+from bigbatch.cli import RECIPE_PARSERS, main, parse_recipe_args
 from bigbatch.config_files import load_config
 from conftest import ROOT
 
@@ -39,10 +39,9 @@ def test_readme_shows_recipe_commands():
 def test_readme_command_parses(line, monkeypatch):
     """Resolve each shown command's recipe and overrides exactly as the CLI would."""
     monkeypatch.chdir(ROOT)
-    args = shlex.split(line)[2:]
-    run = parse_run_args(args, valued={"--out", "--world-size", "--resume", "--nproc"},
-                         switches={"--debug", "--float64", "--fields", "--json"})
-    load_config(run.recipe, run.overrides)
+    command, *args = shlex.split(line)[1:]
+    opts, overrides = parse_recipe_args(RECIPE_PARSERS[command](), args)
+    load_config(opts.recipe, overrides)
 
 
 def test_config_fields_lists_every_key(capsys):

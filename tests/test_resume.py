@@ -91,3 +91,29 @@ def test_non_finite_steps_are_skipped_then_stop_with_the_good_checkpoint_intact(
     rows = [row for row in metric_rows(run_dir) if "loss" in row]
     assert [row["skipped_steps"] for row in rows] == [0, 0, 1, 2, 3]
     assert all(row["grad_norm"] != row["grad_norm"] for row in rows[2:])  # NaN
+
+
+def test_a_new_run_into_a_used_out_is_refused_and_overwrite_replaces_it(tmp_path,
+                                                                         tiny_overrides):
+    """A finished run with no checkpoint (none was due) still holds a run: a second run into
+    the same --out must not append to its metrics.jsonl. It is refused with one line naming what
+    is there and the ways out; --overwrite replaces the outputs (and keeps a user's own file),
+    so the directory then holds exactly one run's rows, equal to a run into a fresh one."""
+    cfg = small_config(tiny_overrides, "--train.max_steps=2", "--train.eval_every=2")
+    used = tmp_path / "used"
+    train(cfg, used, verbose=False)
+    assert not list_checkpoints(used / "checkpoints")
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError) as refused:
+        train(cfg, used, verbose=False)
+    message = str(refused.value)
+    assert "already holds a run" in message and "metrics.jsonl" in message
+    for way_out in ("another --out", "--resume auto", "--overwrite"):
+        assert way_out in message
+    train(cfg, used, verbose=False, overwrite=True)
+    fresh = train(cfg, tmp_path / "fresh", verbose=False)
+    assert metric_rows(used) == metric_rows(fresh.out_dir)
+    assert [row["step"] for row in metric_rows(used)].count(0) == 1
+    assert (used / "notes.txt").read_text() == "mine"
+    with pytest.raises(UsageError, match="contradict"):
+        train(cfg, used, verbose=False, resume="auto", overwrite=True)

@@ -1,6 +1,7 @@
 """The `bigbatch` command: subcommands only, no training logic.
 
-    bigbatch train  [RECIPE] [--out DIR] [--resume auto|PATH] [--nproc N] [--section.field=VALUE ...]
+    bigbatch train  [RECIPE] [--out DIR] [--resume auto|PATH] [--overwrite] [--nproc N]
+                    [--section.field=VALUE ...]
     bigbatch config [RECIPE] [--world-size N] [--section.field=VALUE ...]
     bigbatch plan   [RECIPE] [--json] [--world-size N] [--section.field=VALUE ...]
     bigbatch verify [RECIPE] [--float64] [--nproc N] [--section.field=VALUE ...]
@@ -10,6 +11,7 @@
     bigbatch sweep  [RECIPE] --batches A,B,... --target-loss X [--out DIR] [--max-tokens N]
                     [--eval-every-tokens N] [--section.field=VALUE ...]
     bigbatch export RUN_DIR --format hf --out DIR
+    bigbatch COMMAND --help   (each command's flags and an example)
 
 Bad input is one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigbatch.errors import UsageError
@@ -28,60 +30,147 @@ from bigbatch.errors import UsageError
 USAGE = __doc__.split("\n\n")[1]
 
 
-@dataclass
-class RunArgs:
-    """What a recipe-taking subcommand was given: the recipe, overrides, and its own flags."""
+class CommandDone(Exception):
+    """`--help` was answered: leave with this exit status (0), not with SystemExit."""
 
-    recipe: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    flags: dict[str, str | bool] = field(default_factory=dict)
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
-def parse_run_args(args: list[str], valued: set[str], switches: set[str]) -> RunArgs:
-    """Split `[RECIPE] [--flag VALUE] [--switch] [--section.field=VALUE]` by hand, because a
-    space-separated override value (`--data.seq_len 128`) must not be taken for the recipe."""
-    parsed = RunArgs()
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are bigbatch's one-line UsageError (exit 2), and whose --help
+    returns to main() instead of exiting the interpreter (tests call main() in-process)."""
+
+    def __init__(self, name: str, summary: str, examples: list[str], recipe: bool = True):
+        epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+        if recipe:
+            epilog += ("\n\nany config field: --section.field=VALUE or --section.field VALUE "
+                       "(e.g. --optim.lr=1e-3);\nevery field, its default and what it means: "
+                       "bigbatch config --fields")
+        super().__init__(prog=f"bigbatch {name}", description=summary, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         allow_abbrev=False)
+        if recipe:
+            self.add_argument("recipe", nargs="?", default=None,
+                              help="a TOML recipe (configs/*.toml); default: configs/default.toml")
+        self.add_argument("--debug", action="store_true",
+                          help="show the traceback of a one-line error")
+
+    def error(self, message: str):
+        missing = re.fullmatch(r"argument (--[\w-]+).*: expected one argument", message)
+        raise UsageError(f"{missing.group(1)} needs a value" if missing else message)
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            print(message, file=sys.stderr, end="")
+        raise CommandDone(status)
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(`--section.field=VALUE` overrides, everything else). By hand, because argparse cannot
+    take options whose names are not known in advance; a space-separated value
+    (`--data.seq_len 128`) goes with its key, so it is never taken for the recipe."""
+    overrides, rest = [], []
     i = 0
     while i < len(args):
-        arg = args[i]
-        name, has_value, value = arg.partition("=")
-        if name in switches:
-            parsed.flags[name] = True
-        elif name in valued:
-            if not has_value:
-                if i + 1 >= len(args):
-                    raise UsageError(f"{name} needs a value")
-                i, value = i + 1, args[i + 1]
-            parsed.flags[name] = value
-        elif arg.startswith("--") and "." in name:
-            parsed.overrides.append(arg)
+        name, has_value, _ = args[i].partition("=")
+        if name.startswith("--") and "." in name:
+            overrides.append(args[i])
             if not has_value and i + 1 < len(args):
                 i += 1
-                parsed.overrides.append(args[i])
-        elif not arg.startswith("-") and parsed.recipe is None:
-            parsed.recipe = arg
+                overrides.append(args[i])
         else:
-            allowed = sorted(valued | switches)
-            raise UsageError(f"unexpected argument {arg!r}: expected a recipe file, "
-                             f"--section.field=VALUE overrides, or one of {', '.join(allowed)}")
+            rest.append(args[i])
         i += 1
-    return parsed
+    return overrides, rest
+
+
+def parse_recipe_args(parser: Parser, args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """A recipe-taking subcommand's flags (argparse) and config overrides (by hand)."""
+    overrides, rest = split_overrides(args)
+    opts, unknown = parser.parse_known_args(rest)
+    if unknown:
+        flags = sorted(f for f in parser._option_string_actions if f.startswith("--"))
+        raise UsageError(f"unexpected argument {unknown[0]!r}: expected a recipe file, "
+                         f"--section.field=VALUE overrides, or one of {', '.join(flags)}")
+    return opts, overrides
+
+
+def train_parser() -> Parser:
+    parser = Parser("train", "Train a recipe into a run directory.", [
+        "bigbatch train                                   # the default recipe",
+        "bigbatch train configs/tiny.toml --data.path=../shared/data/tinyshakespeare/input.txt "
+        "--out runs/tiny",
+        "bigbatch train configs/tiny.toml --out runs/tiny --resume auto",
+        "bigbatch train configs/tiny.toml --nproc 2       # torchrun on this machine"])
+    parser.add_argument("--out", help="the run directory (default: runs/RECIPE-TIME)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue from the newest checkpoint in --out (auto) or from PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous run's outputs in --out instead of refusing")
+    parser.add_argument("--nproc", metavar="N", help="run N ranks on this machine (torchrun)")
+    return parser
+
+
+def config_parser() -> Parser:
+    parser = Parser("config", "Print the resolved config and the batch arithmetic.", [
+        "bigbatch config configs/tiny.toml --world-size 4", "bigbatch config --fields"])
+    parser.add_argument("--world-size", metavar="N", default="1",
+                        help="ranks to do the batch arithmetic for (default 1)")
+    parser.add_argument("--fields", action="store_true",
+                        help="list every config field, its default and what it means")
+    return parser
+
+
+def plan_parser() -> Parser:
+    parser = Parser("plan", "Choose the micro-batch (and checkpointing, chunked loss) that "
+                    "fits batch.memory_budget, and explain the choice.", [
+                        "bigbatch plan configs/tiny.toml --batch.memory_budget=2GiB",
+                        "bigbatch plan configs/tiny.toml --world-size 8 --json"])
+    parser.add_argument("--world-size", metavar="N", default="1", help="ranks (default 1)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return parser
+
+
+def verify_parser() -> Parser:
+    parser = Parser("verify", "Check that accumulated gradients equal one big batch's, on "
+                    "the recipe's model and data.", [
+                        "bigbatch verify configs/tiny.toml",
+                        "bigbatch verify configs/tiny.toml --float64",
+                        "bigbatch verify configs/tiny.toml --nproc 2   # + ranks vs one process"])
+    parser.add_argument("--float64", action="store_true", help="check in float64 (tighter)")
+    parser.add_argument("--nproc", metavar="N", help="also compare N ranks with one process")
+    return parser
+
+
+def sweep_parser() -> Parser:
+    parser = Parser("sweep", "Train the recipe at several global batches to a target loss and "
+                    "fit the critical batch.", [
+                        "bigbatch sweep configs/sweep.toml --batches 128,512,2048,8192 "
+                        "--target-loss 3.8"])
+    parser.add_argument("--batches", metavar="A,B,...", help="global batches in tokens")
+    parser.add_argument("--target-loss", metavar="X", help="validation loss each run trains to")
+    parser.add_argument("--out", help="directory of the runs (default: runs/sweep-RECIPE-TIME)")
+    parser.add_argument("--max-tokens", metavar="N", help="stop a run after N tokens")
+    parser.add_argument("--eval-every-tokens", metavar="N", help="evaluate about every N tokens")
+    return parser
 
 
 def cmd_train(args: list[str]) -> int:
     from bigbatch.config_files import load_config
     from bigbatch.run import train
 
-    run = parse_run_args(args, valued={"--out", "--nproc", "--resume"}, switches={"--debug"})
-    cfg = load_config(run.recipe, run.overrides)
-    stem = Path(run.recipe).stem if run.recipe else "default"
-    out = Path(str(run.flags.get("--out") or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    if "--nproc" in run.flags:  # every rank must get the same --out, so it is fixed here
+    opts, overrides = parse_recipe_args(train_parser(), args)
+    cfg = load_config(opts.recipe, overrides)
+    stem = Path(opts.recipe).stem if opts.recipe else "default"
+    out = Path(opts.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if opts.nproc is not None:  # every rank must get the same --out, so it is fixed here
         from bigbatch.launch import relaunch, without_flag
         return relaunch("train", [*without_flag(args, "--out"), "--out", str(out)],
-                        _positive_int(run.flags["--nproc"], "--nproc"))
+                        _positive_int(opts.nproc, "--nproc"))
     # 128 + the signal number when SIGTERM/SIGINT stopped it early with a checkpoint, else 0.
-    return train(cfg, out, resume=run.flags.get("--resume")).exit_code
+    return train(cfg, out, resume=opts.resume, overwrite=opts.overwrite).exit_code
 
 
 def cmd_config(args: list[str]) -> int:
@@ -90,13 +179,13 @@ def cmd_config(args: list[str]) -> int:
     from bigbatch.config_files import config_to_toml, field_docs, load_config
     from bigbatch.engine.schedule import describe_lr_scaling
 
-    run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--fields"})
-    if run.flags.get("--fields"):
+    opts, overrides = parse_recipe_args(config_parser(), args)
+    if opts.fields:
         for key, default, doc in field_docs():
             print(f"{key} = {default!r}\n    {doc}")
         return 0
-    cfg = load_config(run.recipe, run.overrides)
-    world_size = _positive_int(run.flags.get("--world-size", "1"), "--world-size")
+    cfg = load_config(opts.recipe, overrides)
+    world_size = _positive_int(opts.world_size, "--world-size")
     print(config_to_toml(cfg))
     if cfg.train.task == "classify":
         from bigbatch.tasks.classify import sequence_plan
@@ -126,15 +215,14 @@ def cmd_verify(args: list[str]) -> int:
     from bigbatch.config_files import load_config
     from bigbatch.verify import verify
 
-    run = parse_run_args(args, valued={"--nproc"}, switches={"--debug", "--float64"})
-    if "--nproc" in run.flags:
+    opts, overrides = parse_recipe_args(verify_parser(), args)
+    if opts.nproc is not None:
         from bigbatch.launch import relaunch
-        return relaunch("verify", args, _positive_int(run.flags["--nproc"], "--nproc"))
+        return relaunch("verify", args, _positive_int(opts.nproc, "--nproc"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also the distributed check
         from bigbatch import verify_distributed
-        return verify_distributed.main(load_config(run.recipe, run.overrides),
-                                       float64=bool(run.flags.get("--float64")))
-    result = verify(load_config(run.recipe, run.overrides), float64=bool(run.flags.get("--float64")))
+        return verify_distributed.main(load_config(opts.recipe, overrides), float64=opts.float64)
+    result = verify(load_config(opts.recipe, overrides), float64=opts.float64)
     verdict = "OK" if result.passed else "FAILED"
     print(f"accumulation check ({result.dtype}): {result.num_micro_steps} micro-steps of "
           f"{result.micro_batch_size} sequences (target tokens {result.target_counts}) vs one "
@@ -148,14 +236,15 @@ def cmd_sample(args: list[str]) -> int:
 
     from bigbatch.artifacts import load_model
 
-    parser = argparse.ArgumentParser(prog="bigbatch sample")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--debug", action="store_true")
+    parser = Parser("sample", "Generate text from a finished run's model.",
+                    ['bigbatch sample runs/tiny --prompt "ROMEO:" --max-new-tokens 200'],
+                    recipe=False)
+    parser.add_argument("run_dir", type=Path, help="a finished run directory")
+    parser.add_argument("--prompt", default="", help="text to continue (default: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="default 100")
+    parser.add_argument("--temperature", type=float, default=0.8, help="default 0.8")
+    parser.add_argument("--top-k", type=int, default=50, help="default 50")
+    parser.add_argument("--seed", type=int, default=0, help="default 0")
     opts = parser.parse_args(args)
     if opts.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens = {opts.max_new_tokens} must be a positive integer")
@@ -171,11 +260,11 @@ def cmd_sample(args: list[str]) -> int:
 def cmd_export(args: list[str]) -> int:
     from bigbatch.export import FORMATS, export
 
-    parser = argparse.ArgumentParser(prog="bigbatch export")
-    parser.add_argument("run_dir", type=Path)
+    parser = Parser("export", "Write a finished run in another format.",
+                    ["bigbatch export runs/sst2 --format hf --out runs/sst2-hf"], recipe=False)
+    parser.add_argument("run_dir", type=Path, help="a finished run directory")
     parser.add_argument("--format", default="hf", help=f"one of {', '.join(FORMATS)}")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--out", type=Path, required=True, help="the directory to write")
     opts = parser.parse_args(args)
     written = export(opts.run_dir, opts.out, opts.format)
     print(f"exported {written} to {opts.out}/ (load it with from_pretrained)")
@@ -188,9 +277,9 @@ def cmd_plan(args: list[str]) -> int:
     from bigbatch.config_files import load_config
     from bigbatch.plan.planner import describe_plan, plan_for_config, probe_device
 
-    run = parse_run_args(args, valued={"--world-size"}, switches={"--debug", "--json"})
-    cfg = load_config(run.recipe, run.overrides)
-    world_size = _positive_int(run.flags.get("--world-size", "1"), "--world-size")
+    opts, overrides = parse_recipe_args(plan_parser(), args)
+    cfg = load_config(opts.recipe, overrides)
+    world_size = _positive_int(opts.world_size, "--world-size")
     # The logits' width is the tokenizer's real vocabulary: a local tokenizer directory has its
     # own size, whatever data.vocab_size says (that only sizes a BPE bigbatch trains itself).
     vocab_size = cfg.data.vocab_size
@@ -200,18 +289,17 @@ def cmd_plan(args: list[str]) -> int:
         vocab_size = load_tokenizer_dir(cfg.data.tokenizer).get_vocab_size()
     plan = plan_for_config(cfg, vocab_size, world_size=world_size,
                            device=probe_device(cfg.train.device))
-    print(json.dumps(plan.to_dict()) if run.flags.get("--json") else "\n".join(describe_plan(plan)))
+    print(json.dumps(plan.to_dict()) if opts.json else "\n".join(describe_plan(plan)))
     return 0
 
 
 def cmd_report(args: list[str]) -> int:
     from bigbatch.report import write_report
 
-    parser = argparse.ArgumentParser(prog="bigbatch report",
-                                     description="Write RUN_DIR/report.html (or --out).")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--debug", action="store_true")
+    parser = Parser("report", "Write RUN_DIR/report.html (or --out).",
+                    ["bigbatch report runs/tiny"], recipe=False)
+    parser.add_argument("run_dir", type=Path, help="a run directory")
+    parser.add_argument("--out", type=Path, default=None, help="default RUN_DIR/report.html")
     opts = parser.parse_args(args)
     print(write_report(opts.run_dir, opts.out))
     return 0
@@ -220,11 +308,11 @@ def cmd_report(args: list[str]) -> int:
 def cmd_compare(args: list[str]) -> int:
     from bigbatch.report import write_compare
 
-    parser = argparse.ArgumentParser(prog="bigbatch compare",
-                                     description="Overlay the curves of several runs.")
-    parser.add_argument("run_dirs", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, default=Path("compare.html"))
-    parser.add_argument("--debug", action="store_true")
+    parser = Parser("compare", "Overlay the curves of several runs.",
+                    ["bigbatch compare runs/a runs/b --out sweep.html"], recipe=False)
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
+    parser.add_argument("--out", type=Path, default=Path("compare.html"),
+                        help="default compare.html")
     opts = parser.parse_args(args)
     print(write_compare(opts.run_dirs, opts.out))
     return 0
@@ -233,27 +321,30 @@ def cmd_compare(args: list[str]) -> int:
 def cmd_sweep(args: list[str]) -> int:
     from bigbatch.sweep import parse_batches, run_sweep
 
-    run = parse_run_args(args, valued={"--batches", "--target-loss", "--out", "--max-tokens",
-                                       "--eval-every-tokens"}, switches={"--debug"})
-    for required in ("--batches", "--target-loss"):
-        if required not in run.flags:
+    opts, overrides = parse_recipe_args(sweep_parser(), args)
+    for required, value in (("--batches", opts.batches), ("--target-loss", opts.target_loss)):
+        if value is None:
             raise UsageError(f"bigbatch sweep needs {required}, e.g. --batches 2048,8192,32768 "
                              "--target-loss 2.0")
     try:
-        target = float(run.flags["--target-loss"])
+        target = float(opts.target_loss)
     except ValueError:
         target = 0.0
     if not target > 0:
-        raise UsageError(f"--target-loss = {run.flags['--target-loss']!r} must be a positive "
+        raise UsageError(f"--target-loss = {opts.target_loss!r} must be a positive "
                          "validation loss")
-    stem = Path(run.recipe).stem if run.recipe else "default"
-    out = Path(str(run.flags.get("--out") or f"runs/sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    optional = {flag: _positive_int(run.flags[flag], flag) if flag in run.flags else 0
-                for flag in ("--max-tokens", "--eval-every-tokens")}
-    run_sweep(run.recipe, run.overrides, parse_batches(str(run.flags["--batches"])), target, out,
-              optional["--max-tokens"], optional["--eval-every-tokens"])
+    stem = Path(opts.recipe).stem if opts.recipe else "default"
+    out = Path(opts.out or f"runs/sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    max_tokens, eval_every = (0 if value is None else _positive_int(value, flag) for flag, value
+                              in (("--max-tokens", opts.max_tokens),
+                                  ("--eval-every-tokens", opts.eval_every_tokens)))
+    run_sweep(opts.recipe, overrides, parse_batches(opts.batches), target, out, max_tokens,
+              eval_every)
     return 0
 
+
+RECIPE_PARSERS = {"train": train_parser, "config": config_parser, "plan": plan_parser,
+                  "verify": verify_parser, "sweep": sweep_parser}
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample,
             "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
@@ -277,12 +368,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage:\n{USAGE}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if "--debug" in rest:  # also third-party libraries' own output (hf/models.py), in every rank
+        os.environ["BIGBATCH_DEBUG"] = "1"
     if command not in COMMANDS:
         print(f"bigbatch: error: unknown command {command!r}: choose one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
         return COMMANDS[command](rest)
+    except CommandDone as done:  # --help was answered
+        return done.status
     except UsageError as err:
         if "--debug" in rest:
             raise

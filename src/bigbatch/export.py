@@ -77,6 +77,8 @@ def export_hf(run_dir: Path, out: Path, trust_remote_code: bool = False) -> str:
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
+    from bigbatch.hf.models import quiet_transformers
+
     config = AutoConfig.from_pretrained(str(run_dir), local_files_only=True,
                                         trust_remote_code=trust_remote_code)
     name = (config.architectures or [""])[0]
@@ -84,9 +86,11 @@ def export_hf(run_dir: Path, out: Path, trust_remote_code: bool = False) -> str:
     if cls is None:
         raise UsageError(f"{str(run_dir)!r} holds a {name or 'model of no named class'}, which "
                          "transformers does not define (remote code): copy the directory instead")
-    model = cls.from_pretrained(str(run_dir), local_files_only=True)
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(run_dir), local_files_only=True).save_pretrained(str(out))
+    with quiet_transformers():
+        model = cls.from_pretrained(str(run_dir), local_files_only=True)
+        model.save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(run_dir), local_files_only=True).save_pretrained(
+            str(out))
     if (run_dir / "labels.json").is_file():
         (out / "labels.json").write_text((run_dir / "labels.json").read_text())
     return f"{name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)"

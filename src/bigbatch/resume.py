@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,13 +51,40 @@ def find_resume_checkpoint(resume: str, out_dir: Path, warn: Callable[[str], Non
     return found
 
 
-def check_out_dir(out_dir: Path, resume: str | None) -> None:
-    """Refuse to mix a new run into a directory that holds another run's checkpoints."""
-    existing = list_checkpoints(out_dir / "checkpoints")
-    if existing and resume is None:
-        raise UsageError(f"--out {str(out_dir)!r} already holds checkpoints of a run (newest "
-                         f"{existing[-1].name}): add --resume auto to continue it, or choose "
-                         "another --out")
+# What a run writes into its directory (run.py, tasks/classify_run.py, checkpoint.py,
+# run_info.py, the report, the planner). A directory holding any of them holds a previous run.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.toml", "run_info.json", "tensorboard",
+               "model.safetensors", "model.json", "tokenizer.json", "config.json",
+               "labels.json", "plan.json", "report.html")
+
+
+def previous_run_outputs(out_dir: Path) -> list[str]:
+    """The names in `out_dir` that a run wrote (checkpoints/ only when it holds one)."""
+    found = [name for name in RUN_OUTPUTS if name != "checkpoints" and (out_dir / name).exists()]
+    if list_checkpoints(out_dir / "checkpoints"):
+        found.insert(0, "checkpoints")
+    return found
+
+
+def check_out_dir(out_dir: Path, resume: str | None, overwrite: bool = False) -> None:
+    """Refuse to mix a new run into a directory that holds another run's outputs: its
+    metrics.jsonl would be appended to, its report would draw two runs as one. `overwrite`
+    removes those outputs first (and only those: other files in the directory stay)."""
+    if overwrite and resume is not None:
+        raise UsageError(f"--overwrite and --resume {resume} contradict each other: --resume "
+                         "continues the run in --out, --overwrite discards it")
+    found = previous_run_outputs(out_dir)
+    if not found or resume is not None:
+        return
+    if not overwrite:
+        newest = list_checkpoints(out_dir / "checkpoints")
+        what = ", ".join(f"checkpoints/ (newest {newest[-1].name})" if name == "checkpoints"
+                         else name for name in found)
+        raise UsageError(f"--out {str(out_dir)!r} already holds a run ({what}): choose another "
+                         "--out, add --resume auto to continue it, or --overwrite to replace it")
+    for name in found:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def drop_metrics_after(path: Path, step: int) -> int:

@@ -191,12 +191,13 @@ def close_run(out_dir: Path, ended: str, say, unigram_val_loss: float | None) ->
 
 
 def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None = None,
-          preemption: Preemption | None = None) -> TrainResult:
-    """Train `cfg` into `out_dir`; `resume` is "auto" or a checkpoint/run directory (--resume).
+          preemption: Preemption | None = None, overwrite: bool = False) -> TrainResult:
+    """Train `cfg` into `out_dir`; `resume` is "auto" or a checkpoint/run directory (--resume);
+    `overwrite` replaces a previous run's outputs in `out_dir` (otherwise they are refused).
     SIGTERM/SIGINT stop after the current step with a checkpoint (see preemption.py)."""
     if cfg.train.task == "classify":
         from bigbatch.tasks.classify_run import train_classifier
-        return train_classifier(cfg, out_dir, verbose, resume, preemption)
+        return train_classifier(cfg, out_dir, verbose, resume, preemption, overwrite)
     from bigbatch.hf.lm import save_hf_model, with_model_tokenizer
 
     cfg, hf_source = with_model_tokenizer(cfg)  # a Hugging Face LM tokenizes with its own
@@ -212,7 +213,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
                           dist.world_size)
     if dist.is_main:
         prepare_out_dir(out_dir)
-        check_out_dir(out_dir, resume)
+        check_out_dir(out_dir, resume, overwrite)
     resume_from = find_resume_checkpoint(resume, out_dir, warn) if resume else None
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
 

@@ -84,7 +84,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         log: MetricsLog, progress: Progress, should_stop: Callable[[], bool] = lambda: False,
         on_step_end: Callable[[TrainState], None] = lambda state: None,
         loss_sum_fn: LossSumFn = lm_loss_sum,
-        evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainState:
+        evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        measure_noise: bool = True) -> TrainState:
     """Train for `train.max_steps` full batches of tokens, or until `train.target_val_loss`:
 
         for each optimizer step:
@@ -97,7 +98,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
             on_step_end(state): checkpoints; stop early if asked to
 
     `evaluate_fn(model)` returns the validation metrics (with "val_loss"); by default the
-    token-mean loss over `val_batches`.
+    token-mean loss over `val_batches`. `measure_noise=False` when the batch's examples are not
+    independent samples (the noise scale would not apply).
     """
     full_tokens, target = schedule.plan.global_tokens, cfg.train.target_val_loss
     if evaluate_fn is None:
@@ -119,7 +121,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         micro_batches = [mb.to(device) for mb in loader.next_step(shape)]
         stats = train_step(model, optimizer, micro_batches, precision=precision,
                            clip_norm=cfg.optim.clip_norm, clip_value=cfg.optim.clip_value,
-                           dist=dist, loss_sum_fn=loss_sum_fn)
+                           dist=dist, loss_sum_fn=loss_sum_fn, measure_noise=measure_noise)
         state.step += 1
         state.tokens_seen += shape.global_tokens
         state.micro_steps = shape.num_micro_steps

@@ -21,6 +21,7 @@ all-reduce, is on hand after the first backward) and the big batch is the whole 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,10 @@ class NoiseScaleEMA:
     count: int = 0
 
     def update(self, grad_sq: float, trace: float) -> None:
+        """Fold in one step's estimates; a non-finite pair (no small batch to compare, e.g. an
+        empty first micro-batch) is skipped rather than poisoning the averages."""
+        if not (math.isfinite(grad_sq) and math.isfinite(trace)):
+            return
         self.grad_sq_avg = self.decay * self.grad_sq_avg + (1 - self.decay) * grad_sq
         self.trace_avg = self.decay * self.trace_avg + (1 - self.decay) * trace
         self.count += 1
@@ -83,17 +88,19 @@ class NoiseScaleEMA:
         self.count = state["count"]
 
 
-def noise_scale_summary(batch_tokens: int, noise_tokens: float | None) -> str:
-    """What the measured noise scale means for the user's batch, in one sentence."""
+def noise_scale_summary(batch_tokens: int, noise_tokens: float | None,
+                        unit: str = "tokens") -> str:
+    """What the measured noise scale means for the user's batch, in one sentence. `unit` is
+    what the batch counts (tokens; texts for classification)."""
     if noise_tokens is None or noise_tokens <= 0:
         return ("gradient noise scale: not measured (it needs 2+ micro-steps per rank), or its "
                 "averages are not positive yet (too few steps, or a recent loss spike)")
     ratio = batch_tokens / noise_tokens
-    head = (f"gradient noise scale B_simple ~ {noise_tokens:,.0f} tokens; the global batch is "
-            f"{batch_tokens:,} tokens ({ratio:.2g}x the noise scale)")
+    head = (f"gradient noise scale B_simple ~ {noise_tokens:,.0f} {unit}; the global batch is "
+            f"{batch_tokens:,} {unit} ({ratio:.2g}x the noise scale)")
     if ratio > 2:
         return f"{head}: fewer, larger steps are buying little; a smaller batch would do as well"
     if ratio < 0.5:
         return (f"{head}: steps are noise-dominated; a larger batch (up to ~{noise_tokens:,.0f} "
-                "tokens) would cut the number of steps nearly in proportion")
+                f"{unit}) would cut the number of steps nearly in proportion")
     return f"{head}: near the critical batch, a good trade of steps against compute"

@@ -77,9 +77,11 @@ class StepStats:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[Batch], *, precision: Precision,
                clip_norm: float = 0.0, clip_value: float = 0.0,
-               dist: DistInfo = SINGLE_PROCESS, loss_sum_fn: LossSumFn = lm_loss_sum
-               ) -> StepStats:
-    """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+               dist: DistInfo = SINGLE_PROCESS, loss_sum_fn: LossSumFn = lm_loss_sum,
+               measure_noise: bool = True) -> StepStats:
+    """One optimizer step over `micro_batches` (this rank's share of the global batch).
+    `measure_noise=False` skips the noise-scale estimate (for batches whose examples are not
+    independent samples, e.g. overlapping windows of one text)."""
     micro_targets = torch.stack([mb.num_targets() for mb in micro_batches])
     num_targets = all_reduce_sum(micro_targets.sum(), dist)
     # DDP averages gradients over ranks; multiplying by world_size turns that into the sum
@@ -89,7 +91,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     loss_sum = torch.zeros((), dtype=torch.float64, device=num_targets.device)
     last = len(micro_batches) - 1
     # FSDP2 keeps no_sync gradients in internal unsharded buffers, not in .grad: no small batch.
-    measure_noise = last > 0 and not hasattr(model, "set_requires_gradient_sync")
+    measure_noise = measure_noise and last > 0 and not hasattr(model, "set_requires_gradient_sync")
     small_grad_sq = None
     # One autocast region around all k micro-steps: autocast casts each weight to bf16/fp16
     # once and reuses the cast until the region exits, so the weights are cast once per
@@ -151,9 +153,13 @@ def _noise_estimates(small_grad_sq: torch.Tensor, small_targets: torch.Tensor,
     ranks: one 2-element all-reduce. The big batch is the whole step (global token mean)."""
     # get_scale() is a host sync, but only under fp16 and outside the micro-step loop.
     loss_scale = precision.scaler.get_scale() if precision.scaling else 1.0
-    small_size = small_targets.clamp(min=1).double()
+    # The true sizes, never rounded up: a classification batch's size is its weight sum. An
+    # empty small batch (a rank's filler micro-batch) has no gradient to compare: NaN, which
+    # the all-reduce spreads to every rank and NoiseScaleEMA.update skips.
+    small_size = small_targets.double()
     to_token_mean = normaliser.double() / small_size / loss_scale
     estimates = unbiased_grad_sq_and_trace(small_grad_sq.double() * to_token_mean ** 2,
                                            small_size, grad_norm.double() ** 2,
                                            num_targets.double())
+    estimates = torch.where(small_size > 0, estimates, torch.full_like(estimates, float("nan")))
     return all_reduce_sum(estimates, dist) / dist.world_size

@@ -12,6 +12,9 @@ recipe can point at weights a package ships without knowing where site-packages 
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,28 @@ def parse_source(source: str) -> HFSource | None:
     return HFSource(kind, path)
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars and load reports (a coloured "LOAD REPORT" table) off
+    while it loads, so a run's output is bigbatch's; what matters of them is said in one line
+    by the caller. `--debug` (BIGBATCH_DEBUG=1, inherited by torchrun's ranks and the planner's
+    probes) leaves transformers as it is configured."""
+    if os.environ.get("BIGBATCH_DEBUG"):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def tokenizer_dir(source: HFSource, data_tokenizer: str) -> Path:
     if data_tokenizer:
         return Path(data_tokenizer).expanduser()
@@ -62,8 +87,9 @@ def load_tokenizer(source: HFSource, data_tokenizer: str, trust_remote_code: boo
 
     directory = tokenizer_dir(source, data_tokenizer)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UsageError(f"no Hugging Face tokenizer in {str(directory)!r} (set data.tokenizer "
                          f"to a directory with one): {str(err).splitlines()[0]}") from None
@@ -78,19 +104,21 @@ def load_config(source: HFSource, trust_remote_code: bool, **overrides):
 
     path = source.path  # a directory (hf:) or a config file (hf-config:): AutoConfig reads both
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True,
-                                          trust_remote_code=trust_remote_code, **overrides)
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                              trust_remote_code=trust_remote_code, **overrides)
     except (OSError, ValueError) as err:
         raise UsageError(f"model.source: cannot read a Hugging Face config from {str(path)!r}: "
                          f"{str(err).splitlines()[0]}") from None
 
 
 def build_hf_model(source: HFSource, task: str, *, trust_remote_code: bool,
-                   labels: list[str] | None = None, dtype: torch.dtype = torch.float32
-                   ) -> nn.Module:
+                   labels: list[str] | None = None, dtype: torch.dtype = torch.float32,
+                   say: Callable[[str], None] | None = None) -> nn.Module:
     """The model for `task`, pretrained (hf:) or freshly initialised (hf-config:), in fp32
     (autocast does the lower precision). For classify, the head gets one output per label and the
-    label names (so an exported model reports them)."""
+    label names (so an exported model reports them). `say` gets one line naming the weights
+    that the checkpoint did not have (newly initialised, e.g. a classification head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     overrides = {}
@@ -101,13 +129,19 @@ def build_hf_model(source: HFSource, task: str, *, trust_remote_code: bool,
     config = load_config(source, trust_remote_code, **overrides)
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     try:
-        if source.kind == "hf-config":
-            return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-        return auto.from_pretrained(str(source.path), config=config, local_files_only=True,
-                                    trust_remote_code=trust_remote_code, dtype=dtype)
+        with quiet_transformers():
+            if source.kind == "hf-config":
+                return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+            model, info = auto.from_pretrained(str(source.path), config=config,
+                                               local_files_only=True, output_loading_info=True,
+                                               trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as err:  # e.g. an architecture without a head for this task
         raise UsageError(f"model.source = {str(source.path)!r} has no {auto.__name__} for "
                          f"train.task = {task!r}: {str(err).splitlines()[0]}") from None
+    if say is not None and info.get("missing_keys"):
+        say(f"model: newly initialised (not in the checkpoint): "
+            f"{', '.join(sorted(info['missing_keys']))}")
+    return model
 
 
 def apply_hf_checkpointing(model: nn.Module, mode: str, every: int = 1) -> bool:

@@ -31,7 +31,8 @@ from bigbatch.data.classification import (
     tokenize_windows,
 )
 from bigbatch.distributed import dist_info_from_env, init_process_group, shutdown
-from bigbatch.engine.loop import TrainState, fit
+from bigbatch.engine.loop import TrainState, finished, fit
+from bigbatch.engine.noise_scale import noise_scale_summary
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.errors import UsageError
 from bigbatch.hf.models import (
@@ -111,6 +112,18 @@ def load_splits(cfg: Config, tokenizer) -> LabelledSplits:
     return LabelledSplits(train, val, names)
 
 
+def noise_applies(train: Windows) -> str | None:
+    """None when every training text is one window, so a batch's examples are whole,
+    independent texts and its size (the weight sum) is a count of texts; otherwise why the
+    gradient noise scale is not measured."""
+    split = int(np.count_nonzero(np.diff(train.doc_start) > 1))
+    if not split:
+        return None
+    return (f"gradient noise scale: not measured: {split:,} of the {train.num_docs:,} training "
+            "texts span several windows (data.max_length), and overlapping windows of one text "
+            "are not independent samples")
+
+
 def text_schedule(plan, max_steps: int) -> BatchSchedule:
     """fit()'s schedule for classification, counted in texts: every step is the full
     `global_sequences` (no ramp), so `tokens` in fit() and the LR schedule are texts, and the run
@@ -136,7 +149,8 @@ def plan_windows_per_micro_batch(cfg: Config, dist, device: torch.device, out_di
 
 
 def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None = None,
-                     preemption: Preemption | None = None) -> ClassifyResult:
+                     preemption: Preemption | None = None, overwrite: bool = False
+                     ) -> ClassifyResult:
     from bigbatch.run import close_run, prepare_out_dir, resolve_device, seed_everything, warn
 
     source = parse_source(cfg.model.source)
@@ -153,7 +167,7 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
     init_process_group(dist, device)
     if dist.is_main:
         prepare_out_dir(out_dir)
-        check_out_dir(out_dir, resume)
+        check_out_dir(out_dir, resume, overwrite)
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
     if cfg.batch.micro_batch_size == "auto" and not cfg.batch.micro_batch_tokens:
         cfg = plan_windows_per_micro_batch(cfg, dist, device, out_dir, say)
@@ -169,7 +183,7 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
         f"({time.perf_counter() - started:.1f}s)")
     seed_everything(cfg.train.seed)
     model = build_hf_model(source, "classify", trust_remote_code=cfg.model.trust_remote_code,
-                           labels=splits.labels)
+                           labels=splits.labels, say=say)
     if model.config.pad_token_id is None:  # e.g. GPT-2: the head finds the last real token by it
         model.config.pad_token_id = splits.train.pad_id
     model.to(device).train()  # from_pretrained returns eval mode: dropout must be on
@@ -213,15 +227,18 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
                         enabled=verbose and dist.is_main)
     preemption = preemption or Preemption()
     num_parameters = sum(p.numel() for p in model.parameters())
+    schedule = text_schedule(plan, cfg.train.max_steps)
     try:
         with preemption.handling_signals():
-            state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg,
-                        schedule=text_schedule(plan, cfg.train.max_steps),
+            state = fit(wrapped, optimizer, loader, val_batches, cfg=cfg, schedule=schedule,
                         precision=precision, dist=dist, device=device, state=state, log=log,
                         progress=progress, on_step_end=checkpointer.maybe_save,
                         loss_sum_fn=classification_loss_sum, evaluate_fn=evaluate,
+                        measure_noise=noise_applies(splits.train) is None,
                         should_stop=lambda: any_rank(preemption.requested, dist, device))
-            if state.step < cfg.train.max_steps:  # a signal stopped the loop early
+            # Reaching train.target_val_loss also ends the loop before max_steps: that run is
+            # finished, not stopped, and its model is written below.
+            if not finished(state, schedule):  # a signal stopped the loop early
                 path = checkpointer.save_unless_saved(state)
                 say(f"stopped by {preemption.signal_name} after step {state.step}: checkpoint "
                     f"{path}; to continue, run the same command with --resume auto --out "
@@ -233,6 +250,8 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
     finally:
         progress.close()
         log.close()
+    if not last_metrics:  # resumed from a finished run's checkpoint: fit() evaluated nothing
+        evaluate(wrapped)
     weights = full_model_state_dict(wrapped)  # a collective under FSDP: every rank calls it
     if dist.is_main:
         model.save_pretrained(str(out_dir), state_dict=weights)
@@ -242,6 +261,9 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
         say(f"validation: accuracy {last_metrics['val_accuracy']:.4f}, macro-F1 "
             f"{last_metrics['val_macro_f1']:.4f}, loss {last_metrics['val_loss']:.4f} "
             f"({splits.val.num_docs} texts, window logits aggregated by {cfg.data.aggregate})")
+        why_not = noise_applies(splits.train)
+        say(why_not or noise_scale_summary(plan.global_sequences, state.noise.noise_scale,
+                                           unit="texts"))
         say(f"outputs: {out_dir}/ (Hugging Face model + tokenizer, labels.json, metrics.jsonl, "
             "config.toml)")
         close_run(out_dir, "finished", say, None)  # no unigram baseline for labels
