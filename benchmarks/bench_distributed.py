@@ -51,13 +51,13 @@ def worker(out_path: str) -> None:
     import torch.distributed as dist
 
     import bigbatch.engine.step as step_module
-    from bigbatch.config import Config, PrecisionConfig
+    from bigbatch.config.sections import Config, PrecisionConfig
     from bigbatch.data.loader import MicroBatch
-    from bigbatch.distributed import dist_info_from_env
-    from bigbatch.parallel import parallelize
-    from bigbatch.precision import make_precision
-    from bigbatch.run import build_model
-    from bigbatch.verify_distributed import ReductionCounter
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.parallel.process_group import dist_info_from_env
+    from bigbatch.parallel.wrap import parallelize
+    from bigbatch.run.tasks.lm import build_model
+    from bigbatch.tools.verify_distributed import ReductionCounter
 
     dist.init_process_group("gloo")
     info = dist_info_from_env()

@@ -50,16 +50,16 @@ def test_accuracy(run_dir: Path) -> tuple[float, float, int]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from bigbatch.config_files import load_config
+    from bigbatch.config.files import load_config
     from bigbatch.data.classification import (
         eval_batches,
         label_ids,
         read_labelled_file,
         tokenize_windows,
     )
-    from bigbatch.distributed import SINGLE_PROCESS
-    from bigbatch.precision import make_precision
-    from bigbatch.tasks.classify import evaluate_classifier
+    from bigbatch.engine.classification import evaluate_classifier
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.parallel.process_group import SINGLE_PROCESS
 
     cfg = load_config(run_dir / "config.toml")
     model = AutoModelForSequenceClassification.from_pretrained(run_dir, local_files_only=True)
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     opts = parser.parse_args(argv)
     python = sys.executable
     if not opts.steps:
-        from bigbatch.config_files import load_config
+        from bigbatch.config.files import load_config
 
         opts.steps = load_config(ROOT / RECIPE).train.max_steps
     command = "python benchmarks/bench_finetune.py" + (" " + " ".join(argv) if argv else "")
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
                 print(f"round {i + 1} {side}: {runs[side][0]:,.0f} tokens/s", flush=True)
             rounds.append(runs)
 
-    from bigbatch.config_files import load_config
+    from bigbatch.config.files import load_config
 
     cfg = load_config(ROOT / RECIPE)
     ratios = [r["bigbatch"][0] / r["trainer"][0] for r in rounds]

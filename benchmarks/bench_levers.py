@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bigbatch.allocator import tune_glibc_malloc
 from bigbatch.data.loader import MicroBatch
-from bigbatch.distributed import total_grad_norm
+from bigbatch.engine.allocator import tune_glibc_malloc
 from bigbatch.engine.fused_loss import FusedLinearCrossEntropy
+from bigbatch.engine.precision import Precision
 from bigbatch.engine.step import lm_loss_sum, train_step
-from bigbatch.model import GPT, GPTShape
-from bigbatch.precision import Precision
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.parallel.process_group import total_grad_norm
 from common import machine_description, read_cpu_times, today, write_section  # noqa: I001
 
 SECTION = "bench_levers"

@@ -3,7 +3,7 @@ the best hand-picked micro-batch, and what checkpointing and chunked loss save a
 
     .venv/bin/python benchmarks/bench_memory.py [--out BENCHMARKS.md]
 
-Every measurement is a fresh process (the planner's own probe, bigbatch.plan.probe): peak RSS
+Every measurement is a fresh process (the planner's own probe, bigbatch.planning.probe): peak RSS
 (VmHWM) on CPU. "live" is the peak of live tensors in one forward+backward by torch.profiler,
 which the formulas predict without any fitting. Writes its table between the markers
 <!-- bench_memory:start --> and <!-- bench_memory:end --> of BENCHMARKS.md.
@@ -21,13 +21,19 @@ from pathlib import Path
 
 import torch
 
-from bigbatch.activation_checkpointing import apply_activation_checkpointing
 from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
-from bigbatch.model import GPT, GPTShape
-from bigbatch.plan.memory import DEFAULT_OVERHEAD, Calibration, ModelDims, Setup, estimate_memory
-from bigbatch.plan.probe import ProbeRequest, fit_calibration, run_probe
-from bigbatch.plan.search import PEAK_HEADROOM, choose_micro_batch
+from bigbatch.model.checkpointing import apply_activation_checkpointing
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.planning.memory import (
+    DEFAULT_OVERHEAD,
+    Calibration,
+    ModelDims,
+    Setup,
+    estimate_memory,
+)
+from bigbatch.planning.probe import ProbeRequest, fit_calibration, run_probe
+from bigbatch.planning.search import PEAK_HEADROOM, choose_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_memory:start -->", "<!-- bench_memory:end -->"
@@ -195,7 +201,7 @@ def main() -> None:
             f"torch {torch.__version__}, default allocator setting (tuned). tiny = "
             "V2048 T128 L2 C128; wide = V8192 T256 L4 C256.", "",
             "### Predicted vs measured peak", "",
-            "live/formula: the formulas of plan/memory.py (no fitting) against the profiler's "
+            "live/formula: the formulas of planning/memory.py (no fitting) against the profiler's "
             "peak of live tensors in one forward+backward (parameters excluded). predicted: "
             "the planner's least-squares fit to probes at mb 1, mb/4 and mb/2 (as its search "
             "refines with larger candidates), extrapolated to mb; measured: peak RSS over 5 "

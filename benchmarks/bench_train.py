@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bigbatch.config import Config
-from bigbatch.run_info import flops_per_token
+from bigbatch.config.sections import Config
+from bigbatch.engine.throughput import flops_per_token
 
 # Run as a script, so this folder is on sys.path and `common` is found beside it.
 from common import (

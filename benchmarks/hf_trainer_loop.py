@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         TrainingArguments,
     )
 
-    from bigbatch.config import DataConfig
+    from bigbatch.config.sections import DataConfig
     from bigbatch.data.corpus import prepare_corpus
 
     tokens = prepare_corpus(DataConfig(vocab_size=args.vocab)).train_tokens

@@ -31,7 +31,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from bigbatch.config_files import load_config
+from bigbatch.config.files import load_config
 from bigbatch.data.classification import read_labelled_file
 
 ROOT = Path(__file__).resolve().parent.parent

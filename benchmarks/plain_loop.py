@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bigbatch.config import DataConfig
-from bigbatch.model import GPT, GPTShape
+from bigbatch.config.sections import DataConfig
+from bigbatch.model.gpt import GPT, GPTShape
 
 
 def token_source(kind: str, vocab_size: int) -> np.ndarray:

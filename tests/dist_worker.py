@@ -17,16 +17,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bigbatch.config import PrecisionConfig
+from bigbatch.config.sections import PrecisionConfig
 from bigbatch.data.loader import MicroBatch, eval_micro_batches
 from bigbatch.data.packing import IGNORE_INDEX
-from bigbatch.distributed import dist_info_from_env
 from bigbatch.engine.loop import evaluate
+from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
-from bigbatch.model import GPT, GPTShape
-from bigbatch.parallel import full_model_state_dict, parallelize
-from bigbatch.precision import make_precision
-from bigbatch.verify_distributed import ReductionCounter
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.parallel.process_group import dist_info_from_env
+from bigbatch.parallel.wrap import full_model_state_dict, parallelize
+from bigbatch.tools.verify_distributed import ReductionCounter
 
 SHAPE = GPTShape(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32)
 MICRO_BATCH = 3

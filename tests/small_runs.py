@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from bigbatch.config import Config
-from bigbatch.config_files import load_config
+from bigbatch.config.files import load_config
+from bigbatch.config.sections import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny.toml"

@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigbatch.config import PrecisionConfig
+from bigbatch.config.sections import PrecisionConfig
 from bigbatch.data.loader import MicroBatch
 from bigbatch.data.packing import IGNORE_INDEX
+from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import lm_loss_sum, train_step
-from bigbatch.model import GPT, GPTShape
-from bigbatch.precision import make_precision
-from bigbatch.verify import GradientRecorder, max_relative_error
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.tools.verify import GradientRecorder, max_relative_error
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.activation_checkpointing import apply_activation_checkpointing, blocks_to_checkpoint
 from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.step import lm_loss_sum
-from bigbatch.model import GPT, GPTShape
+from bigbatch.model.checkpointing import apply_activation_checkpointing, blocks_to_checkpoint
+from bigbatch.model.gpt import GPT, GPTShape
 
 SHAPE = GPTShape(vocab_size=128, seq_len=16, n_layer=4, n_head=2, d_model=16)
 

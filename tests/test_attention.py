@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bigbatch.engine.step import lm_loss_sum
-from bigbatch.model import GPT, GPTShape, resolve_attention
+from bigbatch.model.gpt import GPT, GPTShape, resolve_attention
 
 SHAPE = GPTShape(vocab_size=64, seq_len=24, n_layer=2, n_head=4, d_model=32)
 

@@ -21,12 +21,12 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bigbatch import checkpoint
-from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
 from bigbatch.cli import main
-from bigbatch.config import SECTIONS
-from bigbatch.config_files import field_docs
-from bigbatch.run import train
+from bigbatch.config.files import field_docs
+from bigbatch.config.sections import SECTIONS
+from bigbatch.run import checkpoint
+from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.run.train import train
 from small_runs import ROOT, cli_command, small_args, small_config
 
 

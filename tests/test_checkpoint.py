@@ -13,22 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch.batching import plan_batch
-from bigbatch.checkpoint import (
+from bigbatch.config.sections import CheckpointConfig, Config
+from bigbatch.data.loader import TokenLoader
+from bigbatch.engine.batching import plan_batch
+from bigbatch.engine.loop import TrainState
+from bigbatch.engine.optim import build_optimizer
+from bigbatch.engine.precision import make_precision
+from bigbatch.errors import UsageError
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.parallel.process_group import SINGLE_PROCESS
+from bigbatch.run.checkpoint import (
     Checkpointer,
     list_checkpoints,
     verify_checkpoint,
     write_checkpoint,
 )
-from bigbatch.config import CheckpointConfig, Config
-from bigbatch.data.loader import TokenLoader
-from bigbatch.distributed import SINGLE_PROCESS
-from bigbatch.engine.loop import TrainState
-from bigbatch.engine.optim import build_optimizer
-from bigbatch.errors import UsageError
-from bigbatch.model import GPT, GPTShape
-from bigbatch.precision import make_precision
-from bigbatch.resume import find_resume_checkpoint
+from bigbatch.run.resume import find_resume_checkpoint
 
 CPU = torch.device("cpu")
 

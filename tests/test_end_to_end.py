@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config_files import load_config
+from bigbatch.config.files import load_config
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.engine.schedule import learning_rate
-from bigbatch.run import unigram_baseline
+from bigbatch.run.tasks.lm import unigram_baseline
 
 pytestmark = pytest.mark.slow
 

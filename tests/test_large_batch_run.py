@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigbatch.run import train
+from bigbatch.run.train import train
 from small_runs import metric_rows, small_config
 from test_resume import StopAfter
 

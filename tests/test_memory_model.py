@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from bigbatch.errors import UsageError
-from bigbatch.model import GPT, Block, GPTShape
-from bigbatch.plan.budget import parse_bytes
-from bigbatch.plan.memory import (
+from bigbatch.model.gpt import GPT, Block, GPTShape
+from bigbatch.planning.budget import parse_bytes
+from bigbatch.planning.memory import (
     Calibration,
     ModelDims,
     Setup,
@@ -21,7 +21,7 @@ from bigbatch.plan.memory import (
     estimate_memory,
     growing_bytes,
 )
-from bigbatch.plan.probe import fit_calibration
+from bigbatch.planning.probe import fit_calibration
 
 DIMS = ModelDims(vocab_size=96, seq_len=16, n_layer=3, d_model=32, n_head=4)
 ZERO = Calibration(overhead_bytes=0)

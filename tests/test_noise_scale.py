@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-from bigbatch.config import PrecisionConfig
+from bigbatch.config.sections import PrecisionConfig
 from bigbatch.engine.noise_scale import (
     NoiseScaleEMA,
     noise_scale_summary,
     unbiased_grad_sq_and_trace,
 )
+from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
-from bigbatch.precision import make_precision
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -25,7 +25,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bigbatch.batching import plan_batch
 from bigbatch.data.loader import (
     GlobalBatchSampler,
     TokenLoader,
@@ -33,6 +32,7 @@ from bigbatch.data.loader import (
     shard_micro_batches,
 )
 from bigbatch.data.packing import IGNORE_INDEX, gather_windows, num_windows
+from bigbatch.engine.batching import plan_batch
 from bigbatch.errors import UsageError
 
 EOT = 0
@@ -228,7 +228,7 @@ def test_cold_cache_is_filled_by_a_child_process_with_the_same_tokens(tmp_path):
     """The training process tokenizes in a child (its heap stays clean for the planner); the
     result must be the cache an in-process build makes, and a child's bad-input error must
     come back as the same one-line UsageError."""
-    from bigbatch.config import DataConfig
+    from bigbatch.config.sections import DataConfig
     from bigbatch.data.corpus import prepare_corpus, prepare_corpus_in_child
 
     text = tmp_path / "text"

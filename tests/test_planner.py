@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch.config_files import load_config
+from bigbatch.config.files import load_config
 from bigbatch.errors import UsageError
-from bigbatch.plan.memory import Calibration, ModelDims, Setup, estimate_memory
-from bigbatch.plan.probe import ProbeResult
-from bigbatch.plan.search import PEAK_HEADROOM, choose_micro_batch
+from bigbatch.planning.memory import Calibration, ModelDims, Setup, estimate_memory
+from bigbatch.planning.probe import ProbeResult
+from bigbatch.planning.search import PEAK_HEADROOM, choose_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = ModelDims(vocab_size=4096, seq_len=64, n_layer=2, d_model=64, n_head=2)

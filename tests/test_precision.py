@@ -17,12 +17,12 @@ import math
 import pytest
 import torch
 
-from bigbatch.config import OptimConfig, PrecisionConfig
+from bigbatch.config.sections import OptimConfig, PrecisionConfig
 from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.optim import build_optimizer
+from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import lm_loss_sum, train_step
-from bigbatch.model import GPT, GPTShape
-from bigbatch.precision import make_precision
+from bigbatch.model.gpt import GPT, GPTShape
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

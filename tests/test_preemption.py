@@ -13,16 +13,16 @@ import threading
 
 import pytest
 
-from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
-from bigbatch.preemption import Preemption
-from bigbatch.run import train
+from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.run.preemption import Preemption
+from bigbatch.run.train import train
 from small_runs import ROOT, metric_rows, small_args, small_config
 
 # Runs the CLI with checkpoint._fsync slowed down: once a file of a checkpoint whose name starts
 # with argv[1] is written, it says so and hangs, so the test can signal or kill it mid-save.
 HANG_MID_SAVE = """
 import sys, time
-from bigbatch import checkpoint
+from bigbatch.run import checkpoint
 from bigbatch.cli import main
 real_fsync = checkpoint._fsync
 def fsync_then_hang(path):

@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from bigbatch.cli import main
-from bigbatch.model import GPT, GPTShape
-from bigbatch.plan.planner import describe_plan, write_plan
-from bigbatch.plan.search import MemoryPlan
-from bigbatch.preemption import Preemption
-from bigbatch.report import write_compare, write_report
-from bigbatch.report_data import load_run
-from bigbatch.run import close_run, train
-from bigbatch.run_info import end_run_info, flops_per_token, read_run_info, start_run_info
+from bigbatch.engine.throughput import flops_per_token
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.planning.planner import describe_plan, write_plan
+from bigbatch.planning.search import MemoryPlan
+from bigbatch.report.data import load_run
+from bigbatch.report.pages import write_compare, write_report
+from bigbatch.run.preemption import Preemption
+from bigbatch.run.run_info import end_run_info, read_run_info, start_run_info
+from bigbatch.run.train import close_run, train
 from report_runs import figures_in, make_run, rows_of, synthetic_rows
 from small_runs import small_config
 
@@ -225,7 +226,7 @@ def test_run_labels_tell_same_named_runs_apart(tmp_path, finished_run):
 
 
 def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, capsys):
-    close_run(tmp_path, "finished", print, 6.0)  # an empty directory: no run to report on
+    close_run(tmp_path, "finished", print, unigram_val_loss=6.0)  # an empty directory: no run to report on
     err = capsys.readouterr().err
     assert "warning: could not write the run report" in err
     assert not (tmp_path / "report.html").exists()

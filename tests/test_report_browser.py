@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bigbatch.config_files import config_to_toml
-from bigbatch.report import write_compare, write_report
+from bigbatch.config.files import config_to_toml
+from bigbatch.report.pages import write_compare, write_report
 from report_runs import make_run, synthetic_rows
 from small_runs import small_config
 

@@ -6,11 +6,11 @@ import signal
 
 import pytest
 
-from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
 from bigbatch.errors import UsageError
-from bigbatch.model import GPT
-from bigbatch.preemption import Preemption
-from bigbatch.run import train
+from bigbatch.model.gpt import GPT
+from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.run.preemption import Preemption
+from bigbatch.run.train import train
 from small_runs import metric_rows, small_config
 
 

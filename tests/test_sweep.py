@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bigbatch.errors import UsageError
-from bigbatch.sweep import crossing, fit_tradeoff, parse_batches
+from bigbatch.tools.sweep import crossing, fit_tradeoff, parse_batches
 from small_runs import ROOT, cli_command, small_args
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -91,8 +91,8 @@ def test_sweep_without_a_target_is_a_usage_error(tmp_path):
 def test_a_signal_stops_the_whole_sweep(tmp_path, monkeypatch):
     """A run stopped by SIGTERM (exit 143) ends the sweep with that code; no further batch
     starts (each train() would otherwise install fresh handlers and carry on)."""
-    import bigbatch.run
-    from bigbatch.sweep import run_sweep
+    import bigbatch.run.train
+    from bigbatch.tools.sweep import run_sweep
 
     started = []
 
@@ -100,7 +100,7 @@ def test_a_signal_stops_the_whole_sweep(tmp_path, monkeypatch):
         started.append(cfg.batch.global_tokens)
         return type("Result", (), {"exit_code": 143})()
 
-    monkeypatch.setattr(bigbatch.run, "train", stopped_train)
+    monkeypatch.setattr(bigbatch.run.train, "train", stopped_train)
     with pytest.raises(SystemExit) as stop:
         run_sweep(str(ROOT / "configs" / "sweep.toml"), [], [512, 1024], 3.0, tmp_path,
                   say=lambda line: None)

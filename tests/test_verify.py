@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-import bigbatch.verify
+import bigbatch.tools.verify
 from bigbatch.cli import main
 from bigbatch.engine.step import lm_loss_sum
 from conftest import ROOT
@@ -74,7 +74,7 @@ def test_verify_fails_on_a_wrong_accumulation(short_documents, cache_dir, capsys
     """With train_step replaced by mean / k over the same uneven micro-batches, verify says
     FAILED and exits 1: the check can tell right from wrong."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(bigbatch.verify, "train_step", mean_over_micro_batches)
+    monkeypatch.setattr(bigbatch.tools.verify, "train_step", mean_over_micro_batches)
     code, counts, error, tolerance, verdict = run_verify(
         [*verify_args(short_documents, cache_dir), "--float64"], capsys)
     assert len(set(counts)) > 1, counts

@@ -8,9 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bigbatch.data.loader import MicroBatch
+from bigbatch.engine.precision import Precision
 from bigbatch.engine.step import lm_loss_sum, train_step
-from bigbatch.model import GPT, GPTShape
-from bigbatch.precision import Precision
+from bigbatch.model.gpt import GPT, GPTShape
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,4 +1,4 @@
 from bigbatch.cli import main
-from bigbatch.launch import exit_process
+from bigbatch.parallel.launch import exit_process
 
 exit_process(main())

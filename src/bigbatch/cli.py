@@ -158,15 +158,15 @@ def sweep_parser() -> Parser:
 
 
 def cmd_train(args: list[str]) -> int:
-    from bigbatch.config_files import load_config
-    from bigbatch.run import train
+    from bigbatch.config.files import load_config
+    from bigbatch.run.train import train
 
     opts, overrides = parse_recipe_args(train_parser(), args)
     cfg = load_config(opts.recipe, overrides)
     stem = Path(opts.recipe).stem if opts.recipe else "default"
     out = Path(opts.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if opts.nproc is not None:  # every rank must get the same --out, so it is fixed here
-        from bigbatch.launch import relaunch, without_flag
+        from bigbatch.parallel.launch import relaunch, without_flag
         return relaunch("train", [*without_flag(args, "--out"), "--out", str(out)],
                         _positive_int(opts.nproc, "--nproc"))
     # 128 + the signal number when SIGTERM/SIGINT stopped it early with a checkpoint, else 0.
@@ -174,9 +174,9 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_config(args: list[str]) -> int:
-    from bigbatch.batch_schedule import build_batch_schedule, describe_schedule
-    from bigbatch.batching import plan_batch
-    from bigbatch.config_files import config_to_toml, field_docs, load_config
+    from bigbatch.config.files import config_to_toml, field_docs, load_config
+    from bigbatch.engine.batch_schedule import build_batch_schedule, describe_schedule
+    from bigbatch.engine.batching import plan_batch
     from bigbatch.engine.schedule import describe_lr_scaling
 
     opts, overrides = parse_recipe_args(config_parser(), args)
@@ -188,7 +188,7 @@ def cmd_config(args: list[str]) -> int:
     world_size = _positive_int(opts.world_size, "--world-size")
     print(config_to_toml(cfg))
     if cfg.train.task == "classify":
-        from bigbatch.tasks.classify import sequence_plan
+        from bigbatch.engine.classification import sequence_plan
 
         plan = sequence_plan(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
                              cfg.batch.micro_batch_tokens, cfg.data.max_length, world_size)
@@ -212,17 +212,17 @@ def cmd_config(args: list[str]) -> int:
 
 
 def cmd_verify(args: list[str]) -> int:
-    from bigbatch.config_files import load_config
-    from bigbatch.verify import verify
+    from bigbatch.config.files import load_config
+    from bigbatch.tools.verify import verify_recipe
 
     opts, overrides = parse_recipe_args(verify_parser(), args)
     if opts.nproc is not None:
-        from bigbatch.launch import relaunch
+        from bigbatch.parallel.launch import relaunch
         return relaunch("verify", args, _positive_int(opts.nproc, "--nproc"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also the distributed check
-        from bigbatch import verify_distributed
+        from bigbatch.tools import verify_distributed
         return verify_distributed.main(load_config(opts.recipe, overrides), float64=opts.float64)
-    result = verify(load_config(opts.recipe, overrides), float64=opts.float64)
+    result = verify_recipe(load_config(opts.recipe, overrides), float64=opts.float64)
     verdict = "OK" if result.passed else "FAILED"
     print(f"accumulation check ({result.dtype}): {result.num_micro_steps} micro-steps of "
           f"{result.micro_batch_size} sequences (target tokens {result.target_counts}) vs one "
@@ -234,7 +234,7 @@ def cmd_verify(args: list[str]) -> int:
 def cmd_sample(args: list[str]) -> int:
     import torch
 
-    from bigbatch.artifacts import load_model
+    from bigbatch.model.artifacts import load_model
 
     parser = Parser("sample", "Generate text from a finished run's model.",
                     ['bigbatch sample runs/tiny --prompt "ROMEO:" --max-new-tokens 200'],
@@ -258,7 +258,7 @@ def cmd_sample(args: list[str]) -> int:
 
 
 def cmd_export(args: list[str]) -> int:
-    from bigbatch.export import FORMATS, export
+    from bigbatch.tools.export import FORMATS, export
 
     parser = Parser("export", "Write a finished run in another format.",
                     ["bigbatch export runs/sst2 --format hf --out runs/sst2-hf"], recipe=False)
@@ -274,27 +274,19 @@ def cmd_export(args: list[str]) -> int:
 def cmd_plan(args: list[str]) -> int:
     import json
 
-    from bigbatch.config_files import load_config
-    from bigbatch.plan.planner import describe_plan, plan_for_config, probe_device
+    from bigbatch.config.files import load_config
+    from bigbatch.planning.planner import describe_plan, plan
 
     opts, overrides = parse_recipe_args(plan_parser(), args)
     cfg = load_config(opts.recipe, overrides)
-    world_size = _positive_int(opts.world_size, "--world-size")
-    # The logits' width is the tokenizer's real vocabulary: a local tokenizer directory has its
-    # own size, whatever data.vocab_size says (that only sizes a BPE bigbatch trains itself).
-    vocab_size = cfg.data.vocab_size
-    if cfg.data.tokenizer:
-        from bigbatch.data.tokenizer import load_tokenizer_dir
-
-        vocab_size = load_tokenizer_dir(cfg.data.tokenizer).get_vocab_size()
-    plan = plan_for_config(cfg, vocab_size, world_size=world_size,
-                           device=probe_device(cfg.train.device))
-    print(json.dumps(plan.to_dict()) if opts.json else "\n".join(describe_plan(plan)))
+    memory_plan = plan(cfg, world_size=_positive_int(opts.world_size, "--world-size"))
+    print(json.dumps(memory_plan.to_dict()) if opts.json
+          else "\n".join(describe_plan(memory_plan)))
     return 0
 
 
 def cmd_report(args: list[str]) -> int:
-    from bigbatch.report import write_report
+    from bigbatch.report.pages import write_report
 
     parser = Parser("report", "Write RUN_DIR/report.html (or --out).",
                     ["bigbatch report runs/tiny"], recipe=False)
@@ -306,7 +298,7 @@ def cmd_report(args: list[str]) -> int:
 
 
 def cmd_compare(args: list[str]) -> int:
-    from bigbatch.report import write_compare
+    from bigbatch.report.pages import write_compare
 
     parser = Parser("compare", "Overlay the curves of several runs.",
                     ["bigbatch compare runs/a runs/b --out sweep.html"], recipe=False)
@@ -319,7 +311,7 @@ def cmd_compare(args: list[str]) -> int:
 
 
 def cmd_sweep(args: list[str]) -> int:
-    from bigbatch.sweep import parse_batches, run_sweep
+    from bigbatch.tools.sweep import parse_batches, run_sweep
 
     opts, overrides = parse_recipe_args(sweep_parser(), args)
     for required, value in (("--batches", opts.batches), ("--target-loss", opts.target_loss)):
@@ -368,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage:\n{USAGE}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if "--debug" in rest:  # also third-party libraries' own output (hf/models.py), in every rank
+    if "--debug" in rest:  # also third-party libraries' own output (model/hf.py), in every rank
         os.environ["BIGBATCH_DEBUG"] = "1"
     if command not in COMMANDS:
         print(f"bigbatch: error: unknown command {command!r}: choose one of "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from bigbatch.config import DataConfig
+from bigbatch.config.sections import DataConfig
 from bigbatch.data.sources import read_documents, source_files, sources_fingerprint, split_documents
 from bigbatch.data.tokenizer import EOT, eot_id, load_tokenizer_dir, save_atomically, train_bpe
 from bigbatch.errors import UsageError

@@ -14,14 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigbatch.batch_schedule import StepShape
-from bigbatch.batching import BatchPlan
 from bigbatch.data.packing import IGNORE_INDEX, gather_windows, num_windows
+from bigbatch.engine.batch_schedule import StepShape
+from bigbatch.engine.batching import BatchPlan
 from bigbatch.errors import UsageError
 
 
 @dataclass
 class MicroBatch:
+    """Token ids and their next-token targets; `num_targets()` counts the ones with a loss."""
+
     inputs: torch.Tensor   # (micro_batch_size, seq_len) token ids
     targets: torch.Tensor  # same shape; IGNORE_INDEX where no loss is taken
 

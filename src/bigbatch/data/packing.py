@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from bigbatch.engine.step import IGNORE_INDEX  # noqa: F401 - the loaders use it from here
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:

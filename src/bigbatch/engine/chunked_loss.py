@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bigbatch.artifacts import unwrap
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, token_loss_sum
+from bigbatch.model.artifacts import unwrap
 
 
 def _slice_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor

@@ -30,8 +30,8 @@ import time
 import torch
 from torch import nn
 
-from bigbatch.artifacts import unwrap
-from bigbatch.data.packing import IGNORE_INDEX
+from bigbatch.engine.step import IGNORE_INDEX
+from bigbatch.model.artifacts import unwrap
 
 FUSED_MIN_VOCAB = 32768       # auto: fused from here up (neutral at 8K, ~2x the loss at 50K)
 DEFAULT_FUSED_CHUNK = 1024    # tokens per chunk: 1024 x 50K bf16 logits = 100 MB

@@ -5,21 +5,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from bigbatch.batch_schedule import BatchSchedule
-from bigbatch.config import Config
-from bigbatch.data.loader import MicroBatch, TokenLoader
-from bigbatch.distributed import DistInfo, all_reduce_sum
+from bigbatch.config.sections import Config
+from bigbatch.engine.batch_schedule import BatchSchedule
+from bigbatch.engine.metrics import MetricsLog, Progress, peak_memory_bytes
 from bigbatch.engine.noise_scale import NoiseScaleEMA
+from bigbatch.engine.precision import Precision
 from bigbatch.engine.schedule import step_learning_rate
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
-from bigbatch.metrics import MetricsLog, Progress, peak_memory_bytes
-from bigbatch.precision import Precision
+from bigbatch.parallel.process_group import DistInfo, all_reduce_sum
+
+if TYPE_CHECKING:  # types only: the data room sits above the engine
+    from bigbatch.data.loader import MicroBatch, TokenLoader
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bigbatch.config import OptimConfig
+from bigbatch.config.sections import OptimConfig
 from bigbatch.engine.large_batch_optim import LAMB, LARS
 
 

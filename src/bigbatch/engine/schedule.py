@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bigbatch.config import OptimConfig
+from bigbatch.config.sections import OptimConfig
 
 
 def learning_rate(step: float, *, peak_lr: float, warmup_steps: int, total_steps: int,

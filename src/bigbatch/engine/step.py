@@ -28,16 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigbatch.data.packing import IGNORE_INDEX
-from bigbatch.distributed import (
+from bigbatch.engine.noise_scale import unbiased_grad_sq_and_trace
+from bigbatch.engine.precision import Precision
+from bigbatch.parallel.process_group import (
     SINGLE_PROCESS,
     DistInfo,
     all_reduce_sum,
     maybe_no_sync,
     total_grad_norm,
 )
-from bigbatch.engine.noise_scale import unbiased_grad_sq_and_trace
-from bigbatch.precision import Precision
+
+# Targets that carry no loss (a document's first token predicted across a boundary, padding):
+# PyTorch's own default ignore_index, so a user's batches made for F.cross_entropy work as they are.
+IGNORE_INDEX = -100
 
 
 class Batch(Protocol):
@@ -64,6 +67,8 @@ def lm_loss_sum(model: nn.Module, batch) -> torch.Tensor:
 
 @dataclass
 class StepStats:
+    """What one train_step did: the exact loss, the gradient norm, skipped or not, ..."""
+
     loss: torch.Tensor         # exact token-mean loss of the whole step, all ranks (0-dim)
     grad_norm: torch.Tensor    # global L2 norm of the unscaled gradients, before clipping
     num_targets: torch.Tensor  # target tokens in the step, all ranks

@@ -1,0 +1,348 @@
+"""Run configuration: one frozen dataclass per section, read from TOML and `--section.field=VALUE`.
+
+Every field carries its documentation in `metadata["doc"]` so that `bigbatch config --help-fields`
+and error messages can show it. Unknown keys, wrong types and impossible values raise `UsageError`
+naming the key. Only serialisable values live here; live objects are built from them elsewhere.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from bigbatch.config.units import parse_bytes
+from bigbatch.errors import UsageError
+
+
+def option(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _require(condition: bool, key: str, value: Any, valid: str) -> None:
+    if not condition:
+        raise UsageError(f"{key} = {value!r} is invalid: {valid}")
+
+
+AGGREGATES = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = option("", "Text file or directory; empty means the embedded default corpus "
+                           "(this Python's standard-library sources, tests excluded).")
+    pattern: str = option("*", "Glob for files when `path` is a directory (searched recursively).")
+    seq_len: int = option(256, "Tokens per training sequence (the model's context length).")
+    vocab_size: int = option(8192, "Size of the byte-level BPE trained on the training split "
+                                   "(ignored when `tokenizer` names a directory).")
+    tokenizer: str = option("", "Directory of a Hugging Face tokenizer to use instead of training one.")
+    val_fraction: float = option(0.05, "Fraction of documents held out for validation.")
+    doc_chars: int = option(16384, "Files longer than this are cut at line breaks into documents "
+                                   "of about this many characters, so one big file still splits "
+                                   "into training and validation documents.")
+    cache_dir: str = option("", "Where tokenizers and token arrays are cached; empty means "
+                                "$XDG_CACHE_HOME/bigbatch (or ~/.cache/bigbatch).")
+    seq_len_warmup_tokens: int = option(0, "Sequence-length warmup: grow sequences from "
+                                           "`seq_len_start` to `seq_len` over this many training "
+                                           "tokens (tokens per micro-batch constant); 0 = off.")
+    seq_len_start: int = option(0, "First sequence length of the warmup; must divide `seq_len` "
+                                   "(lengths in between are the divisors of `seq_len`).")
+    # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
+    text_field: str = option("text", "classify: the column (TSV/CSV header) or JSONL key of the text.")
+    label_field: str = option("label", "classify: the column or JSONL key of the label.")
+    val_path: str = option("", "classify: validation file; empty holds out `val_fraction` of the "
+                               "training file's texts.")
+    max_length: int = option(128, "classify: tokens per window, special tokens included; longer "
+                                  "texts are split into overlapping windows.")
+    stride: int = option(32, "classify: tokens shared by consecutive windows of a long text.")
+    aggregate: str = option("mean", "classify: how a text's window logits become one prediction "
+                                    "at evaluation: mean | max.")
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "an integer >= 8")
+        _require(256 + 1 <= self.vocab_size <= 2**31 - 1, "data.vocab_size", self.vocab_size,
+                 "an integer > 256 (the byte alphabet plus merges)")
+        _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
+                 "a number in (0, 0.5)")
+        _require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
+        _require(self.seq_len_warmup_tokens >= 0, "data.seq_len_warmup_tokens",
+                 self.seq_len_warmup_tokens, "an integer >= 0 (0 = off)")
+        _require(self.seq_len_warmup_tokens == 0 or 1 <= self.seq_len_start <= self.seq_len
+                 and self.seq_len % self.seq_len_start == 0, "data.seq_len_start",
+                 self.seq_len_start, f"a divisor of data.seq_len ({self.seq_len}) when "
+                 "data.seq_len_warmup_tokens > 0")
+        _require(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
+        _require(0 <= self.stride <= self.max_length // 2, "data.stride", self.stride,
+                 f"an integer in [0, data.max_length / 2 = {self.max_length // 2}]")
+        _require(self.aggregate in AGGREGATES, "data.aggregate", self.aggregate,
+                 f"one of {AGGREGATES}")
+
+
+ATTENTION_CHOICES = ("auto", "sdpa", "explicit")  # model.ATTENTION_KERNELS plus auto
+LOSS_KERNELS = ("auto", "standard", "fused")
+CHECKPOINTING = ("none", "all", "every_n", "auto")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = option(4, "Number of Transformer blocks.")
+    d_model: int = option(384, "Width of the residual stream.")
+    n_head: int = option(6, "Attention heads; must divide d_model.")
+    dropout: float = option(0.0, "Dropout probability (0 keeps training deterministic and fast).")
+    activation_checkpointing: str = option(
+        "auto", "Recompute block activations in backward instead of keeping them: none | all | "
+                "every_n (blocks 0, n, 2n, ...) | auto (with batch.micro_batch_size = \"auto\" "
+                "the planner turns on checkpointing, then chunked loss, only if nothing fits "
+                "without; otherwise none).")
+    checkpoint_every: int = option(2, "every_n checkpointing: checkpoint every this many blocks.")
+    loss_chunk_tokens: int = option(0, "Compute the loss over slices of this many tokens so the "
+                                       "full tokens x vocab logits never exist; 0 = off.")
+    loss_kernel: str = option("auto", "How the built-in GPT computes its loss: standard (the "
+                                      "logits, then cross-entropy; checkpointed slices with "
+                                      "loss_chunk_tokens) | fused (lm_head and cross-entropy "
+                                      "chunk by chunk, gradients in forward, compiled: the "
+                                      "logits never exist whole) | auto (fused from a 32,768-"
+                                      "token vocabulary up, where it pays; not with FSDP).")
+    attention: str = option("auto", "Attention kernel: sdpa (scaled_dot_product_attention, "
+                                    "flash where the device has it) | explicit (softmax(qk^T)v "
+                                    "as plain ops: faster on CPU, keeps T x T probabilities) | "
+                                    "auto (explicit on CPU in bf16/fp16, sdpa "
+                                    "otherwise).")
+    source: str = option("gpt", "gpt (the built-in GPT; n_layer, d_model, n_head apply) | hf:DIR "
+                                "(a local Hugging Face model directory; hf:package:NAME/SUB is "
+                                "SUB inside the installed Python package NAME) | hf-config:FILE "
+                                "(random initialisation from a config.json).")
+    trust_remote_code: bool = option(False, "Let a Hugging Face model directory run its own "
+                                            "Python code (off: only transformers' own classes).")
+
+    def __post_init__(self) -> None:
+        _require(self.activation_checkpointing in CHECKPOINTING, "model.activation_checkpointing",
+                 self.activation_checkpointing, f"one of {CHECKPOINTING}")
+        _require(self.attention in ATTENTION_CHOICES, "model.attention", self.attention,
+                 f"one of {', '.join(ATTENTION_CHOICES)}")
+        _require(self.loss_kernel in LOSS_KERNELS, "model.loss_kernel", self.loss_kernel,
+                 f"one of {', '.join(LOSS_KERNELS)}")
+        _require(self.checkpoint_every >= 1, "model.checkpoint_every", self.checkpoint_every,
+                 "an integer >= 1")
+        _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens,
+                 "an integer >= 0 (0 = off)")
+        _require(self.source == "gpt" or self.source.startswith(("hf:", "hf-config:")),
+                 "model.source", self.source, "gpt, hf:DIR or hf-config:FILE")
+        _require(self.n_layer >= 1, "model.n_layer", self.n_layer, "an integer >= 1")
+        _require(self.n_head >= 1, "model.n_head", self.n_head, "an integer >= 1")
+        _require(self.d_model >= 1 and self.d_model % self.n_head == 0, "model.d_model",
+                 self.d_model, f"a positive multiple of model.n_head ({self.n_head})")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+RAMPS = ("linear", "auto")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    global_tokens: int = option(65536, "Tokens per optimizer step across all ranks: the batch, "
+                                       "said once. Micro-steps are derived from it.")
+    micro_batch_size: int | str = option(16, "Sequences per forward/backward per rank: the "
+                                              "memory knob; \"auto\" lets the planner choose "
+                                              "it within batch.memory_budget.")
+    memory_budget: int | str = option(0, "Memory per rank the auto micro-batch must fit: bytes "
+                                         "or a string such as \"6GiB\"; 0 = 80% of the memory "
+                                         "available now (RAM, or the GPU's free memory).")
+    ramp: str = option("linear", "Batch-size ramp-up: linear (grow from `ramp_start_tokens` to "
+                                 "`global_tokens` over `ramp_tokens`) or auto (grow the batch to "
+                                 "the measured gradient noise scale, never above "
+                                 "`global_tokens`).")
+    ramp_tokens: int = option(0, "Linear ramp: training tokens over which the batch grows; "
+                                 "0 = no linear ramp.")
+    ramp_start_tokens: int = option(0, "First global batch of a ramp, in tokens: a whole number "
+                                       "of micro-steps across ranks (0 = one micro-step).")
+    noise_scale_ema: float = option(0.95, "Decay of the moving averages behind the gradient "
+                                          "noise scale (gns_* in metrics.jsonl).")
+    global_sequences: int = option(0, "classify: texts per optimizer step across all ranks (all "
+                                      "their windows); takes the place of global_tokens there.")
+    micro_batch_tokens: int = option(0, "classify: build micro-batches to this many padded tokens "
+                                        "(so short texts come more to a micro-batch) instead of "
+                                        "micro_batch_size windows; 0 = off.")
+
+    def __post_init__(self) -> None:
+        _require(self.global_sequences >= 0, "batch.global_sequences", self.global_sequences,
+                 "an integer >= 0")
+        _require(self.micro_batch_tokens >= 0, "batch.micro_batch_tokens",
+                 self.micro_batch_tokens, "an integer >= 0 (0 = off)")
+        _require(self.global_tokens >= 1, "batch.global_tokens", self.global_tokens,
+                 "a positive integer")
+        _require(self.micro_batch_size == "auto" or isinstance(self.micro_batch_size, int)
+                 and self.micro_batch_size >= 1, "batch.micro_batch_size",
+                 self.micro_batch_size, "a positive integer or \"auto\"")
+        parse_bytes(self.memory_budget)
+        _require(self.ramp in RAMPS, "batch.ramp", self.ramp, f"one of {RAMPS}")
+        _require(self.ramp_tokens >= 0, "batch.ramp_tokens", self.ramp_tokens,
+                 "an integer >= 0 (0 = off)")
+        _require(0 <= self.ramp_start_tokens <= self.global_tokens, "batch.ramp_start_tokens",
+                 self.ramp_start_tokens, f"an integer in [0, batch.global_tokens = "
+                 f"{self.global_tokens}]")
+        _require(0 < self.noise_scale_ema < 1, "batch.noise_scale_ema", self.noise_scale_ema,
+                 "a number in (0, 1)")
+
+
+OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
+LR_SCALINGS = ("none", "linear", "sqrt")
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = option("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
+    lr: float = option(1e-3, "Peak learning rate, reached at the end of warmup.")
+    weight_decay: float = option(0.1, "Weight decay, applied to weights of 2+ dims only "
+                                      "(decoupled for adamw and lamb).")
+    beta1: float = option(0.9, "Adam beta1.")
+    beta2: float = option(0.95, "Adam beta2.")
+    eps: float = option(1e-8, "Adam epsilon (also LAMB's).")
+    momentum: float = option(0.9, "Momentum of sgd and lars.")
+    trust_coefficient: float = option(1e-3, "LARS trust coefficient eta (local lr = eta |w| / "
+                                            "(|g| + weight_decay |w|)).")
+    lr_scaling: str = option("none", "Scale the peak lr with the global batch: none | linear "
+                                     "(lr x B / reference) | sqrt (lr x sqrt(B / reference)).")
+    reference_batch_tokens: int = option(0, "The batch, in tokens, at which `lr` is the peak "
+                                            "lr; 0 = batch.global_tokens (then only a ramp "
+                                            "scales it).")
+    clip_norm: float = option(1.0, "Clip the global L2 norm of the gradients to this; 0 disables.")
+    clip_value: float = option(0.0, "Clip every gradient element to [-v, v] (L-inf); 0 disables.")
+    warmup_steps: int = option(6, "Linear warmup from ~0 to `lr` over this many steps (of "
+                                   "batch.global_tokens tokens each: counted in tokens when the "
+                                   "batch or sequence length ramps).")
+    decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)}.")
+    min_lr_ratio: float = option(0.1, "Floor of the decay, as a fraction of `lr`.")
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {OPTIMIZERS}")
+        _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
+        _require(self.eps > 0, "optim.eps", self.eps, "a positive number")
+        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
+        _require(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient,
+                 "a positive number")
+        _require(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling", self.lr_scaling,
+                 f"one of {LR_SCALINGS}")
+        _require(self.reference_batch_tokens >= 0, "optim.reference_batch_tokens",
+                 self.reference_batch_tokens, "an integer >= 0 (0 = batch.global_tokens)")
+        _require(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0 (0 = off)")
+        _require(self.clip_value >= 0, "optim.clip_value", self.clip_value,
+                 "a number >= 0 (0 = off)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
+                 "an integer >= 0")
+        _require(self.decay in DECAYS, "optim.decay", self.decay, f"one of {DECAYS}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
+                 "a number in [0, 1]")
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    dtype: str = option("bf16", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling).")
+    init_scale: float = option(2.0**16, "fp16: initial loss scale.")
+    growth_factor: float = option(2.0, "fp16: scale multiplier after `growth_interval` good steps.")
+    backoff_factor: float = option(0.5, "fp16: scale multiplier after an overflow.")
+    growth_interval: int = option(2000, "fp16: good steps between scale increases.")
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, "precision.dtype", self.dtype, f"one of {DTYPES}")
+        _require(self.init_scale > 0, "precision.init_scale", self.init_scale, "a positive number")
+        _require(self.growth_factor > 1, "precision.growth_factor", self.growth_factor,
+                 "a number > 1")
+        _require(0 < self.backoff_factor < 1, "precision.backoff_factor", self.backoff_factor,
+                 "a number in (0, 1)")
+        _require(self.growth_interval >= 1, "precision.growth_interval", self.growth_interval,
+                 "a positive integer")
+
+
+ALLOCATORS = ("tuned", "system")
+TASKS = ("lm", "classify")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = option(30, "Optimizer steps to train for: max_steps x batch.global_tokens "
+                                "tokens when the batch or sequence length ramps.")
+    target_val_loss: float = option(0.0, "Stop once the validation loss is at or below this "
+                                         "(`bigbatch sweep`); 0 = off.")
+    eval_every: int = option(15, "Evaluate on the validation split every this many steps "
+                                 "(and at the end); 0 evaluates only at the end.")
+    eval_tokens: int = option(32768, "Validation tokens per evaluation (fewer if the split is "
+                                      "smaller).")
+    seed: int = option(1337, "Seed for initialisation and data order.")
+    log_every: int = option(1, "Print a log line every this many steps (when not on a terminal).")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    max_bad_steps: int = option(20, "Stop after this many consecutive skipped (non-finite) steps.")
+    allocator: str = option("tuned", "tuned: keep freed large CPU buffers mapped (glibc "
+                                     "mallopt), 1.3-2x faster here; system: leave malloc alone.")
+    task: str = option("lm", "lm (next-token prediction on text) | classify (sequence "
+                             "classification of labelled texts; needs an hf model.source).")
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "a positive integer")
+        _require(self.target_val_loss >= 0, "train.target_val_loss", self.target_val_loss,
+                 "a number >= 0 (0 = off)")
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        _require(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens,
+                 "a positive integer")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "a positive integer")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps,
+                 "a positive integer")
+        _require(self.allocator in ALLOCATORS, "train.allocator", self.allocator,
+                 f"one of {ALLOCATORS}")
+        _require(self.task in TASKS, "train.task", self.task, f"one of {TASKS}")
+
+
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    strategy: str = option("ddp", "With more than one rank: ddp (a full replica per rank, "
+                                  "gradients all-reduced) or fsdp (FSDP2: parameters, gradients "
+                                  "and optimizer state sharded over the ranks).")
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in PARALLEL_STRATEGIES, "parallel.strategy", self.strategy,
+                 f"one of {PARALLEL_STRATEGIES}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = option(1000, "Write a full-state checkpoint (RUN_DIR/checkpoints/) every "
+                                    "this many optimizer steps; 0 = not by steps.")
+    every_minutes: float = option(30.0, "Also write one when this many minutes have passed since "
+                                        "the last; 0 = not by time.")
+    keep: int = option(2, "Keep the newest this many checkpoints; older ones are deleted.")
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps,
+                 "an integer >= 0 (0 = off)")
+        _require(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes,
+                 "a number >= 0 (0 = off)")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "a positive integer")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, one frozen section per TOML table (load_config builds it)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)

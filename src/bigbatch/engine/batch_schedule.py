@@ -1,0 +1,154 @@
+"""Per-step batch arithmetic under a batch-size ramp and a sequence-length warmup (pure).
+
+One micro-step across ranks always holds the same number of tokens,
+
+    unit = batch.micro_batch_size x data.seq_len x world_size,
+
+so the two warmups combine without touching each other:
+
+- **Batch ramp** (Smith et al. 2017, "Don't decay the learning rate, increase the batch size"):
+  the global batch is a whole number of units, and only the number of micro-steps changes.
+  `linear` grows it from `batch.ramp_start_tokens` to `batch.global_tokens` over
+  `batch.ramp_tokens` training tokens (rounded down to whole units); `auto` grows it to the
+  measured gradient noise scale (rounded down, never shrinking, never above the full batch).
+- **Sequence-length warmup** (Li et al. 2021): the length grows linearly from
+  `data.seq_len_start` to `data.seq_len` over `data.seq_len_warmup_tokens`, rounded down to a
+  divisor of `data.seq_len`, and each micro-batch holds `seq_len / length` times as many
+  sequences. The loader cuts each sampled full-length window into that many shorter ones, so
+  the sampler and its resume position are the same as without warmup.
+
+Training length is counted in tokens (`train.max_steps x batch.global_tokens`), and the LR
+schedule by the tokens at the end of each step (engine/schedule.py), so a ramp changes the
+number of steps but not where warmup and decay fall. Without a ramp both are the plain step
+counts, and every step is the full `BatchPlan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bigbatch.config.sections import Config
+from bigbatch.engine.batching import BatchPlan
+from bigbatch.errors import UsageError
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one optimizer step looks like."""
+
+    global_tokens: int      # the step's global batch
+    num_micro_steps: int    # per rank
+    micro_batch_size: int   # sequences per micro-batch, at this step's length
+    seq_len: int
+
+
+def ramp_micro_steps(tokens_seen: int, start: int, full: int, ramp_tokens: int) -> int:
+    """Linear ramp in whole micro-steps: `start` at 0 tokens, `full` from `ramp_tokens` on."""
+    if ramp_tokens <= 0 or tokens_seen >= ramp_tokens:
+        return full
+    return start + (full - start) * tokens_seen // ramp_tokens
+
+
+def auto_micro_steps(noise_tokens: float | None, unit_tokens: int, previous: int, start: int,
+                     full: int) -> int:
+    """The batch the noise scale asks for, in whole micro-steps: never below the previous step's
+    (the batch only grows), nor outside [start, full]."""
+    wanted = int(noise_tokens // unit_tokens) if noise_tokens and noise_tokens > 0 else 0
+    return min(full, max(start, previous, wanted))
+
+
+def warmup_seq_len(tokens_seen: int, start: int, full: int, warmup_tokens: int) -> int:
+    """The largest divisor of `full` not above the linear warmup's length (and not below
+    `start`): a window of `full` tokens then splits into whole sequences."""
+    if warmup_tokens <= 0 or tokens_seen >= warmup_tokens:
+        return full
+    linear = start + (full - start) * tokens_seen // warmup_tokens
+    return max(d for d in range(start, full + 1) if full % d == 0 and d <= max(linear, start))
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    plan: BatchPlan            # the full batch, as planned at start-up
+    ramp: str                  # "linear" | "auto"
+    ramp_tokens: int
+    start_micro_steps: int
+    seq_len_start: int
+    seq_len_warmup_tokens: int
+    max_steps: int             # train.max_steps: the run is max_steps full batches of tokens
+
+    @property
+    def unit_tokens(self) -> int:
+        return self.plan.micro_batch_tokens * self.plan.world_size
+
+    @property
+    def total_tokens(self) -> int:
+        """The run's training tokens; the last step may end past them (never by a full batch)."""
+        return self.max_steps * self.plan.global_tokens
+
+    @property
+    def ramps(self) -> bool:
+        return (self.ramp == "auto" or self.ramp_tokens > 0) or self.seq_len_warmup_tokens > 0
+
+    def shape(self, tokens_seen: int, noise_tokens: float | None = None,
+              previous_micro_steps: int = 0) -> StepShape:
+        full = self.plan.num_micro_steps
+        if self.ramp == "auto":
+            steps = auto_micro_steps(noise_tokens, self.unit_tokens, previous_micro_steps,
+                                     self.start_micro_steps, full)
+        else:
+            steps = ramp_micro_steps(tokens_seen, self.start_micro_steps, full, self.ramp_tokens)
+        seq_len = warmup_seq_len(tokens_seen, self.seq_len_start, self.plan.seq_len,
+                                 self.seq_len_warmup_tokens)
+        return StepShape(steps * self.unit_tokens, steps,
+                         self.plan.micro_batch_size * self.plan.seq_len // seq_len, seq_len)
+
+    def num_steps(self) -> int:
+        """Optimizer steps in the run (auto ramp: as if the batch never grew, an upper bound)."""
+        if self.ramp != "auto" and not self.ramp_tokens:  # the batch never changes
+            return self.max_steps
+        tokens, steps, micro_steps = 0, 0, 0
+        while tokens < self.total_tokens:
+            micro_steps = self.shape(tokens, None, micro_steps).num_micro_steps
+            tokens += micro_steps * self.unit_tokens
+            steps += 1
+        return steps
+
+
+def build_batch_schedule(cfg: Config, plan: BatchPlan) -> BatchSchedule:
+    """Check the ramp settings against the planned batch; one-line errors name the key."""
+    unit = plan.micro_batch_tokens * plan.world_size
+    batch = cfg.batch
+    ramping = batch.ramp == "auto" or batch.ramp_tokens > 0
+    start = batch.ramp_start_tokens or unit
+    if ramping and start % unit:
+        raise UsageError(f"batch.ramp_start_tokens = {batch.ramp_start_tokens} is not a whole "
+                         f"number of micro-steps of {unit} tokens (micro_batch_size x seq_len x "
+                         f"world_size): use {max(unit, start // unit * unit)} or "
+                         f"{(start // unit + 1) * unit}")
+    if batch.ramp == "auto" and start // unit < 2:
+        raise UsageError(f"batch.ramp = \"auto\" measures the noise scale from 2+ micro-steps "
+                         f"per step: set batch.ramp_start_tokens to at least {2 * unit}")
+    seq_start = cfg.data.seq_len_start if cfg.data.seq_len_warmup_tokens else plan.seq_len
+    return BatchSchedule(plan, batch.ramp, batch.ramp_tokens,
+                         start // unit if ramping else plan.num_micro_steps, seq_start,
+                         cfg.data.seq_len_warmup_tokens, cfg.train.max_steps)
+
+
+def describe_schedule(schedule: BatchSchedule) -> list[str]:
+    """Start-up lines for what ramps, if anything."""
+    lines = []
+    unit = schedule.unit_tokens
+    if schedule.ramp == "auto":
+        lines.append(f"batch ramp: auto, from {schedule.start_micro_steps * unit:,} tokens "
+                     f"towards the measured noise scale, at most {schedule.plan.global_tokens:,}"
+                     f" (steps of {unit:,} tokens)")
+    elif schedule.ramp_tokens:
+        lines.append(f"batch ramp: {schedule.start_micro_steps * unit:,} -> "
+                     f"{schedule.plan.global_tokens:,} tokens over {schedule.ramp_tokens:,} "
+                     f"tokens, in steps of {unit:,} tokens ({schedule.num_steps()} steps)")
+    if schedule.seq_len_warmup_tokens:
+        lines.append(f"sequence-length warmup: {schedule.seq_len_start} -> "
+                     f"{schedule.plan.seq_len} tokens over {schedule.seq_len_warmup_tokens:,} "
+                     f"tokens (divisors of {schedule.plan.seq_len}; "
+                     f"{schedule.plan.micro_batch_tokens:,} tokens per micro-batch throughout)")
+    return lines

@@ -1,0 +1,58 @@
+"""Hugging Face causal language models under `train.task = "lm"` (model.source = hf:/hf-config:).
+
+The corpus is tokenized with the model's own tokenizer (its directory becomes `data.tokenizer`),
+the loss is the same `lm_loss_sum` (it reads `.logits` from a Hugging Face output), and the
+finished model is saved in Hugging Face's format in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigbatch.config.sections import Config
+from bigbatch.errors import UsageError
+from bigbatch.model.hf import (
+    HFSource,
+    apply_hf_checkpointing,
+    build_hf_model,
+    load_tokenizer,
+    parse_source,
+    tokenizer_dir,
+)
+
+
+def with_model_tokenizer(cfg: Config) -> tuple[Config, HFSource | None]:
+    """`cfg` with data.tokenizer pointing at the Hugging Face model's tokenizer (checked)."""
+    source = parse_source(cfg.model.source)
+    if source is None:
+        return cfg, None
+    if cfg.model.loss_chunk_tokens:
+        raise UsageError("model.loss_chunk_tokens needs the built-in GPT (model.source = "
+                         "\"gpt\"): set it to 0 for a Hugging Face model")
+    if cfg.model.loss_kernel == "fused":
+        raise UsageError("model.loss_kernel = 'fused' needs the built-in GPT (model.source = "
+                         "\"gpt\"): use 'auto' or 'standard' for a Hugging Face model")
+    directory = str(tokenizer_dir(source, cfg.data.tokenizer))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=directory)), \
+        source
+
+
+def build_hf_lm(cfg: Config, source: HFSource, vocab_size: int) -> nn.Module:
+    """The causal LM, its embeddings grown if bigbatch added the end-of-text token."""
+    model = build_hf_model(source, "lm", trust_remote_code=cfg.model.trust_remote_code)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    apply_hf_checkpointing(model, cfg.model.activation_checkpointing,
+                           cfg.model.checkpoint_every)
+    return model.train()
+
+
+def save_hf_model(model: nn.Module, cfg: Config, source: HFSource, out_dir: Path,
+                  weights: dict[str, torch.Tensor]) -> None:
+    model.save_pretrained(str(out_dir), state_dict=weights)
+    load_tokenizer(source, cfg.data.tokenizer, cfg.model.trust_remote_code).save_pretrained(
+        str(out_dir))

@@ -1,0 +1,150 @@
+"""From a Config to a MemoryPlan and back: what `bigbatch plan` prints and `bigbatch train` uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from bigbatch.config.sections import Config
+from bigbatch.errors import UsageError
+from bigbatch.model.gpt import resolve_attention
+from bigbatch.planning.budget import format_bytes, resolve_budget
+from bigbatch.planning.memory import ModelDims, Setup
+from bigbatch.planning.probe import ProbeRequest, ProbeResult, run_probe
+from bigbatch.planning.search import (
+    PEAK_HEADROOM,
+    MemoryPlan,
+    ProbeFn,
+    agree_across_ranks,
+    choose_micro_batch,
+    tactics_for,
+)
+
+
+def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device: str = "cpu",
+                    data_bytes: int = 0, probe: ProbeFn = run_probe) -> MemoryPlan:
+    """Search the micro-batch for `cfg` (as if `batch.micro_batch_size = "auto"`)."""
+    device_type, _, index = device.partition(":")
+    if cfg.model.source != "gpt":  # a Hugging Face model: its own dimensions, probed as itself
+        from bigbatch.planning.hf_probe import hf_dims, planning_config
+
+        cfg = planning_config(cfg)
+        dims = hf_dims(cfg, cfg.data.seq_len)
+        gpt_probe = probe
+
+        def probe(request: ProbeRequest) -> ProbeResult:
+            return gpt_probe(dataclasses.replace(
+                request, model_source=cfg.model.source, task=cfg.train.task,
+                trust_remote_code=cfg.model.trust_remote_code))
+    else:
+        dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
+                         cfg.model.n_head, resolve_attention(cfg.model.attention, device_type,
+                                                           cfg.precision.dtype))
+    budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None)
+    loss_kernel = "standard"
+    if cfg.model.source == "gpt":
+        from bigbatch.engine.fused_loss import resolve_loss_kernel
+
+        loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, dims.vocab_size,
+                                          cfg.parallel.strategy, world_size)
+    base = Setup(micro_batch_size=1, precision=cfg.precision.dtype, optimizer=cfg.optim.name,
+                 world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes,
+                 loss_kernel=loss_kernel)
+    model = cfg.model
+    plan = choose_micro_batch(dims, base, global_tokens=cfg.batch.global_tokens,
+                              mode=model.activation_checkpointing,
+                              checkpoint_every=model.checkpoint_every,
+                              loss_chunk_tokens=model.loss_chunk_tokens, budget=budget,
+                              device=device, allocator=cfg.train.allocator, probe=probe)
+    tactics = tactics_for(model.activation_checkpointing, model.checkpoint_every,
+                          model.loss_chunk_tokens, cfg.data.seq_len)
+    if cfg.model.source != "gpt" and plan.loss_chunk_tokens:
+        raise UsageError(f"batch.memory_budget = {format_bytes(budget)} is too small for this "
+                         "model without chunked loss, which Hugging Face models lack: raise the "
+                         "budget or give a smaller data.seq_len / data.max_length")
+    return agree_across_ranks(plan, tactics)
+
+
+def apply_plan(cfg: Config, plan: MemoryPlan) -> Config:
+    """The config with the plan's micro-batch, checkpointing and loss chunking filled in."""
+    return dataclasses.replace(
+        cfg, batch=dataclasses.replace(cfg.batch, micro_batch_size=plan.micro_batch_size),
+        model=dataclasses.replace(cfg.model, activation_checkpointing=plan.activation_checkpointing,
+                                  checkpoint_every=plan.checkpoint_every,
+                                  loss_chunk_tokens=plan.loss_chunk_tokens))
+
+
+def write_plan(plan: MemoryPlan, out_dir: Path) -> Path:
+    path = out_dir / "plan.json"
+    path.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return path
+
+
+def _speed(candidate: dict) -> str:
+    if candidate["note"]:
+        return candidate["note"]
+    if candidate["tokens_per_s"] is None:
+        return "not measured"
+    return f"{candidate['tokens_per_s']:,.0f} tokens/s"
+
+
+def describe_plan(plan: MemoryPlan) -> list[str]:
+    """The plan, explained: batch arithmetic, memory by component against the budget, probes."""
+    global_sequences = plan.global_tokens // plan.seq_len
+    chunk = (f"in slices of {plan.loss_chunk_tokens} tokens" if plan.loss_chunk_tokens
+             else "whole (logits materialised)")
+    every = f" (every {plan.checkpoint_every})" if plan.activation_checkpointing == "every_n" \
+        else ""
+    lines = [
+        f"global batch: {plan.global_tokens:,} tokens = {global_sequences} sequences x "
+        f"{plan.seq_len} tokens (fixed)",
+        f"per rank: {plan.sequences_per_rank} sequences on each of {plan.world_size} rank(s) "
+        f"({plan.sharding})",
+        f"micro-batch: {plan.micro_batch_size} sequences x {plan.num_micro_steps} micro-steps",
+        f"activation checkpointing: {plan.activation_checkpointing}{every}; loss: {chunk}",
+        f"predicted peak: {format_bytes(plan.predicted_peak_bytes)} of a "
+        f"{format_bytes(plan.budget_bytes)} budget on {plan.device} "
+        f"({100 * plan.predicted_peak_bytes / plan.budget_bytes:.0f}%; a plan keeps "
+        f"{100 * PEAK_HEADROOM:.0f}% of its peak as headroom)",
+    ]
+    lines += [f"  {name:<16} {format_bytes(size):>12}" for name, size in plan.components.items()]
+    cal = plan.calibration
+    lines.append(f"calibration: {cal['source']}: overhead {format_bytes(cal['overhead_bytes'])}, "
+                 f"activation scale {cal['activation_scale']:.2f}")
+    lines.append(f"candidates (tried: {'; '.join(plan.tactics_tried)}):")
+    for c in plan.candidates:
+        measured = format_bytes(c["measured_bytes"]) if c["measured_bytes"] else "-"
+        mark = "<- chosen" if c["micro_batch_size"] == plan.micro_batch_size else ""
+        lines.append(f"  micro-batch {c['micro_batch_size']:>4}: predicted "
+                     f"{format_bytes(c['predicted_bytes']):>11}, measured {measured:>11}, "
+                     f"{_speed(c)} {mark}".rstrip())
+    if plan.world_size > 1:
+        lines.append(f"gradient all-reduce per optimizer step: "
+                     f"{format_bytes(plan.allreduce_bytes_per_step)} sent per rank (ring, fp32, "
+                     f"once per step thanks to no_sync)")
+    return lines
+
+
+def probe_device(name: str, local_rank: int = 0) -> str:
+    """`train.device` as the probe's device string ("auto" -> cuda:N where there is one)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{local_rank}" if name == "cuda" else name
+
+
+def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> MemoryPlan:
+    """The micro-batch (and activation checkpointing, chunked loss) that fits
+    `batch.memory_budget` for `cfg` on `world_size` ranks, measured by short probes on
+    `device` (default: the one `train.device` names). `describe_plan(plan)` explains it."""
+    # The logits' width is the tokenizer's real vocabulary: a local tokenizer directory has its
+    # own size, whatever data.vocab_size says (that only sizes a BPE bigbatch trains itself).
+    vocab_size = cfg.data.vocab_size
+    if cfg.data.tokenizer:
+        from bigbatch.data.tokenizer import load_tokenizer_dir
+
+        vocab_size = load_tokenizer_dir(cfg.data.tokenizer).get_vocab_size()
+    return plan_for_config(cfg, vocab_size, world_size=world_size,
+                           device=probe_device(cfg.train.device) if device is None else device)

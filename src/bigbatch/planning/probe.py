@@ -1,0 +1,194 @@
+"""The probe: measure the peak memory and speed of real train_step calls, one fresh process each.
+
+Each candidate runs in a child process (`python -m bigbatch.planning.probe REQUEST_JSON`) so that
+its peak is its own: on CPU the peak resident set (VmHWM, which never goes down within a
+process); on CUDA `torch.cuda.max_memory_allocated`, with out-of-memory caught here, in the
+probe, never mid-run. The child builds the model exactly as training does (checkpointing,
+chunked loss, precision, fused AdamW, allocator setting), feeds random tokens (memory does not
+depend on their values), and times steps after the first; by the second step the optimizer
+state exists, so the peak is the steady state's.
+
+`fit_calibration` then fits the memory model's two constants to the measurements by least
+squares: measured - static = overhead + scale x growing bytes (see memory.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from bigbatch.planning.memory import Calibration, ModelDims, Setup, growing_bytes, static_bytes
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    dims: ModelDims
+    micro_batch_size: int
+    num_micro_steps: int = 2
+    num_steps: int = 5
+    # ...and more, up to max_steps, until the timed steps (all but the first) last this long:
+    # a small model's step takes milliseconds, and one disturbed step would decide its speed.
+    min_timed_seconds: float = 1.0
+    max_steps: int = 30
+    precision: str = "fp32"
+    checkpointing: str = "none"
+    checkpoint_every: int = 1
+    loss_chunk_tokens: int = 0
+    loss_kernel: str = "standard"  # resolved: standard | fused
+    device: str = "cpu"
+    allocator: str = "tuned"
+    seed: int = 0
+    model_source: str = "gpt"   # or a Hugging Face model (hf:/hf-config:), built for `task`
+    task: str = "lm"
+    trust_remote_code: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeRequest:
+        raw = json.loads(text)
+        return cls(**{**raw, "dims": ModelDims(**raw["dims"])})
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    micro_batch_size: int
+    peak_bytes: int | None         # None when the candidate ran out of memory
+    tokens_per_s: float | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.peak_bytes is not None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(request: ProbeRequest) -> ProbeResult:
+    """Run in the child: build, step `num_steps` times, report the peak and the best speed."""
+    if request.allocator == "tuned":
+        from bigbatch.engine.allocator import tune_glibc_malloc
+
+        tune_glibc_malloc()  # before the first big tensor, as train() does
+    import torch
+
+    from bigbatch.config.sections import OptimConfig, PrecisionConfig
+    from bigbatch.data.loader import MicroBatch
+    from bigbatch.engine.chunked_loss import make_loss_sum_fn
+    from bigbatch.engine.loop import evaluate
+    from bigbatch.engine.optim import build_optimizer
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.engine.step import train_step
+    from bigbatch.model.checkpointing import apply_activation_checkpointing
+    from bigbatch.model.gpt import GPT, GPTShape
+    from bigbatch.parallel.process_group import SINGLE_PROCESS
+
+    d = request.dims
+    device = torch.device(request.device)
+    # What a run's process holds besides its steps, so the peak measured here is the run's:
+    # TensorBoard's modules (metrics.py, rank 0) and the matmul-peak measurement at start
+    # (engine/throughput.py), which leaves the math library's buffers behind (17 MiB measured together).
+    import torch.utils.tensorboard  # noqa: F401
+
+    from bigbatch.engine.throughput import quick_matmul_peak
+
+    quick_matmul_peak(device, request.precision)
+    torch.manual_seed(request.seed)
+    shape = (request.micro_batch_size, d.seq_len)
+    if request.model_source == "gpt":
+        model = GPT(GPTShape(d.vocab_size, d.seq_len, d.n_layer, d.n_head, d.d_model),
+                    attention=d.attention).to(device)
+        apply_activation_checkpointing(model, request.checkpointing, request.checkpoint_every)
+        loss_sum_fn = make_loss_sum_fn(request.loss_chunk_tokens, request.loss_kernel)
+        make_batch = None
+    else:
+        from bigbatch.planning.hf_probe import hf_probe_setup
+
+        model, loss_sum_fn, make_batch = hf_probe_setup(request, device)
+    optimizer = build_optimizer(model, OptimConfig(), device)
+    precision = make_precision(PrecisionConfig(dtype=request.precision), device)
+
+    def fresh_batches() -> list[MicroBatch]:
+        # New tensors every step, as the loader makes them: the allocator sees the same churn.
+        if make_batch is not None:
+            return [make_batch() for _ in range(request.num_micro_steps)]
+        return [MicroBatch(torch.randint(0, d.vocab_size, shape, device=device),
+                           torch.randint(0, d.vocab_size, shape, device=device))
+                for _ in range(request.num_micro_steps)]
+
+    batches = fresh_batches()
+    seconds = []
+    try:
+        # fit() evaluates before the first step and after the last, in micro-batches of the
+        # same size; the allocator's heap after that mix is what a run sees, so probe it too.
+        evaluate(model, batches[:1], precision, SINGLE_PROCESS, device, loss_sum_fn)
+        while len(seconds) < request.num_steps or (
+                sum(seconds[1:]) < request.min_timed_seconds and len(seconds) < request.max_steps):
+            started = time.perf_counter()
+            batches = fresh_batches()
+            stats = train_step(model, optimizer, batches, precision=precision, clip_norm=1.0,
+                               loss_sum_fn=loss_sum_fn)
+            float(stats.loss)  # host sync, so the timing covers the whole step
+            seconds.append(time.perf_counter() - started)
+        evaluate(model, batches[:1], precision, SINGLE_PROCESS, device, loss_sum_fn)
+    except torch.OutOfMemoryError as err:
+        return ProbeResult(request.micro_batch_size, None, None, f"out of memory: {err}"[:200])
+    tokens = request.micro_batch_size * d.seq_len * request.num_micro_steps
+    best = min(seconds[1:] or seconds)  # the first step allocates and warms up
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else peak_rss_bytes())
+    return ProbeResult(request.micro_batch_size, int(peak), tokens / best)
+
+
+def run_probe(request: ProbeRequest, timeout_s: float = 600.0) -> ProbeResult:
+    """Measure one candidate in a fresh child process (a killed child means it did not fit)."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "bigbatch.planning.probe", request.to_json()],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return ProbeResult(request.micro_batch_size, None, None, f"timed out after {timeout_s}s")
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        if done.returncode < 0:
+            reason = f"killed by signal {-done.returncode} (out of memory?)"
+        return ProbeResult(request.micro_batch_size, None, None, reason[:200])
+    return ProbeResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def fit_calibration(dims: ModelDims, points: list[tuple[Setup, int]],
+                    default: Calibration) -> Calibration:
+    """Least squares of measured - static = overhead + scale x growing bytes over the probes.
+
+    With one point (or points of one size) only the overhead is fitted and the scale stays 1;
+    a fit with a non-positive scale is rejected the same way (too little spread to trust).
+    """
+    xs = [growing_bytes(dims, setup) for setup, _ in points]
+    ys = [measured - static_bytes(dims, setup) for setup, measured in points]
+    if not points:
+        return default
+    label = f"fit of {len(points)} probe(s)"
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    if spread > 0:
+        scale = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
+        if scale > 0:
+            return Calibration(round(mean_y - scale * mean_x), scale, label)
+    return Calibration(round(mean_y - mean_x), 1.0, label)
+
+
+if __name__ == "__main__":
+    result = measure(ProbeRequest.from_json(sys.argv[1]))
+    print(json.dumps(asdict(result)))

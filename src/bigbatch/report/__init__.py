@@ -1,0 +1,1 @@
+"""Run reports (`bigbatch report`) and compare pages (`bigbatch compare`)."""

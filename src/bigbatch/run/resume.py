@@ -1,0 +1,107 @@
+"""Where a run resumes from (`bigbatch train --resume auto|PATH`), and what it must not clobber.
+
+`auto` takes the newest intact checkpoint in the run directory (`--out`); a damaged newer one is
+reported on one warning line and the one before it used. With no checkpoint at all, `auto`
+starts at step 0, so a job script can always pass `--resume auto`. metrics.jsonl keeps one row
+per step: the rows the interrupted attempt logged after its checkpoint are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from bigbatch.errors import UsageError
+from bigbatch.run.checkpoint import MANIFEST, NAME, list_checkpoints, verify_checkpoint
+
+
+def newest_valid(directory: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint; each newer, damaged one is reported through `warn`."""
+    candidates = list_checkpoints(directory)
+    for path in reversed(candidates):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path} is unusable: {problem}; trying the one before it")
+    if candidates:
+        raise UsageError(f"none of the {len(candidates)} checkpoints in {directory} is intact: "
+                         "start a new run with another --out")
+    return None
+
+
+def find_resume_checkpoint(resume: str, out_dir: Path, warn: Callable[[str], None]
+                           ) -> Path | None:
+    """`--resume auto`: the newest intact checkpoint of `out_dir`, or None for a fresh start.
+    `--resume PATH`: that checkpoint directory, or the newest intact one of that run directory."""
+    if resume == "auto":
+        return newest_valid(out_dir / "checkpoints", warn)
+    path = Path(resume)
+    if (path / MANIFEST).exists() or NAME.fullmatch(path.name):
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise UsageError(f"--resume {resume!r} is not a usable checkpoint: {problem}")
+        return path
+    found = newest_valid(path / "checkpoints", warn)
+    if found is None:
+        raise UsageError(f"--resume {resume!r} is neither a checkpoint directory nor a run "
+                         "directory holding checkpoints: give one, or --resume auto")
+    return found
+
+
+# What a run writes into its directory (train.py, its tasks, checkpoint.py,
+# run_info.py, the report, the planner). A directory holding any of them holds a previous run.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.toml", "run_info.json", "tensorboard",
+               "model.safetensors", "model.json", "tokenizer.json", "config.json",
+               "labels.json", "plan.json", "report.html")
+
+
+def previous_run_outputs(out_dir: Path) -> list[str]:
+    """The names in `out_dir` that a run wrote (checkpoints/ only when it holds one)."""
+    found = [name for name in RUN_OUTPUTS if name != "checkpoints" and (out_dir / name).exists()]
+    if list_checkpoints(out_dir / "checkpoints"):
+        found.insert(0, "checkpoints")
+    return found
+
+
+def check_out_dir(out_dir: Path, resume: str | None, overwrite: bool = False) -> None:
+    """Refuse to mix a new run into a directory that holds another run's outputs: its
+    metrics.jsonl would be appended to, its report would draw two runs as one. `overwrite`
+    removes those outputs first (and only those: other files in the directory stay)."""
+    if overwrite and resume is not None:
+        raise UsageError(f"--overwrite and --resume {resume} contradict each other: --resume "
+                         "continues the run in --out, --overwrite discards it")
+    found = previous_run_outputs(out_dir)
+    if not found or resume is not None:
+        return
+    if not overwrite:
+        newest = list_checkpoints(out_dir / "checkpoints")
+        what = ", ".join(f"checkpoints/ (newest {newest[-1].name})" if name == "checkpoints"
+                         else name for name in found)
+        raise UsageError(f"--out {str(out_dir)!r} already holds a run ({what}): choose another "
+                         "--out, add --resume auto to continue it, or --overwrite to replace it")
+    for name in found:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def drop_metrics_after(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl without the rows of steps after `step` (logged by the attempt that
+    was interrupted, and about to be logged again). Returns how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line from a killed process
+        if row_step <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)

@@ -1,0 +1,169 @@
+"""`train.task = "lm"`: next-token prediction on a text corpus, with the built-in GPT or a
+Hugging Face causal LM. Ends by comparing the validation loss with a unigram model's."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigbatch.config.sections import Config
+from bigbatch.data.corpus import Corpus, prepare_corpus, prepare_corpus_in_child
+from bigbatch.data.loader import TokenLoader, eval_micro_batches
+from bigbatch.data.packing import IGNORE_INDEX
+from bigbatch.engine.batch_schedule import BatchSchedule, build_batch_schedule, describe_schedule
+from bigbatch.engine.batching import plan_batch
+from bigbatch.engine.chunked_loss import describe_loss, make_loss_sum_fn
+from bigbatch.engine.fused_loss import resolve_loss_kernel
+from bigbatch.engine.loop import TrainState
+from bigbatch.engine.noise_scale import noise_scale_summary
+from bigbatch.engine.schedule import describe_lr_scaling
+from bigbatch.engine.throughput import flops_per_token
+from bigbatch.model.artifacts import save_model
+from bigbatch.model.checkpointing import apply_activation_checkpointing
+from bigbatch.model.gpt import GPT, GPTShape, resolve_attention
+from bigbatch.parallel.process_group import DistInfo, barrier
+from bigbatch.run.seeding import seed_everything
+from bigbatch.run.tasks import TaskContext, TaskRun
+
+
+def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> nn.Module:
+    """The built-in GPT, or the Hugging Face causal LM that `model.source` names."""
+    from bigbatch.model.hf_lm import build_hf_lm, with_model_tokenizer
+
+    cfg, source = with_model_tokenizer(cfg)
+    if source is not None:
+        return build_hf_lm(cfg, source, vocab_size)
+    return GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
+                        n_head=cfg.model.n_head, d_model=cfg.model.d_model,
+                        dropout=cfg.model.dropout),
+               attention=resolve_attention(cfg.model.attention, device_type,
+                                             cfg.precision.dtype))
+
+
+def model_width(cfg: Config) -> tuple[int, int]:
+    """(layers, width) of the built-in GPT, or of the Hugging Face model from its config."""
+    if cfg.model.source == "gpt":
+        return cfg.model.n_layer, cfg.model.d_model
+    from bigbatch.planning.hf_probe import hf_dims
+
+    dims = hf_dims(cfg, cfg.data.seq_len)
+    return dims.n_layer, dims.d_model
+
+
+def unigram_baseline(corpus: Corpus, cfg: Config) -> float:
+    """The unigram model's loss on exactly the windows `evaluate` scores (all ranks' share)."""
+    batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len,
+                                 cfg.train.eval_tokens, micro_batch_size=64, rank=0, world_size=1)
+    targets = torch.cat([mb.targets.flatten() for mb in batches])
+    return corpus.unigram_loss(targets[targets != IGNORE_INDEX].numpy())
+
+
+def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
+    """Rank 0 tokenizes and fills the cache (in a child process: see prepare_corpus_in_child);
+    the other ranks wait, then read it."""
+    if dist.is_main:
+        corpus = prepare_corpus_in_child(cfg.data)
+    barrier(dist)
+    if not dist.is_main:
+        corpus = prepare_corpus(cfg.data)
+    return corpus
+
+
+def plan_memory(cfg: Config, corpus: Corpus, ctx: TaskContext) -> Config:
+    """Resolve `batch.micro_batch_size = "auto"` (and checkpointing/chunked loss) by the memory
+    planner; the plan goes to `plan.json` in the run directory."""
+    from bigbatch.planning.planner import apply_plan, describe_plan, plan_for_config, write_plan
+
+    data_bytes = corpus.train_tokens.nbytes + corpus.val_tokens.nbytes
+    memory_plan = plan_for_config(cfg, corpus.vocab_size, world_size=ctx.dist.world_size,
+                                  device=str(ctx.device), data_bytes=data_bytes)
+    for line in describe_plan(memory_plan):
+        ctx.say(f"plan: {line}")
+    if ctx.dist.is_main:
+        write_plan(memory_plan, ctx.out_dir)
+    return apply_plan(cfg, memory_plan)
+
+
+def startup_lines(cfg: Config, schedule: BatchSchedule, model: nn.Module) -> list[str]:
+    plan = schedule.plan
+    return [
+        f"model: {cfg.model.source} {model.num_parameters() / 1e6:.2f}M parameters"
+        if not isinstance(model, GPT) else
+        f"model: GPT {model.num_parameters() / 1e6:.2f}M parameters ({cfg.model.n_layer} layers,"
+        f" d_model {cfg.model.d_model}, {cfg.model.n_head} heads, vocab {model.shape.vocab_size})",
+        f"batch: {plan.describe()}",
+        f"schedule: {cfg.train.max_steps} steps = {schedule.total_tokens:,} "
+        f"tokens, peak lr {cfg.optim.lr:g} after {cfg.optim.warmup_steps} warmup steps, "
+        f"{cfg.optim.decay} decay to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}"
+        + (" (counted in tokens, in steps of the full batch)" if schedule.ramps else ""),
+        f"optimizer: {cfg.optim.name} | " + describe_lr_scaling(
+            cfg.optim.lr, cfg.optim.lr_scaling, plan.global_tokens,
+            cfg.optim.reference_batch_tokens or plan.global_tokens),
+        *describe_schedule(schedule),
+    ]
+
+
+def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
+    from bigbatch.model.hf_lm import save_hf_model, with_model_tokenizer
+
+    cfg, hf_source = with_model_tokenizer(cfg)  # a Hugging Face LM tokenizes with its own
+    dist, device, say = ctx.dist, ctx.device, ctx.say
+    auto_micro_batch = cfg.batch.micro_batch_size == "auto"  # planned once the vocab is known
+    if not auto_micro_batch:  # checked before the corpus is read: a bad batch fails fast
+        plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                   dist.world_size)
+    started = time.perf_counter()
+    corpus = load_corpus(cfg, dist)
+    say(f"data: {len(corpus.train_tokens):,} training and {len(corpus.val_tokens):,} validation "
+        f"tokens ({time.perf_counter() - started:.1f}s; cache {corpus.cache_dir})")
+    if auto_micro_batch:
+        cfg = plan_memory(cfg, corpus, ctx)
+    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                      dist.world_size)
+    schedule = build_batch_schedule(cfg, plan)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, corpus.vocab_size, device.type).to(device)
+    loss_kernel = "standard"
+    if hf_source is None:  # a Hugging Face model's own switch was set by build_model
+        apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
+                                       cfg.model.checkpoint_every)  # before compile and DDP/FSDP
+        loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, corpus.vocab_size,
+                                          cfg.parallel.strategy, dist.world_size)
+    loss_sum_fn = make_loss_sum_fn(cfg.model.loss_chunk_tokens, loss_kernel)
+    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, dist.rank, cfg.train.seed)
+    val_batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len,
+                                     cfg.train.eval_tokens, cfg.batch.micro_batch_size,
+                                     dist.rank, dist.world_size)
+
+    def save(model: nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
+        if hf_source is None:
+            save_model(model, corpus.tokenizer, out_dir, weights)
+        else:
+            save_hf_model(model, cfg, hf_source, out_dir, weights)
+
+    def end_lines(state: TrainState) -> list[str]:
+        lines = []
+        if getattr(loss_sum_fn, "compile_seconds", None):  # the fused loss kernel
+            lines.append(f"fused loss kernel: first call (compiling) took "
+                         f"{loss_sum_fn.compile_seconds:.1f}s; later runs reuse the inductor "
+                         "cache")
+        return [*lines,
+                noise_scale_summary(state.micro_steps * schedule.unit_tokens,
+                                    state.noise.noise_scale),
+                f"validation loss {state.last_val_loss:.4f} nats/token vs "
+                f"{unigram_baseline(corpus, cfg):.4f} for a unigram model (one that learned "
+                "only the training token frequencies) on the same validation windows",
+                f"outputs: {ctx.out_dir}/ (model.safetensors, metrics.jsonl, config.toml, "
+                "tensorboard/)"]
+
+    return TaskRun(
+        cfg=cfg, schedule=schedule, model=model, loader=loader, val_batches=val_batches,
+        start_lines=[*startup_lines(cfg, schedule, model),
+                     f"loss: {describe_loss(loss_kernel, cfg.model.loss_chunk_tokens)}"],
+        save=save, end_lines=end_lines, loss_sum_fn=loss_sum_fn,
+        num_parameters=model.num_parameters(),
+        flops_per_token=flops_per_token(*model_width(cfg), corpus.vocab_size, cfg.data.seq_len),
+        closing_facts=lambda: {"unigram_val_loss": unigram_baseline(corpus, cfg)})

@@ -1,0 +1,196 @@
+"""`train()`: one wiring for every task. A task (run/tasks/: lm, classify) prepares what is
+its own (data, loaders, model, loss, evaluation, what to save and say); this module does the rest
+the same way for all of them (devices, process group, DDP/FSDP, optimizer, checkpoints, resume,
+signals, metrics, the report) and calls `fit()`. No training arithmetic lives here; it is all in
+engine/step.py and engine/loop.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bigbatch.config.files import config_to_toml
+from bigbatch.config.sections import Config
+from bigbatch.engine.allocator import tune_glibc_malloc
+from bigbatch.engine.loop import TrainState, finished, fit
+from bigbatch.engine.loop import evaluate as evaluate_loss
+from bigbatch.engine.metrics import MetricsLog, Progress
+from bigbatch.engine.noise_scale import NoiseScaleEMA
+from bigbatch.engine.optim import build_optimizer
+from bigbatch.engine.precision import make_precision
+from bigbatch.errors import UsageError
+from bigbatch.model.artifacts import unwrap
+from bigbatch.parallel.process_group import (
+    DistInfo,
+    dist_info_from_env,
+    init_process_group,
+    shutdown,
+)
+from bigbatch.parallel.wrap import full_model_state_dict, parallelize
+from bigbatch.run.checkpoint import Checkpointer
+from bigbatch.run.preemption import Preemption, any_rank
+from bigbatch.run.resume import check_out_dir, drop_metrics_after, find_resume_checkpoint
+from bigbatch.run.run_info import end_run_info, start_run_info
+from bigbatch.run.tasks import TaskContext, prepare_task
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns: where the run is, where it ended, and how."""
+
+    out_dir: Path
+    state: TrainState               # step, tokens seen, last validation loss, ...
+    num_parameters: int
+    exit_code: int = 0              # 128 + signal number when a signal stopped the run early
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
+    unigram_loss: float | None = None  # lm: the loss of a model that learned only frequencies
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{dist.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"train.device = {name!r} but this torch has no CUDA device: use cpu "
+                         "or auto")
+    return torch.device(name)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {str(out_dir)!r} is not writable: {err.strerror}") from None
+
+
+def warn(message: str) -> None:
+    print(f"bigbatch: warning: {message}", file=sys.stderr, flush=True)
+
+
+def close_run(out_dir: Path, ended: str, say, **facts) -> None:
+    """Close run_info.json's session and write report.html. The checkpoint or model is already
+    on disk, so a failure here costs the run nothing: it is a warning, never an error.
+
+    The report is drawn by a child process (`bigbatch report`): matplotlib and the rendered
+    figures (~40 MB) then never raise the training process's peak memory, which the planner's
+    `batch.memory_budget` bounds."""
+    try:
+        end_run_info(out_dir, ended, **facts)
+        done = subprocess.run([sys.executable, "-m", "bigbatch", "report", str(out_dir)],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1])
+        say(f"report: {done.stdout.strip().splitlines()[-1]}")
+    except Exception as err:  # any report bug must not turn a saved run into a failed one
+        warn(f"could not write the run report: {type(err).__name__}: {err}")
+
+
+def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
+          resume: str | None = None, overwrite: bool = False,
+          preemption: Preemption | None = None) -> TrainResult:
+    """Train `cfg` into `out_dir` and return the result. `resume` is "auto" or a checkpoint or
+    run directory (--resume); `overwrite` replaces a previous run's outputs in `out_dir`
+    (otherwise they are refused). SIGTERM/SIGINT stop after the current step with a checkpoint
+    (run/preemption.py); the result's exit_code then says which signal."""
+    out_dir = Path(out_dir)
+    dist = dist_info_from_env()
+    allocator = "system"
+    if cfg.train.allocator == "tuned" and tune_glibc_malloc():
+        allocator = "tuned (glibc: no per-buffer mmap, no trim)"
+    device = resolve_device(cfg.train.device, dist)
+    init_process_group(dist, device)
+    if dist.is_main:
+        prepare_out_dir(out_dir)
+        check_out_dir(out_dir, resume, overwrite)
+    resume_from = find_resume_checkpoint(resume, out_dir, warn) if resume else None
+    say = print if verbose and dist.is_main else (lambda *a, **k: None)
+
+    started, began = time.perf_counter(), time.time()
+    precision = make_precision(cfg.precision, device)
+    task = prepare_task(cfg, TaskContext(dist, device, precision, out_dir, say))
+    cfg, model = task.cfg, task.model
+    for line in task.start_lines:
+        say(line)
+    say(f"precision: {cfg.precision.dtype} | device: {device} | threads: "
+        f"{torch.get_num_threads()} | allocator: {allocator}")
+    wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    if dist.is_main:
+        (out_dir / "config.toml").write_text(config_to_toml(cfg))
+        if task.flops_per_token is not None:
+            start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
+                           world_size=dist.world_size, dtype_name=cfg.precision.dtype,
+                           num_parameters=task.num_parameters, flops=task.flops_per_token)
+    checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
+                                scaler=precision.scaler, loader=task.loader, dist=dist,
+                                device=device, say=say)
+    checkpointer.remove_partial_saves()
+    state = TrainState(noise=NoiseScaleEMA(cfg.batch.noise_scale_ema))
+    if resume_from is not None:
+        checkpointer.restore(resume_from, state)
+        say(f"resumed from {resume_from} at step {state.step}")
+    elif resume:
+        say(f"no checkpoint in {out_dir / 'checkpoints'}: starting at step 0")
+    if resume and dist.is_main:  # rows past the checkpoint are about to be logged again
+        drop_metrics_after(out_dir / "metrics.jsonl", state.step if resume_from else -1)
+    log = MetricsLog(out_dir, enabled=dist.is_main)
+    progress = Progress(task.schedule.num_steps(), state.step, cfg.train.log_every,
+                        enabled=verbose and dist.is_main)
+    preemption = preemption or Preemption()
+    metrics: dict[str, float] = {}
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        metrics.update(task.evaluate(model) if task.evaluate else {"val_loss": evaluate_loss(
+            model, task.val_batches, precision, dist, device, task.loss_sum_fn)})
+        return dict(metrics)
+
+    try:
+        with preemption.handling_signals():  # also covers the checkpoint written on a signal
+            state = fit(wrapped, optimizer, task.loader, task.val_batches, cfg=cfg,
+                        schedule=task.schedule, precision=precision, dist=dist, device=device,
+                        state=state, log=log, progress=progress,
+                        on_step_end=checkpointer.maybe_save, loss_sum_fn=task.loss_sum_fn,
+                        evaluate_fn=evaluate, measure_noise=task.measure_noise,
+                        should_stop=lambda: any_rank(preemption.requested, dist, device))
+            # Reaching train.target_val_loss ends the loop early too: that run is finished.
+            if not finished(state, task.schedule):  # a signal stopped the loop early
+                path = checkpointer.save_unless_saved(state)
+                say(f"stopped by {preemption.signal_name} after step {state.step}/"
+                    f"{task.schedule.num_steps()}: checkpoint {path}")
+                say(f"to continue, run the same command with --resume auto --out {out_dir}")
+                facts = task.closing_facts()
+                if dist.is_main:
+                    close_run(out_dir, preemption.signal_name, say, **facts)
+                return TrainResult(out_dir, state, task.num_parameters, preemption.exit_code,
+                                   dict(metrics), facts.get("unigram_val_loss"))
+    except UsageError as err:
+        raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
+    finally:
+        progress.close()
+        log.close()
+    if not metrics:  # resumed from a finished run's checkpoint: fit() evaluated nothing
+        evaluate(wrapped)
+    facts = task.closing_facts()
+    # Under FSDP gathering the full weights is a collective: every rank takes part, rank 0 writes.
+    weights = full_model_state_dict(wrapped)
+    if dist.is_main:
+        task.save(unwrap(wrapped), weights, out_dir)
+        say(f"done in {time.perf_counter() - started:.0f}s: {state.step} steps, "
+            f"{state.tokens_seen:,} tokens, {state.skipped_steps} skipped steps")
+        for line in task.end_lines(state):
+            say(line)
+        close_run(out_dir, "finished", say, **facts)
+    shutdown(dist)
+    return TrainResult(out_dir, state, task.num_parameters, 0, dict(metrics),
+                       facts.get("unigram_val_loss"))

@@ -1,0 +1,1 @@
+"""Subcommands beside training: verify, sweep, export."""
