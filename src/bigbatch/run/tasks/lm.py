@@ -3,6 +3,7 @@ Hugging Face causal LM. Ends by comparing the validation loss with a unigram mod
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -138,6 +139,10 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                                      cfg.train.eval_tokens, cfg.batch.micro_batch_size,
                                      dist.rank, dist.world_size)
 
+    @functools.cache
+    def baseline() -> float:  # once per run: the end lines and run_info both report it
+        return unigram_baseline(corpus, cfg)
+
     def save(model: nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
         if hf_source is None:
             save_model(model, corpus.tokenizer, out_dir, weights)
@@ -154,7 +159,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                 noise_scale_summary(state.micro_steps * schedule.unit_tokens,
                                     state.noise.noise_scale),
                 f"validation loss {state.last_val_loss:.4f} nats/token vs "
-                f"{unigram_baseline(corpus, cfg):.4f} for a unigram model (one that learned "
+                f"{baseline():.4f} for a unigram model (one that learned "
                 "only the training token frequencies) on the same validation windows",
                 f"outputs: {ctx.out_dir}/ (model.safetensors, metrics.jsonl, config.toml, "
                 "tensorboard/)"]
@@ -166,4 +171,4 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         save=save, end_lines=end_lines, loss_sum_fn=loss_sum_fn,
         num_parameters=model.num_parameters(),
         flops_per_token=flops_per_token(*model_width(cfg), corpus.vocab_size, cfg.data.seq_len),
-        closing_facts=lambda: {"unigram_val_loss": unigram_baseline(corpus, cfg)})
+        closing_facts=lambda: {"unigram_val_loss": baseline()})
