@@ -46,7 +46,8 @@ from bigbatch.model import GPT, GPTShape, resolve_attention
 from bigbatch.parallel import full_model_state_dict, parallelize
 from bigbatch.precision import make_precision
 from bigbatch.preemption import Preemption, any_rank
-from bigbatch.resume import check_out_dir, drop_metrics_after, find_resume_checkpoint
+from bigbatch.resume import agree_on_resume_checkpoint, check_out_dir, drop_metrics_after
+from bigbatch.rng_state import derived_seed
 from bigbatch.run_info import end_run_info, flops_per_token, start_run_info
 
 
@@ -82,6 +83,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Called once the model is built (the same weights on every rank, all seeded alike): every
+    rank but 0 reseeds Python, NumPy and torch, so ranks draw different dropout masks instead of
+    the same ones. Rank 0 keeps the stream one process has, so a single-process run is unchanged.
+    The data order does not come from these streams (the loader permutes with its own seeded
+    generator), so it stays independent of the world size."""
+    if rank > 0:
+        seed_everything(derived_seed(seed, rank))
 
 
 def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> nn.Module:
@@ -213,7 +224,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     if dist.is_main:
         prepare_out_dir(out_dir)
         check_out_dir(out_dir, resume)
-    resume_from = find_resume_checkpoint(resume, out_dir, warn) if resume else None
+    resume_from = agree_on_resume_checkpoint(resume, out_dir, dist, warn)
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
 
     started, began = time.perf_counter(), time.time()
@@ -227,6 +238,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     schedule = build_batch_schedule(cfg, plan)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, corpus.vocab_size, device.type).to(device)
+    seed_rank_streams(cfg.train.seed, dist.rank)
     if hf_source is None:  # a Hugging Face model's own switch was set by build_model
         apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
                                        cfg.model.checkpoint_every)  # before compile and DDP/FSDP
@@ -303,7 +315,7 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
             save_hf_model(unwrap(wrapped), cfg, hf_source, out_dir, weights)
         say(f"done in {time.perf_counter() - started:.0f}s: {state.tokens_seen:,} tokens, "
             f"{state.skipped_steps} skipped steps")
-        say(noise_scale_summary(state.micro_steps * schedule.unit_tokens, state.noise.noise_scale))
+        say(noise_scale_summary(state.batch_tokens, state.noise.noise_scale))
         say(f"validation loss {state.last_val_loss:.4f} nats/token vs {baseline:.4f} for a "
             "unigram model (one that learned only the training token frequencies) on the same "
             "validation windows")

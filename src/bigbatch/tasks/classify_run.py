@@ -45,7 +45,7 @@ from bigbatch.metrics import MetricsLog, Progress
 from bigbatch.parallel import full_model_state_dict, parallelize
 from bigbatch.precision import make_precision
 from bigbatch.preemption import Preemption, any_rank
-from bigbatch.resume import check_out_dir, drop_metrics_after, find_resume_checkpoint
+from bigbatch.resume import agree_on_resume_checkpoint, check_out_dir, drop_metrics_after
 from bigbatch.tasks.classify import (
     classification_loss_sum,
     evaluate_classifier,
@@ -137,7 +137,14 @@ def plan_windows_per_micro_batch(cfg: Config, dist, device: torch.device, out_di
 
 def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None = None,
                      preemption: Preemption | None = None) -> ClassifyResult:
-    from bigbatch.run import close_run, prepare_out_dir, resolve_device, seed_everything, warn
+    from bigbatch.run import (
+        close_run,
+        prepare_out_dir,
+        resolve_device,
+        seed_everything,
+        seed_rank_streams,
+        warn,
+    )
 
     source = parse_source(cfg.model.source)
     if source is None:
@@ -159,7 +166,7 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
         cfg = plan_windows_per_micro_batch(cfg, dist, device, out_dir, say)
     plan = sequence_plan(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
                          cfg.batch.micro_batch_tokens, cfg.data.max_length, dist.world_size)
-    resume_from = find_resume_checkpoint(resume, out_dir, warn) if resume else None
+    resume_from = agree_on_resume_checkpoint(resume, out_dir, dist, warn)
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(source, cfg.data.tokenizer, cfg.model.trust_remote_code)
@@ -173,6 +180,7 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
     if model.config.pad_token_id is None:  # e.g. GPT-2: the head finds the last real token by it
         model.config.pad_token_id = splits.train.pad_id
     model.to(device).train()  # from_pretrained returns eval mode: dropout must be on
+    seed_rank_streams(cfg.train.seed, dist.rank)
     apply_hf_checkpointing(model, cfg.model.activation_checkpointing, cfg.model.checkpoint_every)
     say(describe_hf_model(model, source))
     say(f"batch: {plan.describe()}")
