@@ -1,0 +1,239 @@
+"""Many processes that survive: SIGTERM through `--nproc`, per-rank random streams, a worker
+killed under `torchrun --max-restarts`, and two nodes made of network namespaces.
+
+Every run is small_runs.py's model (dropout 0.1, 4 micro-batches of 8 x 64 tokens per step) on
+2 gloo ranks, 10 steps. The oracle is one uninterrupted `--nproc 2` run of the same settings:
+at the same world size the reductions happen in the same order, so an interrupted and resumed
+run must equal it bit for bit (metrics.jsonl rows without timings, final weights' bytes) - which
+with dropout on needs each rank's own random state back. The two-node run without dropout is
+compared with one process instead, within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bigbatch.artifacts import load_model
+from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.launch import child_pids
+from bigbatch.run import train
+from small_runs import ROOT, metric_rows, small_args, small_config
+from test_preemption import Process, assert_same_run
+
+STEPS = ["--train.max_steps=10", "--checkpoint.every_steps=2", "--checkpoint.keep=5"]
+TIMEOUT = 240  # seconds any one run may take here before it counts as hung
+
+
+def two_ranks(args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--nproc", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_overrides) -> Path:
+    """The reference: an uninterrupted 2-rank run."""
+    out = tmp_path_factory.mktemp("straight-2-ranks")
+    done = two_ranks([*small_args(tiny_overrides, *STEPS), "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = child_pids(todo.pop())
+        found += children
+        todo += children
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited and only waits to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_sigterm_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(
+        tmp_path, tiny_overrides, straight):
+    """SIGTERM to the pid of `bigbatch train --nproc 2` (what a scheduler signals): the workers
+    finish their step and write one checkpoint, the launcher exits 143, no process is left, the
+    checkpoint holds each rank's own random state (the ranks draw different dropout masks), and
+    `--resume auto` then ends bitwise equal to the uninterrupted run."""
+    out = tmp_path / "run"
+    run = Process([*small_args(tiny_overrides, *STEPS), "--out", str(out), "--nproc", "2"],
+                  timeout=TIMEOUT)
+    run.wait_for("step 1/10")
+    processes = descendants(run.proc.pid)  # torchrun, its 2 workers (and their helpers)
+    assert len(processes) >= 3, run.output
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 128 + signal.SIGTERM, run.output
+    assert [pid for pid in processes if running(pid)] == [], run.output
+    saved = list_checkpoints(out / "checkpoints")
+    assert saved and verify_checkpoint(saved[-1]) is None, run.output
+    stopped_at = int(saved[-1].name[5:])
+    assert stopped_at < 10 and f"stopped by SIGTERM after step {stopped_at}/10" in run.output
+
+    rng = load_file(str(saved[-1] / "rng.safetensors"))
+    assert sorted(rng) == ["rank0.torch_cpu", "rank1.torch_cpu"]
+    assert not torch.equal(rng["rank0.torch_cpu"], rng["rank1.torch_cpu"])
+
+    resumed = two_ranks([*small_args(tiny_overrides, *STEPS), "--out", str(out),
+                         "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {saved[-1]} at step {stopped_at}" in resumed.stdout
+    assert_same_run(out, straight)
+
+
+def kill_worker_env(rank: int, step: int) -> dict[str, str]:
+    return {**os.environ, "KILL_RANK": str(rank), "KILL_AT_STEP": str(step)}
+
+
+KILL_WORKER = [str(ROOT / "tests" / "kill_worker.py"), "train"]
+
+
+def assert_resumed_after_the_kill(output: str, out: Path, straight: Path) -> None:
+    """Rank 1 died before step 5; the restarted group resumed from the step-4 checkpoint (so
+    the kill cost step 5's work only) and ended bitwise equal to the uninterrupted run."""
+    assert "rank 1: SIGKILL before step 5" in output
+    assert f"resumed from {out / 'checkpoints' / 'step-00000004'} at step 4" in output, output
+    assert_same_run(out, straight)
+
+
+def test_a_worker_killed_under_max_restarts_costs_only_the_steps_since_the_checkpoint(
+        tmp_path, tiny_overrides, straight):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--max-restarts=1", *KILL_WORKER, *small_args(tiny_overrides, *STEPS), "--out",
+         str(out), "--resume", "auto"], cwd=ROOT, capture_output=True, text=True,
+        timeout=TIMEOUT, env=kill_worker_env(rank=1, step=5))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_resumed_after_the_kill(done.stdout, out, straight)
+
+
+# --- Two nodes: two network namespaces joined by a veth pair, one torchrun in each. ----------
+
+ADDRESSES = ("10.231.0.1", "10.231.0.2")  # only ever inside the namespaces made here
+PORT = 29500
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def namespaces() -> list[str]:
+    """Two namespaces, `veth0` (10.231.0.1) in the first and `veth1` (10.231.0.2) in the
+    second, each with its loopback up; removed afterwards (with them the veth pair)."""
+    if shutil.which("ip") is None:
+        pytest.skip("two nodes need iproute2's `ip` to make network namespaces")
+    names = [f"bigbatch-{os.getpid()}-node{i}" for i in range(2)]
+    made = []
+    try:
+        for name in names:
+            ip("netns", "add", name)
+            made.append(name)
+        ip("link", "add", "veth0", "netns", names[0], "type", "veth", "peer", "name", "veth1",
+           "netns", names[1])
+        for i, name in enumerate(names):
+            ip("-n", name, "addr", "add", f"{ADDRESSES[i]}/24", "dev", f"veth{i}")
+            ip("-n", name, "link", "set", f"veth{i}", "up")
+            ip("-n", name, "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, OSError) as err:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        detail = getattr(err, "stderr", "") or err
+        pytest.skip(f"cannot make network namespaces here (needs root): {str(detail).strip()}")
+    yield names
+    for name in made:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def node_command(namespace: str, node: int, run_id: str, entry: list[str],
+                 *torchrun_flags: str) -> list[str]:
+    """The README's multi-node command, in `namespace`. is_host: c10d serves the rendezvous
+    from the node whose own name or address is the endpoint; a namespace keeps the machine's
+    hostname, so node 0 is told. OMP_NUM_THREADS=1 as torchrun sets it with 2+ local workers:
+    the same math threads as the one-node run, for bitwise equal results."""
+    return ["ip", "netns", "exec", namespace, "env", f"GLOO_SOCKET_IFNAME=veth{node}",
+            "OMP_NUM_THREADS=1", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+            "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={ADDRESSES[0]}:{PORT}",
+            f"--rdzv_id={run_id}", f"--rdzv_conf=is_host={int(node == 0)},join_timeout=120",
+            f"--local_addr={ADDRESSES[node]}", *torchrun_flags, *entry]
+
+
+def run_two_nodes(namespaces: list[str], run_id: str, entry: list[str], *torchrun_flags: str,
+                  env: dict[str, str] | None = None) -> str:
+    """Start both nodes, wait for both (bounded), and return their merged output."""
+    procs = [subprocess.Popen(node_command(ns, node, run_id, entry, *torchrun_flags), cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for node, ns in enumerate(namespaces)]
+    outputs, codes = [], []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
+            codes.append(proc.returncode)
+    finally:
+        for proc in procs:  # a hung node: torchrun stops its worker on SIGTERM
+            if proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=60)
+                proc.kill()
+    output = "\n".join(outputs)
+    assert codes == [0, 0], output[-4000:]
+    return output
+
+
+def test_two_nodes_equal_one_process(namespaces, tmp_path, tiny_overrides):
+    """The README's multi-node command on two namespaces, without dropout, against one process
+    over the same samples. Equal within fp32 rounding (tests/test_distributed.py explains the
+    bound); SGD, which unlike Adam does not normalise rounding noise into full-size steps."""
+    settings = [*STEPS, "--model.dropout=0.0", "--precision.dtype=fp32", "--optim.name=sgd",
+                "--optim.lr=0.3"]
+    out = tmp_path / "two-nodes"
+    output = run_two_nodes(namespaces, "equal", ["-m", "bigbatch", "train",
+                                                 *small_args(tiny_overrides, *settings),
+                                                 "--out", str(out)])
+    assert "micro-batch 8 x 2 micro-steps x 2 rank(s)" in output
+    one = train(small_config(tiny_overrides, *settings), tmp_path / "one", verbose=False)
+
+    def comparable(run_dir: Path) -> list[dict]:  # micro-steps per rank and gns_* differ
+        return [{k: v for k, v in row.items() if k != "num_micro_steps"
+                 and not k.startswith("gns_")} for row in metric_rows(run_dir)]
+
+    got, want = comparable(out), comparable(one.out_dir)
+    assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in want]
+    for got_row, want_row in zip(got, want, strict=True):
+        for key, value in want_row.items():
+            assert got_row[key] == pytest.approx(value, rel=1e-5, abs=0), (got_row["step"], key)
+    assert want[-1]["val_loss"] < want[0]["val_loss"] - 0.1  # it really trained
+    two_model, one_model = load_model(out)[0], load_model(one.out_dir)[0]
+    for (name, got_p), want_p in zip(two_model.named_parameters(), one_model.parameters(),
+                                     strict=True):
+        error = float((got_p - want_p).abs().max() / want_p.abs().max())
+        assert error <= 1e-5, name
+
+
+def test_two_nodes_survive_a_killed_worker(namespaces, tmp_path, tiny_overrides, straight):
+    """Rank 1's worker, on whichever node holds it, is SIGKILLed before step 5; both nodes'
+    torchrun restart the group (--max-restarts 1), which resumes from the step-4 checkpoint and
+    ends bitwise equal to the uninterrupted one-node 2-rank run."""
+    out = tmp_path / "run"
+    output = run_two_nodes(namespaces, "killed", [*KILL_WORKER,
+                                                  *small_args(tiny_overrides, *STEPS),
+                                                  "--out", str(out), "--resume", "auto"],
+                           "--max-restarts=1", env=kill_worker_env(rank=1, step=5))
+    assert_resumed_after_the_kill(output, out, straight)
