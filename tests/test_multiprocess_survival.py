@@ -24,7 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from bigbatch.artifacts import load_model
+from bigbatch.batch_schedule import build_batch_schedule
+from bigbatch.batching import plan_batch
 from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.engine.loop import TrainState, previous_micro_steps
 from bigbatch.launch import child_pids
 from bigbatch.run import train
 from small_runs import ROOT, metric_rows, small_args, small_config
@@ -94,6 +97,25 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {saved[-1]} at step {stopped_at}" in resumed.stdout
     assert_same_run(out, straight)
+
+
+def test_an_auto_ramp_resumed_at_another_world_size_keeps_its_batch(tiny_overrides):
+    """The ramp's state is the last step's global batch in tokens. After a step of 6 micro-steps
+    per rank on 2 ranks (6,144 tokens), a run resumed on 1 or 4 ranks asks for the same 6,144
+    (6 micro-steps of its own would be 3,072 on 1 rank: the "never shrinks" batch shrunk), and
+    where the batch is no whole number of the new micro-steps, the next larger one."""
+    cfg = small_config(tiny_overrides, "--batch.global_tokens=8192", "--batch.ramp=auto",
+                       "--batch.ramp_start_tokens=4096")
+    state = TrainState()
+    state.load_state_dict({**TrainState(batch_tokens=6 * 1024).state_dict(), "micro_steps": 6})
+    for world_size, expected in ((2, 6144), (1, 6144), (4, 6144)):
+        plan = plan_batch(8192, 64, 8, world_size)
+        schedule = build_batch_schedule(cfg, plan)
+        steps = previous_micro_steps(state, schedule)
+        assert schedule.shape(state.tokens_seen, None, steps).global_tokens == expected
+    state.batch_tokens = 5 * 1024  # 2.5 micro-steps of 4 ranks x 8 x 64
+    schedule = build_batch_schedule(cfg, plan_batch(8192, 64, 8, 4))
+    assert schedule.shape(0, None, previous_micro_steps(state, schedule)).global_tokens == 6144
 
 
 def kill_worker_env(rank: int, step: int) -> dict[str, str]:
@@ -175,16 +197,17 @@ def node_command(namespace: str, node: int, run_id: str, entry: list[str],
 
 
 def run_two_nodes(namespaces: list[str], run_id: str, entry: list[str], *torchrun_flags: str,
-                  env: dict[str, str] | None = None) -> str:
-    """Start both nodes, wait for both (bounded), and return their merged output."""
-    procs = [subprocess.Popen(node_command(ns, node, run_id, entry, *torchrun_flags), cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for node, ns in enumerate(namespaces)]
-    outputs, codes = [], []
+                  env: dict[str, str] | None = None, logs: Path) -> str:
+    """Start both nodes, wait for both (bounded), and return their merged output. Output goes
+    to files, not pipes: a worker outliving its torchrun would hold a pipe open."""
+    procs = []
+    for node, namespace in enumerate(namespaces):
+        with (logs / f"node{node}.log").open("w") as log:
+            procs.append(subprocess.Popen(node_command(namespace, node, run_id, entry,
+                                                       *torchrun_flags),
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
-            codes.append(proc.returncode)
+        codes = [proc.wait(timeout=TIMEOUT) for proc in procs]
     finally:
         for proc in procs:  # a hung node: torchrun stops its worker on SIGTERM
             if proc.poll() is None:
@@ -192,8 +215,8 @@ def run_two_nodes(namespaces: list[str], run_id: str, entry: list[str], *torchru
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=60)
                 proc.kill()
-    output = "\n".join(outputs)
-    assert codes == [0, 0], output[-4000:]
+    output = "\n".join((logs / f"node{node}.log").read_text() for node in range(2))
+    assert codes == [0, 0], output[-6000:]
     return output
 
 
@@ -206,7 +229,7 @@ def test_two_nodes_equal_one_process(namespaces, tmp_path, tiny_overrides):
     out = tmp_path / "two-nodes"
     output = run_two_nodes(namespaces, "equal", ["-m", "bigbatch", "train",
                                                  *small_args(tiny_overrides, *settings),
-                                                 "--out", str(out)])
+                                                 "--out", str(out)], logs=tmp_path)
     assert "micro-batch 8 x 2 micro-steps x 2 rank(s)" in output
     one = train(small_config(tiny_overrides, *settings), tmp_path / "one", verbose=False)
 
@@ -223,7 +246,7 @@ def test_two_nodes_equal_one_process(namespaces, tmp_path, tiny_overrides):
     two_model, one_model = load_model(out)[0], load_model(one.out_dir)[0]
     for (name, got_p), want_p in zip(two_model.named_parameters(), one_model.parameters(),
                                      strict=True):
-        error = float((got_p - want_p).abs().max() / want_p.abs().max())
+        error = float((got_p - want_p).detach().abs().max() / want_p.abs().max())
         assert error <= 1e-5, name
 
 
@@ -235,5 +258,6 @@ def test_two_nodes_survive_a_killed_worker(namespaces, tmp_path, tiny_overrides,
     output = run_two_nodes(namespaces, "killed", [*KILL_WORKER,
                                                   *small_args(tiny_overrides, *STEPS),
                                                   "--out", str(out), "--resume", "auto"],
-                           "--max-restarts=1", env=kill_worker_env(rank=1, step=5))
+                           "--max-restarts=1", env=kill_worker_env(rank=1, step=5),
+                           logs=tmp_path)
     assert_resumed_after_the_kill(output, out, straight)
