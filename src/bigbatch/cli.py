@@ -70,7 +70,6 @@ def parse_run_args(args: list[str], valued: set[str], switches: set[str]) -> Run
 
 def cmd_train(args: list[str]) -> int:
     from bigbatch.config_files import load_config
-    from bigbatch.run import train
 
     run = parse_run_args(args, valued={"--out", "--nproc", "--resume"}, switches={"--debug"})
     cfg = load_config(run.recipe, run.overrides)
@@ -80,6 +79,8 @@ def cmd_train(args: list[str]) -> int:
         from bigbatch.launch import relaunch, without_flag
         return relaunch("train", [*without_flag(args, "--out"), "--out", str(out)],
                         _positive_int(run.flags["--nproc"], "--nproc"))
+    from bigbatch.run import train  # not before: the --nproc launcher never needs torch
+
     # 128 + the signal number when SIGTERM/SIGINT stopped it early with a checkpoint, else 0.
     return train(cfg, out, resume=run.flags.get("--resume")).exit_code
 
