@@ -69,6 +69,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # 20-70 s each here: 2-3 torchrun launches
 def test_sigterm_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(
         tmp_path, tiny_overrides, straight):
     """SIGTERM to the pid of `bigbatch train --nproc 2` (what a scheduler signals): the workers
@@ -239,6 +240,7 @@ def run_two_nodes(namespaces: list[str], run_id: str, entry: list[str], *torchru
     return output
 
 
+@pytest.mark.slow  # 20-70 s each here: 2-3 torchrun launches
 def test_two_nodes_equal_one_process(two_hosts, tmp_path, tiny_overrides):
     """The README's multi-node command on two namespaces, without dropout, against one process
     over the same samples. Equal within fp32 rounding (tests/test_distributed.py explains the
@@ -271,6 +273,7 @@ def test_two_nodes_equal_one_process(two_hosts, tmp_path, tiny_overrides):
         assert error <= 1e-5, name
 
 
+@pytest.mark.slow  # 20-70 s each here: 2-3 torchrun launches
 def test_a_worker_killed_under_max_restarts_costs_only_the_steps_since_the_checkpoint(
         two_hosts, tmp_path, tiny_overrides, straight):
     """Rank 1's worker, on whichever node holds it, is SIGKILLed before step 5; torchrun
