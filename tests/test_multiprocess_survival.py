@@ -13,6 +13,7 @@ namespaces); without it the two-node test skips and the killed worker is tested 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,10 +28,11 @@ from safetensors.torch import load_file
 from bigbatch.artifacts import load_model
 from bigbatch.batch_schedule import build_batch_schedule
 from bigbatch.batching import plan_batch
-from bigbatch.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.checkpoint import list_checkpoints, verify_checkpoint, write_checkpoint
 from bigbatch.engine.loop import TrainState, previous_micro_steps
 from bigbatch.launch import SignalForwarder, child_pids
-from bigbatch.run import train
+from bigbatch.model import GPT, GPTShape
+from bigbatch.run import seed_everything, train
 from small_runs import ROOT, metric_rows, small_args, small_config
 from test_preemption import Process, assert_same_run
 
@@ -99,6 +101,32 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {saved[-1]} at step {stopped_at}" in resumed.stdout
     assert_same_run(out, straight)
+
+
+def test_rank_0_picks_the_checkpoint_and_each_rank_draws_its_own_dropout(tmp_path):
+    """On 2 ranks: only rank 0 hashes checkpoint files, and both resume from its choice (the
+    newest intact one: the damaged newest is skipped); both start from the same weights; their
+    dropout masks differ, and rank 0's is the one a single process draws."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (2, 4, 6):
+        write_checkpoint(checkpoints, step, {"state.json": lambda path: path.write_text("{}")})
+    (checkpoints / "step-00000006" / "state.json").write_text('{"damaged": 1}')
+    out = tmp_path / "reports.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(ROOT / "tests" / "rank_agreement_worker.py"),
+                           str(tmp_path / "run"), str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = json.loads(out.read_text())
+    assert rank0["verified"] == ["step-00000006", "step-00000004"] and rank1["verified"] == []
+    assert rank0["chosen"] == rank1["chosen"] == "step-00000004"
+    assert rank0["weights"] == rank1["weights"]
+    assert rank0["mask"] != rank1["mask"]
+
+    from rank_agreement_worker import SEED
+    seed_everything(SEED)
+    GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.5))
+    assert torch.nn.functional.dropout(torch.ones(64), p=0.5).tolist() == rank0["mask"]
 
 
 # A stand-in for torchrun: reports a SIGTERM it gets, and waits for its two children.
