@@ -2,7 +2,7 @@
 killed under `torchrun --max-restarts`, and two nodes made of network namespaces.
 
 Every run is small_runs.py's model (dropout 0.1, 4 micro-batches of 8 x 64 tokens per step) on
-2 gloo ranks, 10 steps. The oracle is one uninterrupted `--nproc 2` run of the same settings:
+2 gloo ranks, 16 steps. The oracle is one uninterrupted `--nproc 2` run of the same settings:
 at the same world size the reductions happen in the same order, so an interrupted and resumed
 run must equal it bit for bit (metrics.jsonl rows without timings, final weights' bytes), which
 with dropout on needs each rank's own random state back. The two-node run without dropout is
@@ -36,7 +36,7 @@ from bigbatch.run import seed_everything, train
 from small_runs import ROOT, metric_rows, small_args, small_config
 from test_preemption import Process, assert_same_run
 
-STEPS = ["--train.max_steps=10", "--checkpoint.every_steps=2", "--checkpoint.keep=5"]
+STEPS = ["--train.max_steps=16", "--checkpoint.every_steps=2", "--checkpoint.keep=5"]
 TIMEOUT = 240  # seconds any one run may take here before it counts as hung
 
 
@@ -81,7 +81,7 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(
     out = tmp_path / "run"
     run = Process([*small_args(tiny_overrides, *STEPS), "--out", str(out), "--nproc", "2"],
                   timeout=TIMEOUT)
-    run.wait_for("step 1/10")
+    run.wait_for("step 1/16")
     processes = descendants(run.proc.pid)  # torchrun, its 2 workers (and their helpers)
     assert len(processes) >= 3, run.output
     run.proc.send_signal(signal.SIGTERM)
@@ -90,7 +90,7 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(
     saved = list_checkpoints(out / "checkpoints")
     assert saved and verify_checkpoint(saved[-1]) is None, run.output
     stopped_at = int(saved[-1].name[5:])
-    assert stopped_at < 10 and f"stopped by SIGTERM after step {stopped_at}/10" in run.output
+    assert stopped_at < 16 and f"stopped by SIGTERM after step {stopped_at}/16" in run.output
 
     rng = load_file(str(saved[-1] / "rng.safetensors"))
     assert sorted(rng) == ["rank0.torch_cpu", "rank1.torch_cpu"]
