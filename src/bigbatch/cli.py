@@ -159,7 +159,6 @@ def sweep_parser() -> Parser:
 
 def cmd_train(args: list[str]) -> int:
     from bigbatch.config.files import load_config
-    from bigbatch.run.train import train
 
     opts, overrides = parse_recipe_args(train_parser(), args)
     cfg = load_config(opts.recipe, overrides)
@@ -169,6 +168,8 @@ def cmd_train(args: list[str]) -> int:
         from bigbatch.parallel.launch import relaunch, without_flag
         return relaunch("train", [*without_flag(args, "--out"), "--out", str(out)],
                         _positive_int(opts.nproc, "--nproc"))
+    from bigbatch.run.train import train  # not before: the --nproc launcher never needs torch
+
     # 128 + the signal number when SIGTERM/SIGINT stopped it early with a checkpoint, else 0.
     return train(cfg, out, resume=opts.resume, overwrite=opts.overwrite).exit_code
 

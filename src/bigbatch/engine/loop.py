@@ -34,7 +34,7 @@ class TrainState:
     bad_steps_in_row: int = 0
     last_val_loss: float | None = None
     reached_target: bool = False  # train.target_val_loss was reached: the run is done
-    micro_steps: int = 0          # the last step's micro-steps (an auto ramp never shrinks)
+    batch_tokens: int = 0         # the last step's global batch (an auto ramp never shrinks it)
     noise: NoiseScaleEMA = field(default_factory=NoiseScaleEMA)  # gradient noise scale
 
     def state_dict(self) -> dict[str, Any]:
@@ -43,10 +43,18 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
+            if key == "micro_steps":  # older checkpoints: per rank, of an unknown world size
+                continue
             if key == "noise":
                 self.noise.load_state_dict(value)
             else:
                 setattr(self, key, value)
+
+
+def previous_micro_steps(state: TrainState, schedule: BatchSchedule) -> int:
+    """The last step's batch in this run's micro-steps per rank, rounded up: the ramp's state is
+    kept in global tokens, so a run resumed at another world size keeps its batch."""
+    return -(-state.batch_tokens // schedule.unit_tokens)
 
 
 def finished(state: TrainState, schedule: BatchSchedule) -> bool:
@@ -114,7 +122,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         log.write({"step": 0, "tokens": 0, **metrics})
     while not finished(state, schedule):
         started = time.perf_counter()
-        shape = schedule.shape(state.tokens_seen, state.noise.noise_scale, state.micro_steps)
+        shape = schedule.shape(state.tokens_seen, state.noise.noise_scale,
+                               previous_micro_steps(state, schedule))
         lr = step_learning_rate(cfg.optim, batch_tokens=shape.global_tokens,
                                 tokens_end=state.tokens_seen + shape.global_tokens,
                                 full_batch_tokens=full_tokens, max_steps=cfg.train.max_steps)
@@ -126,7 +135,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                            dist=dist, loss_sum_fn=loss_sum_fn, measure_noise=measure_noise)
         state.step += 1
         state.tokens_seen += shape.global_tokens
-        state.micro_steps = shape.num_micro_steps
+        state.batch_tokens = shape.global_tokens
         # Classification counts texts in `tokens` (its schedule's unit); its loader counts the
         # step's real tokens, which vary with the texts' lengths, for tokens/s.
         step_tokens = getattr(loader, "last_step_tokens", shape.global_tokens)

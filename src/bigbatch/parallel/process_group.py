@@ -88,6 +88,25 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_main(value: object, info: DistInfo) -> object:
+    """Rank 0's `value` on every rank (a small picklable object: a path, a message). Under NCCL
+    the current CUDA device must be this rank's, as for every object collective."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(value: object, info: DistInfo) -> list[object]:
+    """Every rank's `value`, in rank order, on every rank (small picklable objects)."""
+    if not info.enabled:
+        return [value]
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

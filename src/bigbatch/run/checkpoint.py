@@ -3,9 +3,10 @@
     RUN_DIR/checkpoints/step-00001000/
         model.safetensors   the unwrapped model's weights (the tied lm_head is saved once, as wte)
         optimizer.pt        optimizer.state_dict(); read back with torch.load(weights_only=True)
-        rng.safetensors     torch's CPU generator state (and the CUDA one on a GPU)
-        state.json          TrainState, loader position, GradScaler, Python and NumPy RNG,
-                            the model's shape and the resolved config
+        rng.safetensors     every rank's torch CPU generator state (and CUDA one on a GPU),
+                            as `rank{r}.torch_cpu`, ...
+        state.json          TrainState, loader position, GradScaler, every rank's Python and
+                            NumPy RNG, the model's shape and the resolved config
         manifest.json       size and sha256 of every file above; written last
 
 A checkpoint is written into `.tmp-step-...`, every file and the directory are fsynced, and the
@@ -26,7 +27,6 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import time
@@ -35,7 +35,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
@@ -55,6 +54,8 @@ from bigbatch.model.artifacts import state_dict_for_saving, unwrap
 from bigbatch.parallel.process_group import DistInfo, barrier
 from bigbatch.parallel.wrap import FULL_ON_CPU, full_model_state_dict, load_full_model_state_dict
 from bigbatch.run.preemption import any_rank
+from bigbatch.run.rng_state import gather_rng, rank_rng, restore_rng
+from bigbatch.run.seeding import derived_seed, seed_everything
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -121,31 +122,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         return
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
-
-
-# --- Random number generators. ---------------------------------------------------------------
-
-def capture_rng(device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(JSON-able Python and NumPy states, torch generator states as tensors)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {"python": [version, list(internal), gauss],
-             "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
-    return plain, tensors
-
-
-def restore_rng(plain: dict[str, Any], tensors: dict[str, torch.Tensor],
-                device: torch.device) -> None:
-    version, internal, gauss = plain["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch_cpu"])
-    if device.type == "cuda" and "torch_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["torch_cuda"], device)
 
 
 # --- Files: atomic write, manifest, verification. -------------------------------------------
@@ -293,7 +269,7 @@ class Checkpointer:
         final = self.directory / checkpoint_name(state.step)
         tensors = model_state(self.model)
         optim = optimizer_state(self.model, self.optimizer)
-        rng_plain, rng_tensors = capture_rng(self.device)
+        rng_plain, rng_tensors = gather_rng(self.dist, self.device)
         if self.dist.is_main:
             meta = {"format": FORMAT, "train_state": state.state_dict(),
                     "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
@@ -343,9 +319,24 @@ class Checkpointer:
             self.scaler.load_state_dict(meta["scaler"])
         self.loader.load_state_dict(meta["loader"])
         state.load_state_dict(meta["train_state"])
-        restore_rng(meta["rng"], load_file(str(path / "rng.safetensors")), self.device)
+        self._restore_rng(meta["rng"], load_file(str(path / "rng.safetensors")), state.step)
         self.last_path, self.last_step = path, state.step
         self._discard_newer(state.step)
+
+    def _restore_rng(self, plain: list[dict[str, Any]] | dict[str, Any],
+                     tensors: dict[str, torch.Tensor], step: int) -> None:
+        """Each rank continues its own streams. At a larger world size than the checkpoint's,
+        the new ranks start fresh ones (seeded by the rank and step, so a rerun repeats them)."""
+        saved_ranks = 1 if isinstance(plain, dict) else len(plain)
+        if self.dist.world_size != saved_ranks:
+            self.say(f"note: the checkpoint holds the random state of {saved_ranks} rank(s), "
+                     f"this run has {self.dist.world_size}: dropout masks will not match an "
+                     "uninterrupted run")
+        mine = rank_rng(plain, tensors, self.dist.rank)
+        if mine is None:
+            seed_everything(derived_seed(self.cfg.train.seed, self.dist.rank, step))
+            return
+        restore_rng(*mine, self.device)
 
     def _check_compatible(self, path: Path, meta: dict[str, Any],
                           tensors: dict[str, torch.Tensor]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bigbatch.errors import UsageError
+from bigbatch.parallel.process_group import DistInfo, broadcast_from_main
 from bigbatch.run.checkpoint import MANIFEST, NAME, list_checkpoints, verify_checkpoint
 
 
@@ -48,6 +49,26 @@ def find_resume_checkpoint(resume: str, out_dir: Path, warn: Callable[[str], Non
     if found is None:
         raise UsageError(f"--resume {resume!r} is neither a checkpoint directory nor a run "
                          "directory holding checkpoints: give one, or --resume auto")
+    return found
+
+
+def agree_on_resume_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
+                               warn: Callable[[str], None]) -> Path | None:
+    """`find_resume_checkpoint` on rank 0 only, its answer broadcast: every rank resumes from the
+    same checkpoint (a checkpoint rank 0 is still renaming into place could otherwise be seen by
+    one rank and not another), and only one rank reads every file for its checksums. A refusal
+    is raised on every rank, so none is left waiting for the others."""
+    if resume is None:
+        return None
+    found, problem = None, None
+    if dist.is_main:
+        try:
+            found = find_resume_checkpoint(resume, out_dir, warn)
+        except UsageError as err:
+            problem = str(err)
+    found, problem = broadcast_from_main((found, problem), dist)
+    if problem is not None:
+        raise UsageError(problem)
     return found
 
 

@@ -36,7 +36,7 @@ from bigbatch.parallel.process_group import (
 from bigbatch.parallel.wrap import full_model_state_dict, parallelize
 from bigbatch.run.checkpoint import Checkpointer
 from bigbatch.run.preemption import Preemption, any_rank
-from bigbatch.run.resume import check_out_dir, drop_metrics_after, find_resume_checkpoint
+from bigbatch.run.resume import agree_on_resume_checkpoint, check_out_dir, drop_metrics_after
 from bigbatch.run.run_info import end_run_info, start_run_info
 from bigbatch.run.tasks import TaskContext, prepare_task
 
@@ -113,7 +113,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     if dist.is_main:
         prepare_out_dir(out_dir)
         check_out_dir(out_dir, resume, overwrite)
-    resume_from = find_resume_checkpoint(resume, out_dir, warn) if resume else None
+    resume_from = agree_on_resume_checkpoint(resume, out_dir, dist, warn)
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
 
     started, began = time.perf_counter(), time.time()

@@ -44,7 +44,7 @@ from bigbatch.model.hf import (
     load_tokenizer,
     parse_source,
 )
-from bigbatch.run.seeding import seed_everything
+from bigbatch.run.seeding import seed_everything, seed_rank_streams
 from bigbatch.run.tasks import TaskContext, TaskRun
 
 
@@ -160,6 +160,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     if model.config.pad_token_id is None:  # e.g. GPT-2: the head finds the last real token by it
         model.config.pad_token_id = splits.train.pad_id
     model.to(device).train()  # from_pretrained returns eval mode: dropout must be on
+    seed_rank_streams(cfg.train.seed, dist.rank)
     apply_hf_checkpointing(model, cfg.model.activation_checkpointing, cfg.model.checkpoint_every)
     loader = ClassificationLoader(splits.train, plan.global_sequences, plan.micro_batch_size,
                                   plan.micro_batch_tokens, dist.rank, dist.world_size,

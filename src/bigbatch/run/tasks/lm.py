@@ -26,7 +26,7 @@ from bigbatch.model.artifacts import save_model
 from bigbatch.model.checkpointing import apply_activation_checkpointing
 from bigbatch.model.gpt import GPT, GPTShape, resolve_attention
 from bigbatch.parallel.process_group import DistInfo, barrier
-from bigbatch.run.seeding import seed_everything
+from bigbatch.run.seeding import seed_everything, seed_rank_streams
 from bigbatch.run.tasks import TaskContext, TaskRun
 
 
@@ -127,6 +127,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     schedule = build_batch_schedule(cfg, plan)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, corpus.vocab_size, device.type).to(device)
+    seed_rank_streams(cfg.train.seed, dist.rank)
     loss_kernel = "standard"
     if hf_source is None:  # a Hugging Face model's own switch was set by build_model
         apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
@@ -156,8 +157,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                          f"{loss_sum_fn.compile_seconds:.1f}s; later runs reuse the inductor "
                          "cache")
         return [*lines,
-                noise_scale_summary(state.micro_steps * schedule.unit_tokens,
-                                    state.noise.noise_scale),
+                noise_scale_summary(state.batch_tokens, state.noise.noise_scale),
                 f"validation loss {state.last_val_loss:.4f} nats/token vs "
                 f"{baseline():.4f} for a unigram model (one that learned "
                 "only the training token frequencies) on the same validation windows",
