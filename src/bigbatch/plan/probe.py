@@ -98,6 +98,8 @@ def measure(request: ProbeRequest) -> ProbeResult:
 
     d = request.dims
     device = torch.device(request.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the rank's GPU is current, as in the run it plans
     # What a run's process holds besides its steps, so the peak measured here is the run's:
     # TensorBoard's modules (metrics.py, rank 0) and the matmul-peak measurement at start
     # (run_info.py), which leaves the math library's buffers behind (17 MiB measured together).

@@ -227,7 +227,7 @@ def agree_across_ranks(plan: MemoryPlan, tactics: list[Tactic]) -> MemoryPlan:
                                  plan.loss_chunk_tokens))
     mine = torch.tensor([plan.micro_batch_size, -index], dtype=torch.int64)
     if dist.get_backend() == "nccl":
-        mine = mine.cuda()
+        mine = mine.to(plan.device)  # this rank's own GPU (cuda:LOCAL_RANK), never cuda:0
     dist.all_reduce(mine, op=dist.ReduceOp.MIN)
     size, tactic = int(mine[0]), tactics[-int(mine[1])]
     return replace(plan, micro_batch_size=size, num_micro_steps=plan.sequences_per_rank // size,
