@@ -31,6 +31,8 @@ class DistInfo:
 
 
 SINGLE_PROCESS = DistInfo()
+# Set by parallelize() on an FSDP2 model that reduce-scatters after every micro-step.
+SYNC_EVERY_MICRO_STEP = "bigbatch_sync_every_micro_step"
 
 
 def dist_info_from_env() -> DistInfo:
@@ -66,6 +68,8 @@ def maybe_no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContext
     if enabled and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     if enabled and hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        if getattr(model, SYNC_EVERY_MICRO_STEP, False):  # parallel.fsdp_gradient_sync = every
+            return contextlib.nullcontext()
         return _fsdp_no_sync(model)
     return contextlib.nullcontext()
 

@@ -252,7 +252,9 @@ def train(cfg: Config, out_dir: Path, verbose: bool = True, resume: str | None =
     for line in startup_lines(cfg, schedule, model, device, allocator):
         say(line)
     say(f"loss: {describe_loss(loss_kernel, cfg.model.loss_chunk_tokens)}")
-    wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
+    wrapped = parallelize(model, cfg.parallel.strategy, device, dist,
+                          precision=cfg.precision.dtype,
+                          fsdp_gradient_sync=cfg.parallel.fsdp_gradient_sync)
     optimizer = build_optimizer(model, cfg.optim, device)
     precision = make_precision(cfg.precision, device)
     loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, dist.rank, cfg.train.seed)

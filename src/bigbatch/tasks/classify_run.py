@@ -178,7 +178,9 @@ def train_classifier(cfg: Config, out_dir: Path, verbose: bool = True, resume: s
     say(f"batch: {plan.describe()}")
     say(f"precision: {cfg.precision.dtype} | device: {device} | threads: "
         f"{torch.get_num_threads()}")
-    wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
+    wrapped = parallelize(model, cfg.parallel.strategy, device, dist,
+                          precision=cfg.precision.dtype,
+                          fsdp_gradient_sync=cfg.parallel.fsdp_gradient_sync)
     optimizer = build_optimizer(model, cfg.optim, device)
     precision = make_precision(cfg.precision, device)
     loader = ClassificationLoader(splits.train, plan.global_sequences, plan.micro_batch_size,
