@@ -249,6 +249,9 @@ class PrecisionConfig:
     growth_factor: float = option(2.0, "fp16: scale multiplier after `growth_interval` good steps.")
     backoff_factor: float = option(0.5, "fp16: scale multiplier after an overflow.")
     growth_interval: int = option(2000, "fp16: good steps between scale increases.")
+    tf32: bool = option(True, "CUDA: fp32 matmuls and convolutions run on TF32 tensor cores "
+                              "(Ampere and later; 10-bit mantissa inputs, fp32 accumulation); "
+                              "false keeps them in full fp32 (IEEE).")
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "precision.dtype", self.dtype, f"one of {DTYPES}")
