@@ -89,10 +89,16 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device, dist: Dis
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy != "fsdp":
         raise ValueError(f"unknown parallel strategy {strategy!r}: one of {STRATEGIES}")
+    return shard(model, device, dist.world_size, precision, fsdp_gradient_sync)
+
+
+def shard(model: nn.Module, device: torch.device, world_size: int, precision: str = "fp32",
+          fsdp_gradient_sync: str = "last") -> nn.Module:
+    """FSDP2 in place over the default group: each repeated layer a unit, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.world_size,))
+    mesh = init_device_mesh(device.type, (world_size,))
     policy = mixed_precision_policy(precision)
     for layer in transformer_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
