@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,10 +116,28 @@ def test_probe_reports_cuda_peak_and_catches_out_of_memory():
     assert not failed.ok and failed.error.startswith("out of memory"), failed.error
 
 
-def test_resume_on_cuda_equals_an_uninterrupted_run(tiny_overrides, tmp_path):
+@pytest.fixture(scope="module")
+def own_text(tmp_path_factory) -> list[str]:
+    """Overrides for a small corpus written here (this Python's own sources, ~400 KB): a GPU
+    machine runs a checkout without the ../shared beside it."""
+    root = tmp_path_factory.mktemp("cuda-corpus")
+    sources = sorted(Path(os.__file__).parent.glob("*.py"))
+    text, size = [], 0
+    for path in sources:
+        text.append(path.read_text(errors="replace"))
+        size += len(text[-1])
+        if size > 400_000:
+            break
+    (root / "text.txt").write_text("\n".join(text))
+    return [f"--data.path={root / 'text.txt'}", f"--data.cache_dir={root / 'cache'}"]
+
+
+def test_resume_on_cuda_equals_an_uninterrupted_run(own_text, tmp_path):
     from bigbatch.run import train
     from small_runs import metric_rows, small_config
     from test_resume import StopAfter
+
+    tiny_overrides = own_text
 
     # fp32 without TF32, so both runs use the same kernels; dropout on (CUDA RNG restored).
     extra = ("--train.device=cuda", "--precision.dtype=fp32", "--precision.tf32=false")
