@@ -73,7 +73,9 @@ def test_low_precision_step_matches_fp32(dtype):
     for name in ("fp32", dtype):
         model = tiny_gpt(device)
         before = [p.detach().clone() for p in model.parameters()]
-        precision = make_precision(PrecisionConfig(dtype=name, tf32=False), device)
+        # A moderate first loss scale: this test is about the arithmetic, not the scaler's search.
+        precision = make_precision(PrecisionConfig(dtype=name, tf32=False, init_scale=2.0**10),
+                                   device)
         stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1),
                            micro_batches(3, device), precision=precision)
         assert not stats.skipped and math.isfinite(float(stats.loss))
@@ -139,8 +141,10 @@ def test_resume_on_cuda_equals_an_uninterrupted_run(own_text, tmp_path):
 
     tiny_overrides = own_text
 
-    # fp32 without TF32, so both runs use the same kernels; dropout on (CUDA RNG restored).
-    extra = ("--train.device=cuda", "--precision.dtype=fp32", "--precision.tf32=false")
+    # fp32 without TF32 and the explicit attention kernel, so both runs use the same
+    # deterministic kernels; dropout on (the CUDA RNG must be restored).
+    extra = ("--train.device=cuda", "--precision.dtype=fp32", "--precision.tf32=false",
+             "--model.attention=explicit")
     straight = train(small_config(tiny_overrides, *extra), tmp_path / "straight", verbose=False)
     cfg = small_config(tiny_overrides, *extra, "--checkpoint.every_steps=2")
     first = train(cfg, tmp_path / "resumed", verbose=False, preemption=StopAfter(3))
@@ -155,7 +159,8 @@ def test_resume_on_cuda_equals_an_uninterrupted_run(own_text, tmp_path):
     for got, expected in zip(rows, want, strict=True):
         for key in ("loss", "val_loss", "grad_norm"):
             if key in expected:
-                assert got[key] == pytest.approx(expected[key], rel=1e-5), (got["step"], key)
+                # A forgotten RNG state changes the dropout masks: ~1e-2 here, not 1e-4.
+                assert got[key] == pytest.approx(expected[key], rel=1e-4), (got["step"], key)
 
 
 def test_fsdp_on_one_gpu_shards_per_layer_and_steps_as_the_plain_model(monkeypatch):

@@ -25,6 +25,7 @@ from bigbatch.plan.memory import (
     Calibration,
     ModelDims,
     Setup,
+    allreduce_bytes_per_step,
     estimate_memory,
 )
 from bigbatch.plan.planner import apply_plan, describe_plan, plan_for_config
@@ -94,6 +95,12 @@ def test_fsdp_memory_model_terms():
     assert last.autocast_copies == 0 and last.optimizer_state == 8 * p // 8
     fp16 = estimate_memory(BIG, Setup(**{**base.__dict__, "precision": "fp16"}), zero)
     assert fp16.autocast_copies == 2 * BIG.linear_parameters
+    # Traffic per step and rank: bf16 all-gathers twice per micro-step (k = 4), fp32
+    # reduce-scatters once ("last") or every micro-step ("every"); ring share 7/8.
+    share = 7 / 8 * p
+    assert allreduce_bytes_per_step(BIG, 8, "fsdp", 4, "bf16", "last") == round(share * 20)
+    assert allreduce_bytes_per_step(BIG, 8, "fsdp", 4, "bf16", "every") == round(share * 32)
+    assert allreduce_bytes_per_step(BIG, 8, "ddp", 4, "bf16") == round(share * 8)
 
 
 def need(dims: ModelDims, setup: Setup) -> int:
