@@ -228,8 +228,8 @@ def ranks_body(started: float) -> list[str]:
     body += ranks_table()
     body += ["", "DDP is predicted within a few % (its terms, the 4 P buckets, are what it adds). "
              "FSDP is not, on CPU: the live tensors are what the model says (the profiler's "
-             "peak of one step's allocations on a rank was 312 MiB against 291 MiB for one "
-             "unwrapped rank, fp32), but each rank's peak RSS rises above them over the first "
+             "peak of one step's allocations on a rank's training thread was 312 MiB against "
+             "291 MiB for one unwrapped rank, fp32), but each rank's peak RSS rises above them over the first "
              "steps and levels off after about 5 (system allocator: 1,089 -> 1,313 MiB; "
              "MALLOC_ARENA_MAX=1 changes nothing), about 2.5-3.5 x 4 P more than the live "
              "tensors, which no term of the memory model holds yet. Until it does, a CPU FSDP "
