@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench lint clean
+.PHONY: train test bench lint clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,24 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# The GPU check runs with the Python that holds the CUDA torch (GPU_PYTHON, default: this
+# checkout's .venv if there is one, else python3) and installs nothing into it: README, "On a
+# GPU". Only where that Python has no torch at all (a fresh clone on a CPU machine) is the
+# usual .venv made first, so the check still runs to its end there.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_WHEELS := .gpu-wheels
+
+gpu-check:
+	if $(GPU_PYTHON) -c "import torch" 2>/dev/null; then py=$(GPU_PYTHON); \
+	else $(MAKE) $(STAMP) && py=$(PY); fi; GPU_PYTHON=$$py bash benchmarks/gpu_check.sh
+
+# Wheels a GPU machine without network lacks (tomli_w), for Python 3.12 on x86-64 Linux:
+# fetched here into .gpu-wheels/ (ignored by git), carried there beside the checkout.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 --platform any \
+		-d $(GPU_WHEELS) "tomli_w>=1.0"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

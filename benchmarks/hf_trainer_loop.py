@@ -45,6 +45,7 @@ class Windows(torch.utils.data.Dataset):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/bench_gpu.py)")
     parser.add_argument("--global-tokens", type=int, default=16384)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -81,18 +82,25 @@ def main(argv: list[str] | None = None) -> dict:
     step_started: list[float] = []
     step_seconds: list[float] = []
 
+    def sync() -> None:
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
+            sync()
             step_started.append(time.perf_counter())
 
         def on_step_end(self, args_, state, control, **kwargs):
+            sync()  # a GPU step is timed to its end, not to its last kernel launch
             step_seconds.append(time.perf_counter() - step_started[-1])
 
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.micro_batch,
             gradient_accumulation_steps=accum_steps, max_steps=total_steps,
-            learning_rate=1e-3, max_grad_norm=1.0, bf16=args.dtype == "bf16", use_cpu=True,
+            learning_rate=1e-3, max_grad_norm=1.0, bf16=args.dtype == "bf16",
+            use_cpu=args.device == "cpu",
             lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to="none", dataloader_num_workers=0,
             disable_tqdm=True, seed=1337)

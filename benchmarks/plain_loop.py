@@ -42,6 +42,7 @@ def token_source(kind: str, vocab_size: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/bench_gpu.py)")
     parser.add_argument("--global-tokens", type=int, default=16384)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -58,17 +59,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(1337)
     data = token_source(args.data, args.vocab)
     model = GPT(GPTShape(vocab_size=args.vocab, seq_len=args.seq_len, n_layer=args.layers,
-                         n_head=args.heads, d_model=args.d_model))
+                         n_head=args.heads, d_model=args.d_model)).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     accum_steps = args.global_tokens // (args.micro_batch * args.seq_len)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16"
+    autocast = (torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16) if args.dtype == "bf16"
                 else contextlib.nullcontext())
 
     def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
         starts = np.random.randint(0, len(data) - args.seq_len - 1, size=args.micro_batch)
         rows = np.stack([data[s:s + args.seq_len + 1] for s in starts]).astype(np.int64)
         rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+        return rows[:, :-1].to(args.device), rows[:, 1:].to(args.device)
 
     timed_seconds, losses = 0.0, []
     for step in range(args.warmup_steps + args.steps):

@@ -49,3 +49,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests run where torch sees a GPU and skip, saying why, elsewhere."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = ("this torch is built without CUDA" if torch.version.cuda is None
+           else f"no CUDA device visible (torch {torch.__version__}, CUDA {torch.version.cuda})")
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {why}")
+    for item in marked:
+        item.add_marker(skip)

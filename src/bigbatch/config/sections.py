@@ -249,6 +249,9 @@ class PrecisionConfig:
     growth_factor: float = option(2.0, "fp16: scale multiplier after `growth_interval` good steps.")
     backoff_factor: float = option(0.5, "fp16: scale multiplier after an overflow.")
     growth_interval: int = option(2000, "fp16: good steps between scale increases.")
+    tf32: bool = option(True, "CUDA: fp32 matmuls and convolutions run on TF32 tensor cores "
+                              "(Ampere and later; 10-bit mantissa inputs, fp32 accumulation); "
+                              "false keeps them in full fp32 (IEEE).")
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, "precision.dtype", self.dtype, f"one of {DTYPES}")
@@ -302,6 +305,7 @@ class TrainConfig:
 
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
+FSDP_GRADIENT_SYNCS = ("auto", "last", "every")
 
 
 @dataclass(frozen=True)
@@ -309,10 +313,19 @@ class ParallelConfig:
     strategy: str = option("ddp", "With more than one rank: ddp (a full replica per rank, "
                                   "gradients all-reduced) or fsdp (FSDP2: parameters, gradients "
                                   "and optimizer state sharded over the ranks).")
+    fsdp_gradient_sync: str = option(
+        "auto", "FSDP under accumulation: last (reduce-scatter on the last micro-step only; each "
+                "rank holds the full unsharded fp32 gradients, 4 bytes x parameters, until "
+                "then) | every (reduce-scatter after every micro-step into the sharded "
+                "gradients: 1/world of that memory, one reduce-scatter per micro-step) | auto "
+                "(last, unless batch.micro_batch_size = \"auto\" and the planner needs every "
+                "to fit).")
 
     def __post_init__(self) -> None:
         _require(self.strategy in PARALLEL_STRATEGIES, "parallel.strategy", self.strategy,
                  f"one of {PARALLEL_STRATEGIES}")
+        _require(self.fsdp_gradient_sync in FSDP_GRADIENT_SYNCS, "parallel.fsdp_gradient_sync",
+                 self.fsdp_gradient_sync, f"one of {FSDP_GRADIENT_SYNCS}")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigbatch.data.loader import GlobalBatchSampler
+from bigbatch.data.loader import GlobalBatchSampler, to_device
 from bigbatch.errors import UsageError
 
 
@@ -42,7 +42,7 @@ class ClassificationBatch:
         return self.weights.sum()
 
     def to(self, device: torch.device) -> ClassificationBatch:
-        return ClassificationBatch(*(t.to(device, non_blocking=True) for t in (
+        return ClassificationBatch(*(to_device(t, device) for t in (
             self.input_ids, self.attention_mask, self.labels, self.weights, self.doc_ids)))
 
 

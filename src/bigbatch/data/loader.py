@@ -31,8 +31,15 @@ class MicroBatch:
         return (self.targets != IGNORE_INDEX).sum()
 
     def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(self.inputs.to(device, non_blocking=True),
-                          self.targets.to(device, non_blocking=True))
+        return MicroBatch(to_device(self.inputs, device), to_device(self.targets, device))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes through pinned (page-locked) memory, so the
+    copy is truly asynchronous: from pageable memory `non_blocking=True` is a blocking copy."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class GlobalBatchSampler:

@@ -100,6 +100,8 @@ class FusedLinearCrossEntropy:
         began = time.perf_counter()
         try:
             result = self._compiled(logits, targets)
+        except torch.OutOfMemoryError:
+            raise  # the micro-batch does not fit: eager would hide it, or fail the same way later
         except Exception as err:  # no compiler, unsupported device: same numbers, eagerly
             print(f"warning: torch.compile of the fused loss failed ({type(err).__name__}); "
                   "running it eagerly", file=sys.stderr)

@@ -47,7 +47,22 @@ class Precision:
         return make_precision(PrecisionConfig(dtype=dtype), torch.device(device))
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls (cuBLAS) and convolutions (cuDNN), or full IEEE fp32. Through the
+    `fp32_precision` settings where torch has them: mixing them with the legacy `allow_tf32`
+    flags makes torch refuse to read either."""
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:  # torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def make_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
+    if device.type == "cuda":  # process-wide, decided once per run, before the first matmul
+        set_tf32(cfg.tf32)
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.init_scale,
                                   growth_factor=cfg.growth_factor,
                                   backoff_factor=cfg.backoff_factor,

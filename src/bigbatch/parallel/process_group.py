@@ -33,6 +33,8 @@ class DistInfo:
 
 
 SINGLE_PROCESS = DistInfo()
+# Set by parallelize() on an FSDP2 model that reduce-scatters after every micro-step.
+SYNC_EVERY_MICRO_STEP = "bigbatch_sync_every_micro_step"
 
 
 def dist_info_from_env() -> DistInfo:
@@ -43,8 +45,20 @@ def dist_info_from_env() -> DistInfo:
 
 
 def init_process_group(info: DistInfo, device: torch.device) -> None:
+    """Bind this process to its GPU, then (several ranks) join the group.
+
+    `torch.cuda.set_device` comes first, before anything touches CUDA: FSDP's `fully_shard`,
+    `.cuda()` and NCCL's communicator all use the *current* device, which is cuda:0 in every
+    process until it is set. Under NCCL `device_id` binds the group to that GPU at once (an
+    eager communicator, and no guessing of the device by the first collective).
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
 
 
 def maybe_no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
@@ -56,6 +70,8 @@ def maybe_no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContext
     if enabled and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     if enabled and hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        if getattr(model, SYNC_EVERY_MICRO_STEP, False):  # parallel.fsdp_gradient_sync = every
+            return contextlib.nullcontext()
         return _fsdp_no_sync(model)
     return contextlib.nullcontext()
 

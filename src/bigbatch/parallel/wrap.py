@@ -1,6 +1,7 @@
 """Data-parallel wrapping, decided once: DDP or FSDP2 (`parallel.strategy`), and full state dicts.
 
-    parallelize(model, strategy, device, dist)   DDP wrapper, or FSDP2 applied in place
+    parallelize(model, strategy, device, dist, precision=, fsdp_gradient_sync=)
+                                                 DDP wrapper, or FSDP2 applied in place
     full_model_state_dict(model)                 every rank calls; rank 0 gets the CPU tensors
 
 DDP keeps a full replica per rank and all-reduces gradients (averaging them); FSDP2 shards
@@ -10,8 +11,23 @@ train_step undoes by multiplying the loss by the world size; both skip the gradi
 non-final micro-steps through `maybe_no_sync` (process_group.py).
 
 Wrapping order (when activation checkpointing or compile arrive, they go before this): FSDP shards
-each Transformer block as its own unit, so only one block's full weights live at a time, then the
-root, which owns the embeddings, the final norm and the tied output head (one parameter, one unit).
+each repeated Transformer layer as its own unit, so only a layer or two's full weights live at a
+time, then the root, which owns the embeddings, the final norm and the tied output head (one
+parameter, one unit). The layers are found, not named (`transformer_layers`): the classes a
+Hugging Face model lists in `_no_split_modules` that occur more than once (BERT's `BertLayer`,
+GPT-2's `GPT2Block`, Llama's `LlamaDecoderLayer`), else the children of the largest ModuleList of
+one class (the built-in GPT's `blocks`, most custom models).
+
+Under bf16 FSDP2's MixedPrecisionPolicy gathers bf16 parameters for compute and reduces
+gradients in fp32, so the all-gathers move half the bytes and no autocast copy of a gathered
+weight is kept. fp16 and fp32 gather the fp32 parameters (fp16 relies on autocast and the loss
+scaler as without FSDP).
+
+Gradient sync under accumulation (`parallel.fsdp_gradient_sync`): "last" skips the
+reduce-scatter on every micro-step but the last, so each rank accumulates the *unsharded* fp32
+gradients, 4 P bytes per rank; "every" reduce-scatters after every micro-step into the sharded
+gradients, 4 P / world bytes, at the cost of one reduce-scatter per micro-step instead of one per
+step. Under "every" `maybe_no_sync` (distributed.py) leaves the model alone, as marked here.
 """
 
 from __future__ import annotations
@@ -27,14 +43,41 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from bigbatch.config.sections import PARALLEL_STRATEGIES as STRATEGIES
-from bigbatch.parallel.process_group import DistInfo
+from bigbatch.parallel.process_group import SYNC_EVERY_MICRO_STEP, DistInfo
 
 # Gathered to full tensors on CPU (rank 0 only), so any world size, or one process, can load them.
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def parallelize(model: nn.Module, strategy: str, device: torch.device, dist: DistInfo
-                ) -> nn.Module:
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated Transformer layers of `model`, outermost only, in model order."""
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    repeated = {name for name in no_split if counts.get(name, 0) > 1}
+    if repeated:  # a single no-split module (BertEmbeddings) is not a layer: the root keeps it
+        layers = [m for m in model.modules() if type(m).__name__ in repeated]
+    else:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+                 and len({type(child) for child in m}) == 1]
+        layers = list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()),
+                          default=()))
+    inside = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
+    return [layer for layer in layers if id(layer) not in inside]
+
+
+def mixed_precision_policy(precision: str):
+    """bf16 compute parameters with fp32 gradient reduction under bf16; FSDP's default else."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def parallelize(model: nn.Module, strategy: str, device: torch.device, dist: DistInfo, *,
+                precision: str = "fp32", fsdp_gradient_sync: str = "last") -> nn.Module:
     """The module to train: `model` itself on one process, else wrapped for `strategy`.
 
     Build the optimizer *after* this: FSDP replaces the parameters with sharded DTensors.
@@ -46,14 +89,30 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device, dist: Dis
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy != "fsdp":
         raise ValueError(f"unknown parallel strategy {strategy!r}: one of {STRATEGIES}")
+    return shard(model, device, dist.world_size, precision, fsdp_gradient_sync)
+
+
+def shard(model: nn.Module, device: torch.device, world_size: int, precision: str = "fp32",
+          fsdp_gradient_sync: str = "last") -> nn.Module:
+    """FSDP2 in place over the default group: each repeated layer a unit, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.world_size,))
-    for block in getattr(model, "blocks", ()):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = mixed_precision_policy(precision)
+    for layer in transformer_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if fsdp_gradient_sync == "every":  # "auto" unresolved by the planner means "last"
+        setattr(model, SYNC_EVERY_MICRO_STEP, True)
     return model
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules `fully_shard` made into units (each gathers its parameters on its own)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

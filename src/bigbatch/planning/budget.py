@@ -22,8 +22,14 @@ def available_bytes(device_type: str, device_index: int | None = None) -> int:
     raise UsageError("cannot read MemAvailable from /proc/meminfo: set batch.memory_budget")
 
 
-def resolve_budget(value: int | str, device_type: str, device_index: int | None = None) -> int:
+def resolve_budget(value: int | str, device_type: str, device_index: int | None = None,
+                   ranks_per_node: int = 1) -> int:
+    """One rank's budget: `value`, or by default a fraction of what is free now. A GPU is one
+    rank's own; a CPU node's memory is shared by its `ranks_per_node` ranks, so each gets its
+    share. An explicit `value` is per rank, as it is written."""
     budget = parse_bytes(value)
     if budget == 0:
         budget = int(DEFAULT_FRACTION * available_bytes(device_type, device_index))
+        if device_type != "cuda":
+            budget //= max(1, ranks_per_node)
     return budget

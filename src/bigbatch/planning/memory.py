@@ -12,8 +12,19 @@ Static (alive the whole step, from the second step on, when the optimizer state 
                                                Linear weight and bias, lm_head included, saved
                                                for backward until the micro-step's backward ends)
     DDP buckets       4 P                     (world size > 1 with DDP: flat gradient buckets)
-    FSDP              parameters, gradients and optimizer state / world size, plus one block's
-                      parameters gathered in full (4 x 12 C^2)
+    FSDP (N ranks)    parameters 4 P / N sharded, plus the gathered units: the root's
+                      (embeddings, final norm: R = P - L x block, gathered from forward to the
+                      end of backward) and two layers' (the one running and the one prefetched),
+                      in g bytes each (g = 2 under bf16: FSDP's MixedPrecisionPolicy gathers
+                      bf16; else 4);
+                      gradients: with sync "last" and k > 1 micro-steps, the full unsharded fp32
+                      gradients accumulated across the no-sync micro-steps, 4 P; else (sync
+                      "every", or k = 1) the sharded 4 P / N plus the root's and one layer's
+                      unsharded gradients in flight (g R + (g + 4) block under bf16: the bf16
+                      gradient and its fp32 cast for the reduce-scatter);
+                      optimizer state / N; no autocast copies under bf16 (the gathered weights
+                      are bf16 already); under fp16 autocast keeps its copies of every gathered
+                      Linear weight for the whole step (2 x Linear params)
     data              the token arrays of the run (memmapped pages count in resident memory)
 Per token (saved for backward, measured with saved-tensor hooks on the real Block):
     block             2 x 4C  fp32 inputs of the two LayerNorms (the residual stream)
@@ -102,6 +113,12 @@ class Setup:
     world_size: int = 1
     sharding: str = "ddp"
     data_bytes: int = 0
+    num_micro_steps: int = 1      # per rank and optimizer step (FSDP's gradients depend on it)
+    gradient_sync: str = "last"   # FSDP: reduce-scatter on the last micro-step, or on "every"
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding == "fsdp" and self.world_size > 1
 
 
 @dataclass(frozen=True)
@@ -190,11 +207,25 @@ def recompute_bytes(dims: ModelDims, setup: Setup) -> int:
     return setup.micro_batch_size * dims.seq_len * block_bytes_per_token(dims, setup.precision)
 
 
+def fsdp_gathered_bytes(dims: ModelDims, setup: Setup) -> tuple[int, int]:
+    """(unsharded parameters, unsharded gradients) an FSDP rank holds at the step's peak."""
+    p, block = dims.num_parameters, dims.block_parameters
+    root = p - dims.n_layer * block
+    g = 2 if setup.precision == "bf16" else 4
+    parameters = g * (root + min(2, dims.n_layer) * block)
+    if setup.gradient_sync == "last" and setup.num_micro_steps > 1:
+        return parameters, 4 * p
+    in_flight = g * root + (g + 4 if g == 2 else 4) * block
+    return parameters, 4 * p // setup.world_size + in_flight
+
+
 def estimate_memory(dims: ModelDims, setup: Setup, calibration: Calibration) -> MemoryEstimate:
     p = dims.num_parameters
-    shards = setup.world_size if setup.sharding == "fsdp" else 1
-    gathered = 4 * dims.block_parameters if setup.sharding == "fsdp" and shards > 1 else 0
+    shards = setup.world_size if setup.sharded else 1
+    gathered, gradients = fsdp_gathered_bytes(dims, setup) if setup.sharded else (0, 4 * p)
     autocast = 2 * dims.linear_parameters if AUTOCAST_BYTES[setup.precision] == 2 else 0
+    if setup.sharded and setup.precision == "bf16":
+        autocast = 0  # FSDP computes with bf16 weights: autocast has nothing to copy
     buckets = 4 * p if setup.sharding == "ddp" and setup.world_size > 1 else 0
     scale = calibration.activation_scale
     # Logits buffers and a recomputed block never coexist: backward frees the first before
@@ -203,7 +234,7 @@ def estimate_memory(dims: ModelDims, setup: Setup, calibration: Calibration) -> 
     logits_share = transient if transient == logits_bytes(dims, setup) else 0
     return MemoryEstimate(
         parameters=4 * p // shards + gathered,
-        gradients=4 * p // shards,
+        gradients=gradients,
         optimizer_state=OPTIMIZER_STATES[setup.optimizer] * 4 * p // shards,
         autocast_copies=autocast,
         ddp_buckets=buckets,
@@ -226,14 +257,21 @@ def static_bytes(dims: ModelDims, setup: Setup) -> int:
     return estimate.total
 
 
-def allreduce_bytes_per_step(dims: ModelDims, world_size: int, sharding: str) -> int:
-    """Gradient bytes each rank sends per optimizer step (ring algorithms, fp32 gradients).
+def allreduce_bytes_per_step(dims: ModelDims, world_size: int, sharding: str,
+                             num_micro_steps: int = 1, precision: str = "fp32",
+                             gradient_sync: str = "last") -> int:
+    """Bytes each rank sends per optimizer step (ring algorithms: (N-1)/N of the tensor).
 
-    DDP: one all-reduce of 4P (no_sync skips the others): 2 (N-1)/N x 4P sent per rank.
-    FSDP: reduce-scatter of gradients (N-1)/N x 4P, plus the parameter all-gathers of forward
-    and backward, 2 x (N-1)/N x 4P (per micro-step; counted here once).
+    DDP: one all-reduce of the fp32 gradients (no_sync skips the others): 2 (N-1)/N x 4P.
+    FSDP: the parameters all-gathered in forward and again in backward on every micro-step,
+    2 k x (N-1)/N x g P (g = 2 under bf16, else 4), plus the fp32 gradients reduce-scattered,
+    (N-1)/N x 4P once per step (sync "last") or on every micro-step (sync "every").
     """
     if world_size <= 1:
         return 0
-    share = (world_size - 1) / world_size * 4 * dims.num_parameters
-    return round(2 * share if sharding == "ddp" else 3 * share)
+    share = (world_size - 1) / world_size * dims.num_parameters
+    if sharding == "ddp":
+        return round(2 * share * 4)
+    g = 2 if precision == "bf16" else 4
+    reduces = num_micro_steps if gradient_sync == "every" else 1
+    return round(share * (2 * num_micro_steps * g + 4 * reduces))

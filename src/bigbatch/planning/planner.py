@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from bigbatch.config.sections import Config
@@ -18,13 +19,20 @@ from bigbatch.planning.search import (
     ProbeFn,
     agree_across_ranks,
     choose_micro_batch,
+    sync_choices,
     tactics_for,
 )
 
 
 def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device: str = "cpu",
-                    data_bytes: int = 0, probe: ProbeFn = run_probe) -> MemoryPlan:
-    """Search the micro-batch for `cfg` (as if `batch.micro_batch_size = "auto"`)."""
+                    data_bytes: int = 0, probe: ProbeFn = run_probe,
+                    ranks_per_node: int | None = None) -> MemoryPlan:
+    """Search the micro-batch for `cfg` (as if `batch.micro_batch_size = "auto"`).
+
+    `ranks_per_node` (default: torchrun's LOCAL_WORLD_SIZE, else all `world_size` ranks on this
+    node) divides a CPU node's default budget among its ranks."""
+    if ranks_per_node is None:
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     device_type, _, index = device.partition(":")
     if cfg.model.source != "gpt":  # a Hugging Face model: its own dimensions, probed as itself
         from bigbatch.planning.hf_probe import hf_dims, planning_config
@@ -41,7 +49,8 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
         dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
                          cfg.model.n_head, resolve_attention(cfg.model.attention, device_type,
                                                            cfg.precision.dtype))
-    budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None)
+    budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None,
+                            ranks_per_node)
     loss_kernel = "standard"
     if cfg.model.source == "gpt":
         from bigbatch.engine.fused_loss import resolve_loss_kernel
@@ -56,9 +65,12 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
                               mode=model.activation_checkpointing,
                               checkpoint_every=model.checkpoint_every,
                               loss_chunk_tokens=model.loss_chunk_tokens, budget=budget,
-                              device=device, allocator=cfg.train.allocator, probe=probe)
+                              device=device, allocator=cfg.train.allocator, probe=probe,
+                              gradient_sync=cfg.parallel.fsdp_gradient_sync)
     tactics = tactics_for(model.activation_checkpointing, model.checkpoint_every,
-                          model.loss_chunk_tokens, cfg.data.seq_len)
+                          model.loss_chunk_tokens, cfg.data.seq_len,
+                          sync_choices(cfg.parallel.strategy, world_size,
+                                       cfg.parallel.fsdp_gradient_sync))
     if cfg.model.source != "gpt" and plan.loss_chunk_tokens:
         raise UsageError(f"batch.memory_budget = {format_bytes(budget)} is too small for this "
                          "model without chunked loss, which Hugging Face models lack: raise the "
@@ -67,12 +79,17 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
 
 
 def apply_plan(cfg: Config, plan: MemoryPlan) -> Config:
-    """The config with the plan's micro-batch, checkpointing and loss chunking filled in."""
+    """The config with the plan's micro-batch, checkpointing, loss chunking and (FSDP) gradient
+    sync filled in."""
+    parallel = cfg.parallel
+    if parallel.fsdp_gradient_sync == "auto" and plan.sharding == "fsdp" and plan.world_size > 1:
+        parallel = dataclasses.replace(parallel, fsdp_gradient_sync=plan.fsdp_gradient_sync)
     return dataclasses.replace(
         cfg, batch=dataclasses.replace(cfg.batch, micro_batch_size=plan.micro_batch_size),
         model=dataclasses.replace(cfg.model, activation_checkpointing=plan.activation_checkpointing,
                                   checkpoint_every=plan.checkpoint_every,
-                                  loss_chunk_tokens=plan.loss_chunk_tokens))
+                                  loss_chunk_tokens=plan.loss_chunk_tokens),
+        parallel=parallel)
 
 
 def write_plan(plan: MemoryPlan, out_dir: Path) -> Path:
@@ -120,9 +137,34 @@ def describe_plan(plan: MemoryPlan) -> list[str]:
                      f"{format_bytes(c['predicted_bytes']):>11}, measured {measured:>11}, "
                      f"{_speed(c)} {mark}".rstrip())
     if plan.world_size > 1:
-        lines.append(f"gradient all-reduce per optimizer step: "
-                     f"{format_bytes(plan.allreduce_bytes_per_step)} sent per rank (ring, fp32, "
-                     f"once per step thanks to no_sync)")
+        lines += describe_wrapper(plan)
+    return lines
+
+
+def describe_wrapper(plan: MemoryPlan) -> list[str]:
+    """What the wrapper changes against one unwrapped rank, term by term, and its traffic."""
+    if plan.sharding == "fsdp":
+        how = (f"FSDP over {plan.world_size} ranks, gradients reduce-scattered on "
+               f"{'every' if plan.fsdp_gradient_sync == 'every' else 'the last'} micro-step")
+        traffic = ("parameters all-gathered twice per micro-step, gradients reduce-scattered "
+                   + ("every micro-step" if plan.fsdp_gradient_sync == "every" else
+                      "once per step"))
+    else:
+        how = f"DDP over {plan.world_size} ranks"
+        traffic = "gradients all-reduced once per step thanks to no_sync"
+    one = plan.one_rank_components
+    lines = [f"against 1 rank ({how}), per rank:"]
+    for name, size in plan.components.items():
+        if one and size != one.get(name, size):
+            lines.append(f"  {name:<16} {format_bytes(size):>12} instead of "
+                         f"{format_bytes(one[name]):>12} ({'+' if size > one[name] else '-'}"
+                         f"{format_bytes(abs(size - one[name]))})")
+    if one:
+        total, single = sum(plan.components.values()), sum(one.values())
+        lines.append(f"  {'total':<16} {format_bytes(total):>12} instead of "
+                     f"{format_bytes(single):>12}")
+    lines.append(f"communication per optimizer step: {format_bytes(plan.allreduce_bytes_per_step)}"
+                 f" sent per rank (ring; {traffic})")
     return lines
 
 

@@ -10,6 +10,12 @@ state exists, so the peak is the steady state's.
 
 `fit_calibration` then fits the memory model's two constants to the measurements by least
 squares: measured - static = overhead + scale x growing bytes (see memory.py).
+
+With `world_size` > 1 (CPU only: gloo) the probe runs under the real wrapper instead: torchrun
+starts that many ranks, each wraps the model for `sharding` (DDP, or FSDP with its gradient
+sync) and steps its own micro-batches, and the result is the largest rank's peak. The planner
+itself probes one unwrapped process (search.py says why); benchmarks/bench_memory.py measures
+the wrapper's terms with this.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class ProbeRequest:
     model_source: str = "gpt"   # or a Hugging Face model (hf:/hf-config:), built for `task`
     task: str = "lm"
     trust_remote_code: bool = False
+    world_size: int = 1         # > 1: under the wrapper, on that many gloo ranks (torchrun)
+    sharding: str = "ddp"
+    gradient_sync: str = "last"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -94,13 +103,22 @@ def measure(request: ProbeRequest) -> ProbeResult:
     from bigbatch.engine.step import train_step
     from bigbatch.model.checkpointing import apply_activation_checkpointing
     from bigbatch.model.gpt import GPT, GPTShape
-    from bigbatch.parallel.process_group import SINGLE_PROCESS
+    from bigbatch.parallel.process_group import (
+        SINGLE_PROCESS,
+        dist_info_from_env,
+        init_process_group,
+    )
+    from bigbatch.parallel.wrap import parallelize
 
     d = request.dims
     device = torch.device(request.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the rank's GPU is current, as in the run it plans
+    info = dist_info_from_env() if request.world_size > 1 else SINGLE_PROCESS
+    init_process_group(info, device)
     # What a run's process holds besides its steps, so the peak measured here is the run's:
     # TensorBoard's modules (metrics.py, rank 0) and the matmul-peak measurement at start
-    # (engine/throughput.py), which leaves the math library's buffers behind (17 MiB measured together).
+    # (engine/throughput.py), which leaves the math library's buffers behind (17 MiB together).
     import torch.utils.tensorboard  # noqa: F401
 
     from bigbatch.engine.throughput import quick_matmul_peak
@@ -118,7 +136,9 @@ def measure(request: ProbeRequest) -> ProbeResult:
         from bigbatch.planning.hf_probe import hf_probe_setup
 
         model, loss_sum_fn, make_batch = hf_probe_setup(request, device)
-    optimizer = build_optimizer(model, OptimConfig(), device)
+    model = parallelize(model, request.sharding, device, info, precision=request.precision,
+                        fsdp_gradient_sync=request.gradient_sync)
+    optimizer = build_optimizer(model, OptimConfig(), device)  # after FSDP's sharding
     precision = make_precision(PrecisionConfig(dtype=request.precision), device)
 
     def fresh_batches() -> list[MicroBatch]:
@@ -134,30 +154,42 @@ def measure(request: ProbeRequest) -> ProbeResult:
     try:
         # fit() evaluates before the first step and after the last, in micro-batches of the
         # same size; the allocator's heap after that mix is what a run sees, so probe it too.
-        evaluate(model, batches[:1], precision, SINGLE_PROCESS, device, loss_sum_fn)
+        evaluate(model, batches[:1], precision, info, device, loss_sum_fn)
+        # Ranks must take as many steps as each other: under the wrapper, num_steps exactly.
         while len(seconds) < request.num_steps or (
-                sum(seconds[1:]) < request.min_timed_seconds and len(seconds) < request.max_steps):
+                not info.enabled and sum(seconds[1:]) < request.min_timed_seconds
+                and len(seconds) < request.max_steps):
             started = time.perf_counter()
             batches = fresh_batches()
             stats = train_step(model, optimizer, batches, precision=precision, clip_norm=1.0,
-                               loss_sum_fn=loss_sum_fn)
+                               dist=info, loss_sum_fn=loss_sum_fn)
             float(stats.loss)  # host sync, so the timing covers the whole step
             seconds.append(time.perf_counter() - started)
-        evaluate(model, batches[:1], precision, SINGLE_PROCESS, device, loss_sum_fn)
+        evaluate(model, batches[:1], precision, info, device, loss_sum_fn)
     except torch.OutOfMemoryError as err:
         return ProbeResult(request.micro_batch_size, None, None, f"out of memory: {err}"[:200])
     tokens = request.micro_batch_size * d.seq_len * request.num_micro_steps
     best = min(seconds[1:] or seconds)  # the first step allocates and warms up
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else peak_rss_bytes())
+    if info.enabled:  # the largest rank's peak (rank 0 also holds what only it does)
+        import torch.distributed as dist
+
+        largest = torch.tensor([peak], dtype=torch.int64, device=device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        peak = int(largest)
     return ProbeResult(request.micro_batch_size, int(peak), tokens / best)
 
 
 def run_probe(request: ProbeRequest, timeout_s: float = 600.0) -> ProbeResult:
     """Measure one candidate in a fresh child process (a killed child means it did not fit)."""
+    launcher = [sys.executable, "-m"]
+    if request.world_size > 1:  # torchrun, whose own -m runs the module on every rank
+        launcher += ["torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={request.world_size}", "-m"]
+    command = [*launcher, "bigbatch.planning.probe", request.to_json()]
     try:
-        done = subprocess.run([sys.executable, "-m", "bigbatch.planning.probe", request.to_json()],
-                              capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return ProbeResult(request.micro_batch_size, None, None, f"timed out after {timeout_s}s")
     if done.returncode != 0:
@@ -190,5 +222,12 @@ def fit_calibration(dims: ModelDims, points: list[tuple[Setup, int]],
 
 
 if __name__ == "__main__":
+    from bigbatch.parallel.launch import exit_process
+    from bigbatch.parallel.process_group import dist_info_from_env, shutdown
+
     result = measure(ProbeRequest.from_json(sys.argv[1]))
-    print(json.dumps(asdict(result)))
+    info = dist_info_from_env()
+    if info.is_main:
+        print(json.dumps(asdict(result)), flush=True)
+    shutdown(info)
+    exit_process(0)

@@ -12,8 +12,20 @@ checkpointing and chunked loss, when `model.activation_checkpointing = "auto"`):
     choose the fastest measured candidate whose peak fits (measured and predicted, plus
         PEAK_HEADROOM); within SPEED_TIE of the fastest, the largest
 
-If no tactic fits, a one-line UsageError names the smallest memory that would do. Under several
-ranks each rank searches, then all take the smallest micro-batch and the strongest tactic.
+If no tactic fits, a one-line UsageError names the smallest memory that would do, or, when the
+memory model says a candidate fits but its probe failed, what the probes said (out of memory,
+or the error). Under several ranks each rank searches, then all take the smallest micro-batch
+and the strongest tactic.
+
+The wrapper. A probe is one unwrapped process (on CUDA, one GPU: a rank's own), so what DDP and
+FSDP add or take away (DDP's buckets; FSDP's shards, gathered units, unsharded gradients) is
+never measured there: the fit is made against the setup the probe really ran (one rank, its own
+micro-steps), so those terms cannot be absorbed into the fitted overhead, and they come back
+from the memory model (memory.py) when a candidate is predicted for the real world size. A
+measured peak is compared with the budget after the same correction (`Candidate.wrapper_bytes`).
+Under FSDP with `parallel.fsdp_gradient_sync = "auto"` each memory tactic is tried with "last"
+(one reduce-scatter per step, unsharded gradients) before "every" (sharded gradients, a
+reduce-scatter per micro-step).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from bigbatch.planning.memory import (
     Setup,
     allreduce_bytes_per_step,
     estimate_memory,
+    static_bytes,
 )
 from bigbatch.planning.probe import ProbeRequest, ProbeResult, fit_calibration, run_probe
 
@@ -52,6 +65,7 @@ class Tactic:
     checkpointing: str      # none | all | every_n
     checkpoint_every: int
     loss_chunk_tokens: int
+    gradient_sync: str = "last"  # FSDP: last | every (parallel.fsdp_gradient_sync)
 
 
 @dataclass
@@ -61,10 +75,14 @@ class Candidate:
     measured_bytes: int | None = None
     tokens_per_s: float | None = None
     note: str = ""
+    # What the wrapper adds to (DDP) or takes from (FSDP) the unwrapped probe's peak, by the
+    # memory model: the measured peak a rank of the real run would see is measured + this.
+    wrapper_bytes: int = 0
 
     def need_bytes(self) -> int:
-        """The larger of prediction and measurement, plus the headroom (PEAK_HEADROOM)."""
-        return round(max(self.predicted_bytes, self.measured_bytes or 0) * (1 + PEAK_HEADROOM))
+        """The larger of prediction and (wrapper-corrected) measurement, plus PEAK_HEADROOM."""
+        measured = self.measured_bytes + self.wrapper_bytes if self.measured_bytes else 0
+        return round(max(self.predicted_bytes, measured) * (1 + PEAK_HEADROOM))
 
     def fits(self, budget: int) -> bool:
         return self.need_bytes() <= budget and not self.note
@@ -92,6 +110,9 @@ class MemoryPlan:
     device: str
     candidates: list[dict] = field(default_factory=list)
     tactics_tried: list[str] = field(default_factory=list)
+    fsdp_gradient_sync: str = "last"
+    # The same micro-batch's components on one unwrapped rank: what the wrapper changes.
+    one_rank_components: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,26 +121,49 @@ class MemoryPlan:
 ProbeFn = Callable[[ProbeRequest], ProbeResult]
 
 
-def tactics_for(mode: str, every: int, chunk_tokens: int, seq_len: int) -> list[Tactic]:
+def tactics_for(mode: str, every: int, chunk_tokens: int, seq_len: int,
+                syncs: tuple[str, ...] = ("last",)) -> list[Tactic]:
+    """Memory tactics, weakest first; each with every gradient sync in `syncs` (FSDP)."""
     if mode != "auto":
-        return [Tactic(mode, every, chunk_tokens)]
-    # A quarter sequence, so chunking still helps at micro-batch 1.
-    chunk = chunk_tokens or max(1, min(DEFAULT_CHUNK_TOKENS, seq_len // 4))
-    tactics = [Tactic("none", every, chunk_tokens), Tactic("all", every, chunk_tokens),
-               Tactic("all", every, chunk)]
+        memory = [(mode, chunk_tokens)]
+    else:
+        # A quarter sequence, so chunking still helps at micro-batch 1.
+        chunk = chunk_tokens or max(1, min(DEFAULT_CHUNK_TOKENS, seq_len // 4))
+        memory = [("none", chunk_tokens), ("all", chunk_tokens), ("all", chunk)]
+    tactics = [Tactic(ckpt, every, tokens, sync) for ckpt, tokens in memory for sync in syncs]
     return list(dict.fromkeys(tactics))  # chunking already on: the last two are one
 
 
-def _setup(base: Setup, tactic: Tactic, micro_batch_size: int) -> Setup:
+def sync_choices(sharding: str, world_size: int, configured: str) -> tuple[str, ...]:
+    """The FSDP gradient syncs the search may try: both for "auto" under FSDP, else one."""
+    if sharding != "fsdp" or world_size <= 1:
+        return ("last",)
+    return ("last", "every") if configured == "auto" else (configured,)
+
+
+def _setup(base: Setup, tactic: Tactic, micro_batch_size: int, per_rank: int) -> Setup:
     return replace(base, micro_batch_size=micro_batch_size, checkpointing=tactic.checkpointing,
                    checkpoint_every=tactic.checkpoint_every,
-                   loss_chunk_tokens=tactic.loss_chunk_tokens)
+                   loss_chunk_tokens=tactic.loss_chunk_tokens,
+                   num_micro_steps=per_rank // micro_batch_size,
+                   gradient_sync=tactic.gradient_sync)
 
 
-def _describe(tactic: Tactic) -> str:
+def probe_micro_steps(micro_batch_size: int, per_rank: int) -> int:
+    return max(2, min(4, per_rank // micro_batch_size))
+
+
+def _probed(setup: Setup, per_rank: int) -> Setup:
+    """What the probe of `setup` really runs: one unwrapped process, its own micro-steps."""
+    return replace(setup, world_size=1, sharding="ddp", gradient_sync="last",
+                   num_micro_steps=probe_micro_steps(setup.micro_batch_size, per_rank))
+
+
+def _describe(tactic: Tactic, sharded: bool = False) -> str:
     chunk = f"loss chunks of {tactic.loss_chunk_tokens}" if tactic.loss_chunk_tokens else \
         "whole loss"
-    return f"checkpointing {tactic.checkpointing}, {chunk}"
+    sync = f", reduce-scatter {tactic.gradient_sync} micro-step" if sharded else ""
+    return f"checkpointing {tactic.checkpointing}, {chunk}{sync}"
 
 
 def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int], budget: int,
@@ -128,15 +172,20 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
     """Predict, probe, fit and measure one tactic's candidates (see the module docstring)."""
     default = Calibration(DEFAULT_OVERHEAD["cuda" if device.startswith("cuda") else "cpu"])
     calibration = default
-
-    def predict(size: int) -> int:
-        return estimate_memory(dims, _setup(base, tactic, size), calibration).total
-
-    candidates = {size: Candidate(size, predict(size)) for size in sizes}
     per_rank = max(sizes)
 
+    def setup(size: int) -> Setup:
+        return _setup(base, tactic, size, per_rank)
+
+    def predict(size: int) -> int:
+        return estimate_memory(dims, setup(size), calibration).total
+
+    candidates = {size: Candidate(size, predict(size), wrapper_bytes=static_bytes(
+        dims, setup(size)) - static_bytes(dims, _probed(setup(size), per_rank)))
+                  for size in sizes}
+
     def measure(size: int) -> None:
-        request = ProbeRequest(dims, size, num_micro_steps=max(2, min(4, per_rank // size)),
+        request = ProbeRequest(dims, size, num_micro_steps=probe_micro_steps(size, per_rank),
                                precision=base.precision, checkpointing=tactic.checkpointing,
                                checkpoint_every=tactic.checkpoint_every,
                                loss_chunk_tokens=tactic.loss_chunk_tokens,
@@ -148,7 +197,9 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
 
     def refit() -> None:
         nonlocal calibration
-        points = [(_setup(base, tactic, c.micro_batch_size), c.measured_bytes)
+        # Against what each probe ran (one unwrapped rank), never the wrapped setup: the fit
+        # must not absorb the wrapper's terms into its overhead.
+        points = [(_probed(setup(c.micro_batch_size), per_rank), c.measured_bytes)
                   for c in candidates.values() if c.measured_bytes is not None]
         calibration = fit_calibration(dims, points, default)
         for found in candidates.values():
@@ -173,8 +224,9 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
 def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode: str,
                        checkpoint_every: int, loss_chunk_tokens: int, budget: int,
                        device: str = "cpu", allocator: str = "tuned",
-                       probe: ProbeFn = run_probe) -> MemoryPlan:
-    """The plan for one rank; `base` carries precision, optimizer, world size, sharding, data."""
+                       probe: ProbeFn = run_probe, gradient_sync: str = "auto") -> MemoryPlan:
+    """The plan for one rank; `base` carries precision, optimizer, world size, sharding, data;
+    `gradient_sync` is `parallel.fsdp_gradient_sync`."""
     tokens_per_rank_row = dims.seq_len * base.world_size
     if global_tokens % tokens_per_rank_row:
         raise UsageError(f"batch.global_tokens = {global_tokens} is not a multiple of data.seq_len "
@@ -182,12 +234,15 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
                          "sequences")
     per_rank = global_tokens // tokens_per_rank_row
     sizes = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
-    tried = []
+    sharded = base.sharding == "fsdp" and base.world_size > 1
+    syncs = sync_choices(base.sharding, base.world_size, gradient_sync)
+    tried, failed = [], []
     smallest_need = None
-    for tactic in tactics_for(mode, checkpoint_every, loss_chunk_tokens, dims.seq_len):
-        tried.append(_describe(tactic))
+    for tactic in tactics_for(mode, checkpoint_every, loss_chunk_tokens, dims.seq_len, syncs):
+        tried.append(_describe(tactic, sharded))
         candidates, calibration = search_tactic(dims, base, tactic, sizes, budget, device,
                                                 allocator, probe)
+        failed += [(c, tried[-1]) for c in candidates if c.note]
         measured = [c for c in candidates if c.fits(budget) and c.tokens_per_s is not None]
         need = candidates[0].need_bytes()
         smallest_need = need if smallest_need is None else min(smallest_need, need)
@@ -196,8 +251,9 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
         fastest = max(c.tokens_per_s for c in measured)
         best = max((c for c in measured if c.tokens_per_s >= (1 - SPEED_TIE) * fastest),
                    key=lambda c: c.micro_batch_size)
-        setup = _setup(base, tactic, best.micro_batch_size)
+        setup = _setup(base, tactic, best.micro_batch_size, per_rank)
         estimate = estimate_memory(dims, setup, calibration)
+        one_rank = estimate_memory(dims, replace(setup, world_size=1), calibration)
         return MemoryPlan(
             micro_batch_size=best.micro_batch_size,
             num_micro_steps=per_rank // best.micro_batch_size,
@@ -208,9 +264,18 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
             components=estimate.components(), calibration=asdict(calibration),
             global_tokens=global_tokens, seq_len=dims.seq_len, world_size=base.world_size,
             sequences_per_rank=per_rank, sharding=base.sharding,
-            allreduce_bytes_per_step=allreduce_bytes_per_step(dims, base.world_size,
-                                                              base.sharding),
-            device=device, candidates=[asdict(c) for c in candidates], tactics_tried=tried)
+            allreduce_bytes_per_step=allreduce_bytes_per_step(
+                dims, base.world_size, base.sharding, setup.num_micro_steps, base.precision,
+                tactic.gradient_sync),
+            device=device, candidates=[asdict(c) for c in candidates], tactics_tried=tried,
+            fsdp_gradient_sync=tactic.gradient_sync,
+            one_rank_components=one_rank.components())
+    if failed and smallest_need <= budget:
+        # The memory model says it fits, yet no probe ran: say what the probes said.
+        seen = "; ".join(f"micro-batch {c.micro_batch_size} ({how}): {c.note}"
+                         for c, how in failed[:3])
+        raise UsageError(f"batch.micro_batch_size = \"auto\": every probe that should fit "
+                         f"{format_bytes(budget)} failed: {seen}")
     raise UsageError(f"batch.memory_budget = {format_bytes(budget)} is too small: the smallest "
                      f"plan (micro-batch 1, {tried[-1]}) needs about "
                      f"{format_bytes(smallest_need)} ({smallest_need} bytes, with "
@@ -226,13 +291,14 @@ def agree_across_ranks(plan: MemoryPlan, tactics: list[Tactic]) -> MemoryPlan:
     if not (dist.is_available() and dist.is_initialized()):
         return plan
     index = tactics.index(Tactic(plan.activation_checkpointing, plan.checkpoint_every,
-                                 plan.loss_chunk_tokens))
+                                 plan.loss_chunk_tokens, plan.fsdp_gradient_sync))
     mine = torch.tensor([plan.micro_batch_size, -index], dtype=torch.int64)
     if dist.get_backend() == "nccl":
-        mine = mine.cuda()
+        mine = mine.to(plan.device)  # this rank's own GPU (cuda:LOCAL_RANK), never cuda:0
     dist.all_reduce(mine, op=dist.ReduceOp.MIN)
     size, tactic = int(mine[0]), tactics[-int(mine[1])]
     return replace(plan, micro_batch_size=size, num_micro_steps=plan.sequences_per_rank // size,
                    activation_checkpointing=tactic.checkpointing,
                    checkpoint_every=tactic.checkpoint_every,
-                   loss_chunk_tokens=tactic.loss_chunk_tokens)
+                   loss_chunk_tokens=tactic.loss_chunk_tokens,
+                   fsdp_gradient_sync=tactic.gradient_sync)

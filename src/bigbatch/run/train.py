@@ -54,14 +54,28 @@ class TrainResult:
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    """`train.device` for this rank: "auto"/"cuda" give rank r of a node cuda:LOCAL_RANK.
+
+    An explicit "cuda:N" names one GPU, so it is refused when several ranks run (they would all
+    share it); choose a node's GPUs with CUDA_VISIBLE_DEVICES instead.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{dist.local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device = {name!r} but this torch has no CUDA device: use cpu "
                          "or auto")
-    return torch.device(name)
+    if name.startswith("cuda:") and dist.enabled:
+        raise UsageError(f"train.device = {name!r} would put all {dist.world_size} ranks on one "
+                         "GPU: use cuda or auto (rank r of a node takes cuda:LOCAL_RANK) and "
+                         "choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if name == "cuda":
+        name = f"cuda:{dist.local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise UsageError(f"train.device = {name!r} (local rank {dist.local_rank}) but this node "
+                         f"has {torch.cuda.device_count()} GPU(s): start at most that many ranks "
+                         "per node, or give cuda:N with N below it")
+    return device
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -124,7 +138,9 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
         say(line)
     say(f"precision: {cfg.precision.dtype} | device: {device} | threads: "
         f"{torch.get_num_threads()} | allocator: {allocator}")
-    wrapped = parallelize(model, cfg.parallel.strategy, device, dist)
+    wrapped = parallelize(model, cfg.parallel.strategy, device, dist,
+                          precision=cfg.precision.dtype,
+                          fsdp_gradient_sync=cfg.parallel.fsdp_gradient_sync)
     optimizer = build_optimizer(model, cfg.optim, device)
     if dist.is_main:
         (out_dir / "config.toml").write_text(config_to_toml(cfg))

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# `make gpu-check`: the CUDA path proven on a GPU, from a source checkout, in under 8 minutes.
+#
+#   1. the CUDA tests (tests/test_cuda.py, pytest -m cuda)
+#   2. a short bf16 and a short fp16 `bigbatch train` on the GPU
+#   3. `bigbatch plan` of the default recipe with batch.micro_batch_size = "auto" on the GPU
+#   4. the training benchmark's GPU rows (benchmarks/bench_gpu.py -> BENCHMARKS.md, bench_gpu)
+#
+# It uses the Python that holds the CUDA torch ($GPU_PYTHON, default python3): no venv, no
+# network. Packages that Python lacks (tomli_w) come as wheels from .gpu-wheels/ (fetched on a
+# machine with network by `make gpu-wheels`) into a scratch site directory. Without a CUDA
+# device each GPU step says it is skipped and why, and the script still runs to its end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${GPU_PYTHON:-python3}
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/bigbatch-gpu-check.XXXXXX")
+trap 'rm -rf "$SCRATCH"' EXIT
+if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" \
+        .gpu-wheels/*.whl
+fi
+export PYTHONPATH="$SCRATCH/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+"$PY" -c "import bigbatch.cli, tomli_w" || {
+    echo "gpu-check: bigbatch cannot be imported with $PY (missing tomli_w? run 'make gpu-wheels'"
+    echo "on a machine with network and bring .gpu-wheels/ along)" >&2; exit 2; }
+why_not=$("$PY" -c "
+import torch
+if not torch.cuda.is_available():
+    print('this torch is built without CUDA' if torch.version.cuda is None
+          else 'torch sees no CUDA device')")
+began=$SECONDS
+step() { echo; echo "== gpu-check $1 ($((SECONDS - began)) s so far)"; }
+
+step "1/4: CUDA tests"
+"$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py
+
+short_train() {  # a tiny GPT on the embedded corpus, 20 optimizer steps of 8,192 tokens
+    "$PY" -m bigbatch train configs/tiny.toml --train.device=cuda --precision.dtype="$1" \
+        --train.max_steps=20 --train.eval_every=10 --train.eval_tokens=8192 \
+        --data.cache_dir="$SCRATCH/cache" --out "$SCRATCH/train-$1"
+}
+for dtype in bf16 fp16; do
+    step "2/4: bigbatch train, $dtype"
+    if [ -n "$why_not" ]; then echo "skipped: $why_not"; else short_train "$dtype"; fi
+done
+
+step "3/4: bigbatch plan, default recipe, micro_batch_size = auto"
+if [ -n "$why_not" ]; then echo "skipped: $why_not"; else
+    "$PY" -m bigbatch plan --batch.micro_batch_size=auto --train.device=cuda
+fi
+
+step "4/4: training benchmark, GPU rows"
+"$PY" benchmarks/bench_gpu.py --rounds 1   # says itself when it skips
+
+echo
+echo "gpu-check: done in $((SECONDS - began)) s${why_not:+ (GPU steps skipped: $why_not)}"

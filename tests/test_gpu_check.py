@@ -1,0 +1,31 @@
+"""`make gpu-check` runs to its end where there is no GPU: every GPU step says it is skipped and
+why, the CUDA tests are collected and skipped with their reason, and it exits 0. (On a GPU the
+same script runs them; README, "On a GPU".)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU `make gpu-check` runs it all")
+def test_gpu_check_runs_to_its_end_without_a_gpu():
+    env = {**os.environ, "GPU_PYTHON": sys.executable}
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "7 skipped" in out and "needs a CUDA GPU: this torch is built without CUDA" in out
+    for step in ("1/4: CUDA tests", "2/4: bigbatch train, bf16", "2/4: bigbatch train, fp16",
+                 "3/4: bigbatch plan", "4/4: training benchmark"):
+        assert step in out
+    assert out.count("\nskipped: this torch is built without CUDA\n") == 3  # 2 trains, plan
+    assert "bench_gpu: skipped: no CUDA device" in out
+    assert "gpu-check: done" in out
