@@ -24,12 +24,11 @@ from bigbatch.batching import plan_batch
 from bigbatch.checkpoint import Checkpointer
 from bigbatch.config import Config
 from bigbatch.config_files import config_to_toml
-from bigbatch.data.corpus import Corpus, prepare_corpus, prepare_corpus_in_child
+from bigbatch.data.corpus import Corpus, prepare_corpus_in_child
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
 from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.distributed import (
     DistInfo,
-    barrier,
     dist_info_from_env,
     init_process_group,
     shutdown,
@@ -125,14 +124,11 @@ def plan_memory(cfg: Config, corpus: Corpus, dist: DistInfo, device: torch.devic
 
 
 def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
-    """Rank 0 tokenizes and fills the cache (in a child process: see prepare_corpus_in_child);
-    the other ranks wait, then read it."""
-    if dist.is_main:
-        corpus = prepare_corpus_in_child(cfg.data)
-    barrier(dist)
-    if not dist.is_main:
-        corpus = prepare_corpus(cfg.data)
-    return corpus
+    """Every rank asks for the cache; the first to take its file lock fills it (in a child
+    process: see prepare_corpus_in_child) and the others wait on the lock, then read it. So one
+    process prepares per cache directory: once per node on node-local disks, once in all on a
+    shared one. No barrier: a long preparation would outlast the process group's timeout."""
+    return prepare_corpus_in_child(cfg.data)
 
 
 def prepare_out_dir(out_dir: Path) -> None:

@@ -14,15 +14,16 @@ from bigbatch.plan.budget import format_bytes
 
 class PrepareProgress:
     def __init__(self, phase: str, total_bytes: int, initial_bytes: int = 0,
-                 stream: TextIO = sys.stderr, every_s: float = 15.0) -> None:
-        self.phase, self.total, self.stream, self.every_s = phase, max(total_bytes, 1), stream, every_s
+                 stream: TextIO | None = None, every_s: float = 15.0) -> None:
+        self.phase, self.total = phase, max(total_bytes, 1)
+        self.stream, self.every_s = stream or sys.stderr, every_s
         self.done_bytes, self.tokens = initial_bytes, 0
         self.started = self.last_line = time.perf_counter()
         self.start_bytes = initial_bytes
         self.bar = None
-        if stream.isatty():
+        if self.stream.isatty():
             self.bar = tqdm(total=self.total, initial=initial_bytes, desc=f"data: {phase}",
-                            unit="B", unit_scale=True, unit_divisor=1024, file=stream,
+                            unit="B", unit_scale=True, unit_divisor=1024, file=self.stream,
                             dynamic_ncols=True)
 
     def add_bytes(self, num_bytes: int) -> None:

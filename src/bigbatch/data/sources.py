@@ -53,7 +53,7 @@ class Document:
 class SourceFile:
     path: Path
     kind: str                  # "text" | "jsonl" | "parquet" | "arrow" | "tokens"
-    split: str | None = None   # "train" or "val" when the layout fixes it (a val.bin, a DatasetDict)
+    split: str | None = None   # "train" or "val" where the layout fixes it (val.bin, DatasetDict)
 
 
 def stdlib_files() -> list[Path]:
