@@ -214,5 +214,4 @@ def test_peak_memory_of_a_10x_larger_corpus_grows_less_than_20_percent(tmp_path)
         assert child.returncode == 0, err
         peaks[name] = int(out.split()[-1]) / 1024  # MiB
         assert prepare_corpus(cfg).train_tokens.size > size / 5  # it did tokenize it all
-    print(peaks)
     assert peaks["large"] < 1.2 * peaks["small"], peaks

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def read_jsonl(source: SourceFile, field: str, strip: str, on_bytes: OnBytes
                 doc = _record(source, number - 1, row[field], field, strip)
                 if doc is not None:
                     yield doc
-        except (OSError, EOFError, gzip.BadGzipFile) as err:
+        except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
             raise UsageError(f"{source.path}: unreadable ({err}): expected UTF-8 JSON lines"
                              f"{', gzip-compressed' if lines is not raw else ''}") from None
         on_bytes(raw.tell() - consumed)
