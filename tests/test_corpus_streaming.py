@@ -215,3 +215,29 @@ def test_peak_memory_of_a_10x_larger_corpus_grows_less_than_20_percent(tmp_path)
         peaks[name] = int(out.split()[-1]) / 1024  # MiB
         assert prepare_corpus(cfg).train_tokens.size > size / 5  # it did tokenize it all
     assert peaks["large"] < 1.2 * peaks["small"], peaks
+
+
+def test_two_ranks_on_a_cold_cache_prepare_it_once_and_read_the_same_corpus(tmp_path):
+    """Under torchrun every rank asks for the corpus at once; the cache's lock lets one of them
+    prepare it (in its child process) while the other waits, and both read the same tokens an
+    in-process preparation writes."""
+    from dataclasses import asdict
+
+    from corpus_dist_worker import corpus_digest
+
+    root = corpus_of(tmp_path / "corpus", 600_000)
+    cfg = DataConfig(path=str(root), vocab_size=300, cache_dir=str(tmp_path / "shared-cache"))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "tests/corpus_dist_worker.py",
+                           json.dumps(asdict(cfg)), str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    oracle = prepare_corpus(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "one")}))
+    assert [r["digest"] for r in ranks] == [corpus_digest(oracle)] * 2
+    assert ranks[0]["cache"] == ranks[1]["cache"] == str(cache_dir_for(cfg))
+    log = proc.stdout + proc.stderr
+    assert log.count("data: scan") == 1 and log.count("data: tokenizing") == 1, log

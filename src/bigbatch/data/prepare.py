@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,6 +132,7 @@ class Preparation:
         what = (f"training a {cfg.vocab_size}-token BPE on a "
                 f"{format_bytes(min(sample_bytes, train_bytes))} sample" if given is None
                 else "counting documents")
+        began = time.perf_counter()
         tokenizer = self.read_or_train(given, train_texts(rule, f"scan ({what})"))
         if counts["docs"] == 0:
             raise UsageError(f"data.path = {cfg.path!r} holds no readable text")
@@ -143,6 +146,10 @@ class Preparation:
             tokenizer = self.read_or_train(given, train_texts(rule, "scan (too few documents "
                                                                      "to split by hash)"))
         save_atomically(tokenizer, self.cache / "tokenizer.json")
+        print(f"data: scan done in {time.perf_counter() - began:.1f}s: {counts['docs']:,} "
+              f"documents ({counts['val_docs']:,} for validation)"
+              + (f", BPE trained on {format_bytes(counts['sample_chars'])} of text"
+                 if given is None else ""), file=sys.stderr, flush=True)
         self.state = {"rule": asdict(rule), **counts, "docs_done": 0, "train_tokens": 0,
                       "val_tokens": 0, "shards": 0}
         self.save_state()
