@@ -253,7 +253,8 @@ def throughput_rows(work: Path, size: float, megabytes: float) -> list[str]:
         f"### Throughput on {mb:.0f} MB of the same text, same tokenizer", "",
         "| what | time | MB/s | / limit | peak RSS | others |", "|---|---|---|---|---|---|",
         f"| bigbatch `prepare_corpus` (data.tokenizer; reading, splitting, encoding, writing; "
-        f"whole process) | {ours.wall_s:.1f} s | {ours_rate:.2f} | **{ours_rate / limit_rate:.2f}x**"
+        f"whole process) | {ours.wall_s:.1f} s | {ours_rate:.2f} | "
+        f"**{ours_rate / limit_rate:.2f}x**"
         f" | {ours.peak_rss_mib:,.0f} MiB | {ours.other_cores:.2f} |",
         f"| limit: `encode_batch_fast` on the documents already in memory (encode only) | "
         f"{limit_s:.1f} s | {limit_rate:.2f} | 1.00x | {limit.peak_rss_mib:,.0f} MiB | "

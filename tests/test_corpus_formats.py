@@ -193,7 +193,7 @@ def bad_inputs(root: Path) -> list[tuple[Path, dict, str]]:
         (root / "odd.bin", gpt2, r"odd\.bin: 3 bytes is not a whole number of uint16"),
         (root / "big_ids.npy", gpt2, r"big_ids\.npy: token id 60000 is outside"),
         (root / "matrix.npy", gpt2, r"matrix\.npy: a \.npy of shape \(2, 3\).*expected a 1-D"),
-        (root / "big_ids.npy", {}, r"holds token ids: set data.tokenizer"),
+        (root / "big_ids.npy", {}, r"holds token ids \(big_ids\.npy\): set data.tokenizer"),
         (root / "mixed", gpt2, r"mixes jsonl and parquet files: narrow data.pattern"),
     ]
 
@@ -204,3 +204,12 @@ def test_each_unreadable_input_is_a_one_line_error_naming_the_file(tmp_path):
         with pytest.raises(UsageError, match=message) as err:
             prepare_corpus(cfg)
         assert "\n" not in str(err.value), str(err.value)
+
+
+def test_token_files_named_for_validation_are_the_validation_split():
+    from bigbatch.data.sources import names_validation
+
+    for name in ("val.bin", "fineweb_val_000000.bin", "validation.npy", "shard-valid-1.bin"):
+        assert names_validation(Path(name)), name
+    for name in ("train.bin", "interval.bin", "fineweb_train_000001.bin", "evaluate.npy"):
+        assert not names_validation(Path(name)), name

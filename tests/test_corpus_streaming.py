@@ -89,7 +89,8 @@ def mixed_text_dir(root: Path) -> Path:
     (root / "binary.dat").write_bytes(bytes(range(256)) * 40)
     (root / "sub").mkdir()
     for i in range(12):
-        (root / "sub" / f"part{i}.txt").write_text(text[500_000 + 3000 * i:500_000 + 3000 * (i + 1)])
+        start = 500_000 + 3000 * i
+        (root / "sub" / f"part{i}.txt").write_text(text[start:start + 3000])
     return root
 
 

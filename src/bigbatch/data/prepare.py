@@ -87,8 +87,10 @@ class Preparation:
         self.total_bytes = sum(s.path.stat().st_size for s in self.sources)
         self.pretokenized = self.sources[0].kind == "tokens"
         if self.pretokenized and not cfg.tokenizer:
-            raise UsageError(f"data.path = {cfg.path!r} holds token ids: set data.tokenizer to "
-                             "the directory of the tokenizer that made them")
+            raise UsageError(f"data.path = {cfg.path!r} holds token ids "
+                             f"({self.sources[0].path.name}): set data.tokenizer to the "
+                             "directory of the tokenizer that made them, or data.pattern to "
+                             "read only text files")
         self.state_path = cache / "progress.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
 

@@ -14,6 +14,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -128,10 +129,15 @@ def source_files(path: str, pattern: str) -> list[SourceFile]:
     if not chosen:
         raise UsageError(f"data.path = {path!r} holds no files matching data.pattern = "
                          f"{pattern!r}: point it at a text file or a directory of them")
-    if kind == "tokens" and any("val" in f.path.name.lower() for f in chosen):
-        chosen = [SourceFile(f.path, kind, "val" if "val" in f.path.name.lower() else "train")
+    if kind == "tokens" and any(names_validation(f.path) for f in chosen):
+        chosen = [SourceFile(f.path, kind, "val" if names_validation(f.path) else "train")
                   for f in chosen]
     return chosen
+
+
+def names_validation(path: Path) -> bool:
+    """val.bin, fineweb_val_000000.bin, validation.npy; not interval.bin."""
+    return bool(set(re.split(r"[^a-z0-9]+", path.name.lower())) & set(VAL_SPLIT_NAMES))
 
 
 def sources_fingerprint(files: list[Path]) -> str:
