@@ -11,13 +11,16 @@ Invariants:
 - a preparation killed midway leaves no cache that a run would open (no meta.json); restarted,
   it keeps the finished shards and ends with the cache an uninterrupted one writes;
 - peak memory of preparing a corpus 10x larger than a small one grows by less than 20%
-  (measured in child processes; not a timing test).
+  (measured in child processes; not a timing test);
+- 2 torchrun ranks on a cold cache: one prepares it, both read the tokens one process writes;
+- progress: a tqdm bar (bytes, tokens) on a terminal, plain lines with rate and time left elsewhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,3 +245,31 @@ def test_two_ranks_on_a_cold_cache_prepare_it_once_and_read_the_same_corpus(tmp_
     assert ranks[0]["cache"] == ranks[1]["cache"] == str(cache_dir_for(cfg))
     log = proc.stdout + proc.stderr
     assert log.count("data: scan") == 1 and log.count("data: tokenizing") == 1, log
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    import io
+
+    from bigbatch.data.progress import PrepareProgress
+
+    plain = io.StringIO()
+    progress = PrepareProgress("tokenizing", total_bytes=4 << 20, stream=plain, every_s=0.0)
+    progress.add_tokens(123_456)
+    progress.add_bytes(1 << 20)
+    progress.close()
+    first, last = plain.getvalue().splitlines()
+    assert re.match(r"data: tokenizing 1\.00 MiB / 4\.00 MiB \(25%\) \| 123,456 tokens \| "
+                    r".*/s \| \d+s elapsed, \d+s left$", first), first
+    assert "\r" not in plain.getvalue() and last.startswith("data: tokenizing 1.00 MiB")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = PrepareProgress("tokenizing", total_bytes=4 << 20, stream=terminal)
+    progress.add_tokens(99)
+    progress.add_bytes(2 << 20)
+    progress.close()
+    assert "\r" in terminal.getvalue() and "99 tokens" in terminal.getvalue()
+    assert re.search(r"50%\|.*2\.00M/4\.00M", terminal.getvalue())
