@@ -229,7 +229,7 @@ def iter_documents(sources: list[SourceFile], doc_chars: int, strip: str, text_f
                    ) -> Iterator[Document]:
     """Every document of `sources`, in order; `strip` (the end-of-text marker) removed from text.
     Token files need the tokenizer's `vocab_size` and end-of-text id `eot`."""
-    from bigbatch.data import formats, token_files
+    from bigbatch.data import formats, token_files  # here: both import this module
 
     for source in sources:
         if source.kind == "text":
