@@ -208,8 +208,8 @@ def main() -> None:
         "BPE trained on a 256 MiB seeded sample of the training documents, then every "
         "document tokenized in 4 MiB batches and appended to the token files). \"others\" is "
         "the CPU (in cores) that other processes took meanwhile on this shared machine: "
-        "above ~0.3 the times are slowed by them (not repeated: a 3 GB round takes half an "
-        "hour here).", "",
+        "above ~0.3 the times are slowed by them (rounds are not repeated: one takes up to an "
+        "hour on 2 shared cores).", "",
         "### Peak memory and time to prepare", "",
         "| text | tokens | scan + BPE | tokenizing | total | rate | peak RSS | others |",
         "|---|---|---|---|---|---|---|---|",
