@@ -244,7 +244,7 @@ def test_two_ranks_on_a_cold_cache_prepare_it_once_and_read_the_same_corpus(tmp_
     assert [r["digest"] for r in ranks] == [corpus_digest(oracle)] * 2
     assert ranks[0]["cache"] == ranks[1]["cache"] == str(cache_dir_for(cfg))
     log = proc.stdout + proc.stderr
-    assert log.count("data: scan") == 1 and log.count("data: tokenizing") == 1, log
+    assert log.count("data: scan (") == 1 and log.count("data: tokenizing") == 1, log
 
 
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
