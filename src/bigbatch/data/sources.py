@@ -86,7 +86,7 @@ def hf_dataset_files(root: Path) -> list[SourceFile]:
             raise UsageError(f"data.path = {str(root)!r} is a datasets DatasetDict with splits "
                              f"{splits}: it needs a \"train\" split")
         val = next((s for s in VAL_SPLIT_NAMES if s in splits), None)
-        files = [f for f in hf_dataset_files(root / "train")]
+        files = hf_dataset_files(root / "train")
         if val is None:
             return files
         return ([SourceFile(f.path, "arrow", "train") for f in files]
