@@ -16,10 +16,10 @@ Invariants (a fake machine whose unwrapped probe follows the memory model with k
 from __future__ import annotations
 
 import pytest
-from bigbatch.planning import budget as budget_module
 
 from bigbatch.config.files import load_config
 from bigbatch.errors import UsageError
+from bigbatch.planning import budget as budget_module
 from bigbatch.planning.memory import (
     DEFAULT_OVERHEAD,
     Calibration,

@@ -29,13 +29,22 @@ AGGREGATES = ("mean", "max")
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = option("", "Text file or directory; empty means the embedded default corpus "
-                           "(this Python's standard-library sources, tests excluded).")
+    path: str = option("", "Text file or directory; or .jsonl / .jsonl.gz / .parquet files "
+                           "(or a directory of them; text in `text_field`), a datasets "
+                           "save_to_disk directory, or pre-tokenized .npy / .bin (nanoGPT, "
+                           "llm.c) ids with `tokenizer`; empty means the embedded default "
+                           "corpus (this Python's standard-library sources, tests excluded).")
     pattern: str = option("*", "Glob for files when `path` is a directory (searched recursively).")
     seq_len: int = option(256, "Tokens per training sequence (the model's context length).")
     vocab_size: int = option(8192, "Size of the byte-level BPE trained on the training split "
                                    "(ignored when `tokenizer` names a directory).")
-    tokenizer: str = option("", "Directory of a Hugging Face tokenizer to use instead of training one.")
+    tokenizer: str = option("", "Directory of a Hugging Face tokenizer to use instead of training "
+                                "one (required for pre-tokenized .npy / .bin data: the one that "
+                                "made the ids).")
+    bpe_sample_bytes: int | str = option("256MiB", "Text the BPE is trained on: a seeded sample "
+                                                   "of about this much of the training documents "
+                                                   "(all of them when the corpus is smaller); "
+                                                   "bytes or a string such as \"512MiB\".")
     val_fraction: float = option(0.05, "Fraction of documents held out for validation.")
     doc_chars: int = option(16384, "Files longer than this are cut at line breaks into documents "
                                    "of about this many characters, so one big file still splits "
@@ -48,7 +57,8 @@ class DataConfig:
     seq_len_start: int = option(0, "First sequence length of the warmup; must divide `seq_len` "
                                    "(lengths in between are the divisors of `seq_len`).")
     # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
-    text_field: str = option("text", "classify: the column (TSV/CSV header) or JSONL key of the text.")
+    text_field: str = option("text", "The JSONL key or Parquet/datasets column of the text; "
+                                     "classify: also the TSV/CSV header column.")
     label_field: str = option("label", "classify: the column or JSONL key of the label.")
     val_path: str = option("", "classify: validation file; empty holds out `val_fraction` of the "
                                "training file's texts.")
@@ -65,6 +75,8 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
                  "a number in (0, 0.5)")
         _require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
+        _require(parse_bytes(self.bpe_sample_bytes, "data.bpe_sample_bytes") >= 1 << 20,
+                 "data.bpe_sample_bytes", self.bpe_sample_bytes, "at least 1MiB")
         _require(self.seq_len_warmup_tokens >= 0, "data.seq_len_warmup_tokens",
                  self.seq_len_warmup_tokens, "an integer >= 0 (0 = off)")
         _require(self.seq_len_warmup_tokens == 0 or 1 <= self.seq_len_start <= self.seq_len

@@ -1,18 +1,24 @@
-"""Sources -> tokens: tokenize once, in parallel, into memory-mapped arrays cached for later runs.
+"""Sources -> tokens: prepared once (streamed, prepare.py) into memory-mapped arrays cached for
+later runs.
 
 The cache key covers the source files (paths, sizes, mtimes), the split and chunking settings and
 the tokenizer, so a changed corpus or setting never reuses stale tokens. Documents are joined with
 the end-of-text token; `packing.py` masks the targets that would cross from one to the next.
+A cache is filled under a file lock: of all the processes that want it at once (the ranks of a
+torchrun job, two runs started together) one prepares it and the others wait, then read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +26,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bigbatch.config.sections import DataConfig
-from bigbatch.data.sources import read_documents, source_files, sources_fingerprint, split_documents
-from bigbatch.data.tokenizer import EOT, eot_id, load_tokenizer_dir, save_atomically, train_bpe
+from bigbatch.config.units import parse_bytes
+from bigbatch.data.prepare import CACHE_FORMAT, build_cache
+from bigbatch.data.sources import source_files, sources_fingerprint
+from bigbatch.data.tokenizer import eot_id
 from bigbatch.errors import UsageError
+
+COUNT_CHUNK = 1 << 24  # tokens counted at a time when no counts were stored
 
 
 @dataclass
@@ -32,6 +42,7 @@ class Corpus:
     val_tokens: np.ndarray
     eot_id: int
     cache_dir: Path
+    train_counts: np.ndarray | None = None  # occurrences of each token id in train_tokens
 
     @property
     def vocab_size(self) -> int:
@@ -41,7 +52,13 @@ class Corpus:
         """The loss (nats/token) on `targets` of a model that learned nothing but the training
         split's token frequencies: the baseline a validation loss must beat. Add-one smoothed,
         so a token never seen in training costs a finite amount."""
-        counts = np.bincount(self.train_tokens, minlength=self.vocab_size).astype(np.float64)
+        counts = self.train_counts
+        if counts is None:  # chunked: bincount of a whole memmap would copy it as int64
+            counts = np.zeros(self.vocab_size, dtype=np.int64)
+            for start in range(0, len(self.train_tokens), COUNT_CHUNK):
+                chunk = self.train_tokens[start:start + COUNT_CHUNK]
+                counts += np.bincount(chunk, minlength=self.vocab_size)[:self.vocab_size]
+        counts = counts.astype(np.float64)
         log_probs = np.log(counts + 1.0) - np.log(counts.sum() + self.vocab_size)
         return float(-log_probs[targets].mean())
 
@@ -51,83 +68,85 @@ def default_cache_dir() -> Path:
     return Path(base) / "bigbatch"
 
 
-def _write_tokens(path: Path, ids: list[list[int]], eot: int, dtype: np.dtype) -> None:
-    """Concatenate documents with a trailing end-of-text token each, write atomically."""
-    total = sum(len(doc) + 1 for doc in ids)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
-    position = 0
-    for doc in ids:
-        array[position:position + len(doc)] = doc
-        array[position + len(doc)] = eot
-        position += len(doc) + 1
-    array.flush()
-    del array
-    os.replace(tmp, path)
-
-
-def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    # encode_batch runs in parallel across the machine's cores (Rust threads).
-    return [enc.ids for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-
 def cache_dir_for(cfg: DataConfig) -> Path:
     """The cache directory of `cfg`'s tokens: keyed by sources, split settings and tokenizer."""
-    files = source_files(cfg.path, cfg.pattern)
-    settings = f"{sources_fingerprint(files)}|{cfg.doc_chars}|{cfg.val_fraction}"
+    sources = source_files(cfg.path, cfg.pattern)
+    settings = (f"v{CACHE_FORMAT}|{sources_fingerprint([s.path for s in sources])}|"
+                f"{cfg.doc_chars}|{cfg.val_fraction}")
+    if sources[0].kind not in ("text", "tokens"):
+        settings += f"|field:{cfg.text_field}"
     if cfg.tokenizer:
         tokenizer_dir = Path(cfg.tokenizer).expanduser()
         tok_files = sorted(p for p in tokenizer_dir.glob("*") if p.is_file())
         settings += f"|tok:{sources_fingerprint(tok_files)}"
     else:
-        settings += f"|bpe:{cfg.vocab_size}"
+        sample = parse_bytes(cfg.bpe_sample_bytes, "data.bpe_sample_bytes")
+        settings += f"|bpe:{cfg.vocab_size}:{sample}"
     key = hashlib.sha256(settings.encode()).hexdigest()[:20]
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     return cache / key
 
 
+def is_complete(cache: Path) -> bool:
+    return (cache / "meta.json").is_file()
+
+
 def is_cached(cfg: DataConfig) -> bool:
-    return (cache_dir_for(cfg) / "meta.json").is_file()
+    return is_complete(cache_dir_for(cfg))
 
 
-def _build_cache(cfg: DataConfig, cache: Path) -> None:
-    files = source_files(cfg.path, cfg.pattern)
-    cache.mkdir(parents=True, exist_ok=True)
-    docs = list(read_documents(files, cfg.doc_chars, strip=EOT))
-    if not docs:
-        raise UsageError(f"data.path = {cfg.path!r} holds no readable text")
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-    if not val_docs:
-        raise UsageError(f"data.path = {cfg.path!r} is one document of "
-                         f"{len(docs[0].text)} characters: too little to split; lower "
-                         "data.doc_chars or give more text")
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer_dir(cfg.tokenizer)
-    else:
-        tokenizer = train_bpe([d.text for d in train_docs], cfg.vocab_size)
-    save_atomically(tokenizer, cache / "tokenizer.json")
-    eot = eot_id(tokenizer)
-    dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32)
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        _write_tokens(cache / f"{split}.npy", _tokenize(tokenizer, [d.text for d in split_docs]),
-                      eot, dtype)
-    meta = {"sources": len(files), "train_docs": len(train_docs), "val_docs": len(val_docs),
-            "cache_key": cache.name}
-    tmp = cache / "meta.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, cache / "meta.json")  # written last: its presence means the cache is complete
+@contextlib.contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Hold `cache`'s lock file (beside it): one preparation of a cache at a time.
+
+    flock is released by the kernel when its holder dies, so a killed preparation never leaves
+    the others waiting; they find no meta.json and resume it themselves.
+    """
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f"{cache.name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            print(f"data: waiting for process {holder}, which is preparing {cache}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_cache(cache: Path) -> Corpus:
+    """The corpus of a complete cache, memory-mapped."""
+    meta = json.loads((cache / "meta.json").read_text())
+    tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
+    arrays = {}
+    for split in ("train", "val"):
+        path, length = cache / f"{split}.bin", meta[f"{split}_tokens"]
+        dtype = np.dtype(meta["dtype"])
+        if path.stat().st_size != length * dtype.itemsize:
+            raise UsageError(f"the corpus cache {cache} is damaged ({path.name} is not "
+                             f"{length:,} tokens long): delete that directory to rebuild it")
+        arrays[split] = np.memmap(path, dtype=dtype, mode="r", shape=(length,))
+    return Corpus(tokenizer=tokenizer, train_tokens=arrays["train"], val_tokens=arrays["val"],
+                  eot_id=eot_id(tokenizer), cache_dir=cache,
+                  train_counts=np.load(cache / "train_counts.npy"))
 
 
 def prepare_corpus(cfg: DataConfig) -> Corpus:
-    """Tokenize into the cache unless it is there already, then open it memory-mapped."""
+    """Prepare the cache (in this process) unless it is there already, then open it."""
     cache = cache_dir_for(cfg)
-    if not (cache / "meta.json").is_file():
-        _build_cache(cfg, cache)
-    tokenizer = Tokenizer.from_file(str(cache / "tokenizer.json"))
-    return Corpus(tokenizer=tokenizer,
-                  train_tokens=np.load(cache / "train.npy", mmap_mode="r"),
-                  val_tokens=np.load(cache / "val.npy", mmap_mode="r"),
-                  eot_id=eot_id(tokenizer), cache_dir=cache)
+    if not is_complete(cache):
+        with cache_lock(cache):
+            if not is_complete(cache):  # another process may have finished it meanwhile
+                build_cache(cfg, cache)
+    return open_cache(cache)
 
 
 def prepare_corpus_in_child(cfg: DataConfig) -> Corpus:
@@ -136,28 +155,36 @@ def prepare_corpus_in_child(cfg: DataConfig) -> Corpus:
     Training the BPE and tokenizing allocate and free hundreds of MiB; under the tuned allocator
     (allocator.py) that memory would stay in the training process's heap as holes its tensors
     cannot reuse, and the run's peak would exceed what the planner's probes measured (by 12%
-    measured here, even after malloc_trim). A child's memory is gone when it exits.
+    measured here, even after malloc_trim). A child's memory is gone when it exits. The child's
+    stderr is this process's, so its progress bar shows; its stdout carries a UsageError back.
     """
-    if not is_cached(cfg):
-        done = subprocess.run([sys.executable, "-m", "bigbatch.data.corpus",
-                               json.dumps(dataclasses.asdict(cfg))],
-                              capture_output=True, text=True)
-        if done.returncode == 2:  # the child's UsageError, one line
-            raise UsageError((done.stderr.strip().splitlines() or ["bad data settings"])[-1])
-        if done.returncode != 0:
-            raise RuntimeError(f"tokenizing data.path = {cfg.path!r} failed in its child "
-                               f"process (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return prepare_corpus(cfg)
+    cache = cache_dir_for(cfg)
+    if not is_complete(cache):
+        with cache_lock(cache):
+            if not is_complete(cache):
+                _build_in_child(cfg, cache)
+    return open_cache(cache)
 
 
-def _child_main(cfg_json: str) -> int:
-    try:
-        prepare_corpus(DataConfig(**json.loads(cfg_json)))
+def _build_in_child(cfg: DataConfig, cache: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bigbatch.data.corpus",
+                           json.dumps(dataclasses.asdict(cfg)), str(cache)],
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode == 2:  # the child's UsageError, one line
+        raise UsageError((done.stdout.strip().splitlines() or ["bad data settings"])[-1])
+    if done.returncode != 0:
+        raise RuntimeError(f"preparing data.path = {cfg.path!r} failed in its child process "
+                           f"(exit {done.returncode}; its error is above)")
+
+
+def _child_main(cfg_json: str, cache: str) -> int:
+    try:  # the parent holds the cache's lock
+        build_cache(DataConfig(**json.loads(cfg_json)), Path(cache))
     except UsageError as err:
-        print(err, file=sys.stderr)
+        print(err)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1]))
+    sys.exit(_child_main(sys.argv[1], sys.argv[2]))

@@ -1,12 +1,13 @@
 """Tokenizers: a byte-level BPE trained with Hugging Face `tokenizers`, or a local one loaded.
 
-A trained tokenizer is cached under a key of its training documents and vocabulary size, so a
-second run on the same corpus reuses it.
+A trained tokenizer is cached with the corpus's tokens (prepare.py), so a second run on the same
+corpus reuses it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -16,14 +17,16 @@ from bigbatch.errors import UsageError
 EOT = "<|endoftext|>"
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on `texts`, consumed as a stream (the trainer keeps only word
+    counts, so a generator over a corpus sample never has to be held in memory)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
 

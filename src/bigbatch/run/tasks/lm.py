@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bigbatch.config.sections import Config
-from bigbatch.data.corpus import Corpus, prepare_corpus, prepare_corpus_in_child
+from bigbatch.data.corpus import Corpus, prepare_corpus_in_child
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
 from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.batch_schedule import BatchSchedule, build_batch_schedule, describe_schedule
@@ -25,7 +25,7 @@ from bigbatch.engine.throughput import flops_per_token
 from bigbatch.model.artifacts import save_model
 from bigbatch.model.checkpointing import apply_activation_checkpointing
 from bigbatch.model.gpt import GPT, GPTShape, resolve_attention
-from bigbatch.parallel.process_group import DistInfo, barrier
+from bigbatch.parallel.process_group import DistInfo
 from bigbatch.run.seeding import seed_everything, seed_rank_streams
 from bigbatch.run.tasks import TaskContext, TaskRun
 
@@ -63,14 +63,11 @@ def unigram_baseline(corpus: Corpus, cfg: Config) -> float:
 
 
 def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
-    """Rank 0 tokenizes and fills the cache (in a child process: see prepare_corpus_in_child);
-    the other ranks wait, then read it."""
-    if dist.is_main:
-        corpus = prepare_corpus_in_child(cfg.data)
-    barrier(dist)
-    if not dist.is_main:
-        corpus = prepare_corpus(cfg.data)
-    return corpus
+    """Every rank asks for the cache; the first to take its file lock fills it (in a child
+    process: see prepare_corpus_in_child) and the others wait on the lock, then read it. So one
+    process prepares per cache directory: once per node on node-local disks, once in all on a
+    shared one. No barrier: a long preparation would outlast the process group's timeout."""
+    return prepare_corpus_in_child(cfg.data)
 
 
 def plan_memory(cfg: Config, corpus: Corpus, ctx: TaskContext) -> Config:
