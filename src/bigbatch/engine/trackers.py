@@ -10,6 +10,7 @@ configured it, MLflow writes a file store in RUN_DIR/mlruns/ unless MLFLOW_TRACK
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import netrc
 import os
 import time
@@ -24,6 +25,8 @@ import tomli_w
 from bigbatch.errors import UsageError
 
 MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+# The top-level package each needs: torch.utils.tensorboard is always there, tensorboard may not be.
+DISTRIBUTIONS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install 'bigbatch[wandb]'",
            "mlflow": "pip install 'bigbatch[mlflow]'"}
 MLFLOW_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
@@ -49,6 +52,11 @@ def flatten(config: dict[str, Any]) -> dict[str, Any]:
             for key, value in values.items()}
 
 
+def _not_installed(name: str) -> UsageError:
+    return UsageError(f"train.trackers names {name!r}, whose library is not installed: "
+                      f"{INSTALL[name]} (or leave {name!r} out of train.trackers)")
+
+
 def import_tracker_library(name: str) -> ModuleType:
     """The tracker's library, or a UsageError saying what to install."""
     if name == "mlflow":
@@ -58,14 +66,15 @@ def import_tracker_library(name: str) -> ModuleType:
     try:
         return importlib.import_module(MODULES[name])
     except ImportError:
-        raise UsageError(f"train.trackers names {name!r}, whose library is not installed: "
-                         f"{INSTALL[name]} (or leave {name!r} out of train.trackers)") from None
+        raise _not_installed(name) from None
 
 
 def check_trackers_installed(names: Sequence[str]) -> None:
-    """Called on every rank before any collective, so a missing library stops them all alike."""
+    """Called on every rank before any collective, so a missing library stops them all alike.
+    Found, not imported: only rank 0 pays for the import (and holds the modules' memory)."""
     for name in names:
-        import_tracker_library(name)
+        if importlib.util.find_spec(DISTRIBUTIONS[name]) is None:  # None too when sys.modules
+            raise _not_installed(name)                            # holds None for it
 
 
 def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any]) -> list[Tracker]:
