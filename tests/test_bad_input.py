@@ -12,6 +12,7 @@ import io
 import os
 import string
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,17 @@ TABLE = [
          "not a whole number of micro-steps"),
     Case("micro-batch-too-large", lambda c: c.train("--batch.micro_batch_size=64"),
          "larger than the per-rank batch"),
+    Case("tracker-unknown", lambda c: c.train('--train.trackers=["comet"]'),
+         "train.trackers = ['comet'] is invalid: a list of names from"),
+    Case("tracker-not-a-list", lambda c: c.train("--train.trackers=3"),
+         "train.trackers = 3 has the wrong type: expected a list of strings"),
+    # A library missing (None in sys.modules makes its import fail): said before anything runs.
+    Case("wandb-not-installed", lambda c: c.train("--train.trackers=wandb", out="no-wandb"),
+         "pip install 'bigbatch[wandb]'", patch=lambda mp: mp.setitem(sys.modules, "wandb", None),
+         check=lambda c: not (c.tmp / "no-wandb").exists() or pytest.fail("a run started")),
+    Case("mlflow-not-installed", lambda c: c.train("--train.trackers=mlflow", out="no-mlflow"),
+         "pip install 'bigbatch[mlflow]'", patch=lambda mp: mp.setitem(sys.modules, "mlflow", None),
+         check=lambda c: not (c.tmp / "no-mlflow").exists() or pytest.fail("a run started")),
     Case("unexpected-argument", lambda c: [*c.train(), "--bogus"], "unexpected argument '--bogus'"),
     Case("resume-without-value", lambda c: [*c.train(), "--resume"], "--resume needs a value"),
     Case("data-path-missing", lambda c: c.train(f"--data.path={c.tmp / 'missing.txt'}"),

@@ -5,6 +5,7 @@ validation, are the frozen dataclasses of `bigbatch.config.sections`."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,8 +22,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_str_list(tp: Any) -> bool:
+    """A `tuple[str, ...]` field: a TOML list of strings, held as a tuple (frozen config)."""
+    return typing.get_origin(tp) is tuple and typing.get_args(tp) == (str, ...)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type; ints are accepted where floats are expected."""
+    if _is_str_list(tp):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{key} = {value!r} has the wrong type: expected a list of "
+                             'strings, e.g. ["a", "b"] (or [] for none)')
+        return tuple(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     takes_int = tp is int or int in typing.get_args(tp)  # int | str fields too
@@ -89,11 +100,22 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
         if not name or "." in name:
             raise UsageError(f"override --{key} must name one field as --section.field")
         value = parse_override_value(text)
-        if _declared_type(section, name) is str and not isinstance(value, str):
+        declared = _declared_type(section, name)
+        if declared is str and not isinstance(value, str):
             value = text  # a path or name that reads as TOML, e.g. `--data.path=2024`
+        elif _is_str_list(declared) and isinstance(value, str):
+            value = [value]  # `--train.trackers=wandb`: one name needs no TOML brackets
         nested.setdefault(section, {})[name] = value
         i += 1
     return nested
+
+
+def _override_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))  # a JSON list of strings or numbers is a TOML list
+    return str(value)
 
 
 def load_config(recipe: str | Path | None = None,
@@ -103,8 +125,7 @@ def load_config(recipe: str | Path | None = None,
     or a mapping ({"optim.lr": 1e-3, "data.seq_len": 128}). Unknown keys and wrong types are
     a UsageError naming the key."""
     if isinstance(overrides, Mapping):
-        overrides = [f"--{key}={str(value).lower() if isinstance(value, bool) else value}"
-                     for key, value in overrides.items()]
+        overrides = [f"--{key}={_override_text(value)}" for key, value in overrides.items()]
     doc: dict[str, Any] = {}
     if recipe is not None:
         path = Path(recipe)
@@ -126,7 +147,9 @@ def load_config(recipe: str | Path | None = None,
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain data, as JSON and TOML hold it: lists, not the frozen config's tuples (a checkpoint's
+    config, read back from JSON, then compares equal to the live one's)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def config_to_toml(cfg: Config) -> str:

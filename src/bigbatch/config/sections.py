@@ -278,6 +278,7 @@ class PrecisionConfig:
 
 ALLOCATORS = ("tuned", "system")
 TASKS = ("lm", "classify")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,13 @@ class TrainConfig:
                                      "mallopt), 1.3-2x faster here; system: leave malloc alone.")
     task: str = option("lm", "lm (next-token prediction on text) | classify (sequence "
                              "classification of labelled texts; needs an hf model.source).")
+    trackers: tuple[str, ...] = option(
+        ("tensorboard",), "Where rank 0 also sends every metrics.jsonl row, the resolved config "
+                          "and, at the end, report.html and plan.json: any of tensorboard "
+                          "(RUN_DIR/tensorboard/), wandb (offline in RUN_DIR/wandb/ unless W&B "
+                          "is configured; pip install 'bigbatch[wandb]'), mlflow (RUN_DIR/mlruns/ "
+                          "unless MLFLOW_TRACKING_URI is set; pip install 'bigbatch[mlflow]'); "
+                          "[] for metrics.jsonl only.")
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "a positive integer")
@@ -314,6 +322,11 @@ class TrainConfig:
         _require(self.allocator in ALLOCATORS, "train.allocator", self.allocator,
                  f"one of {ALLOCATORS}")
         _require(self.task in TASKS, "train.task", self.task, f"one of {TASKS}")
+        for name in self.trackers:
+            _require(name in TRACKERS, "train.trackers", list(self.trackers),
+                     f"a list of names from {TRACKERS}, e.g. [\"tensorboard\", \"wandb\"]")
+        _require(len(set(self.trackers)) == len(self.trackers), "train.trackers",
+                 list(self.trackers), "each tracker named once")
 
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")

@@ -1,4 +1,5 @@
-"""Run outputs for people and programs: metrics.jsonl, TensorBoard events, a progress display.
+"""Run outputs for people and programs: metrics.jsonl (fanned out to the trackers), a progress
+display.
 
 Only rank 0 writes; the values it writes were already reduced across ranks by train_step.
 """
@@ -9,11 +10,14 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
+
+from bigbatch.engine.trackers import Tracker
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -26,31 +30,41 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsLog:
-    """One JSON object per line in `metrics.jsonl`, mirrored as TensorBoard scalars."""
+    """One JSON object per line in `metrics.jsonl`, each also sent to the run's trackers
+    (engine/trackers.py: TensorBoard, W&B, MLflow), which `close` hands the run's final files."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True) -> None:
+    def __init__(self, out_dir: Path, enabled: bool = True,
+                 trackers: Sequence[Tracker] = ()) -> None:
         self.enabled = enabled
         self._file: TextIO | None = None
-        self._board = None
+        self._trackers = list(trackers)
         if enabled:
             self._file = (out_dir / "metrics.jsonl").open("a", buffering=1)
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
-            self._board = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        assert self._file is not None and self._board is not None
+        assert self._file is not None
         self._file.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                self._board.add_scalar(key, value, global_step=row["step"])
+        for tracker in self._trackers:
+            tracker.write(row)
 
-    def close(self) -> None:
+    def close(self, artifacts: Sequence[Path] = (), ok: bool = True) -> None:
+        """Hand the trackers `artifacts` (those that exist) and close everything; `ok=False`
+        marks their runs failed. Only the first call acts. A tracker that fails here is a
+        warning: the run's outputs are already on disk."""
         if self._file is not None:
             self._file.close()
-        if self._board is not None:
-            self._board.close()
+            self._file = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            try:
+                if ok:
+                    tracker.log_artifacts([path for path in artifacts if path.is_file()])
+                tracker.close(ok)
+            except Exception as err:
+                print(f"bigbatch: warning: could not finish {type(tracker).__name__}: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 class Progress:

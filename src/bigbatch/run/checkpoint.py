@@ -297,10 +297,10 @@ class Checkpointer:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "model.safetensors"))
         self._check_compatible(path, meta, tensors)
-        # How often to checkpoint and how to spread the work over ranks change no result
-        # (up to reduction order), so only the other settings are worth a note.
+        # How often to checkpoint, how to spread the work over ranks and where metrics go
+        # change no result (up to reduction order), so only the other settings are worth a note.
         changes = [c for c in config_changes(meta["config"], config_to_dict(self.cfg))
-                   if not c.startswith(("checkpoint.", "parallel."))]
+                   if not c.startswith(("checkpoint.", "parallel.", "train.trackers:"))]
         if changes:
             self.say(f"note: settings changed since the checkpoint, so this run will not match "
                      f"an uninterrupted one: {'; '.join(changes)}")

@@ -76,7 +76,7 @@ def agree_on_resume_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo
 # run_info.py, the report, the planner). A directory holding any of them holds a previous run.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.toml", "run_info.json", "tensorboard",
                "model.safetensors", "model.json", "tokenizer.json", "config.json",
-               "labels.json", "plan.json", "report.html")
+               "labels.json", "plan.json", "report.html", "wandb", "mlruns")
 
 
 def previous_run_outputs(out_dir: Path) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bigbatch.config.files import config_to_toml
+from bigbatch.config.files import config_to_dict, config_to_toml
 from bigbatch.config.sections import Config
 from bigbatch.engine.allocator import tune_glibc_malloc
 from bigbatch.engine.loop import TrainState, finished, fit
@@ -25,6 +25,7 @@ from bigbatch.engine.metrics import MetricsLog, Progress
 from bigbatch.engine.noise_scale import NoiseScaleEMA
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision
+from bigbatch.engine.trackers import check_trackers_installed, open_trackers
 from bigbatch.errors import UsageError
 from bigbatch.model.artifacts import unwrap
 from bigbatch.parallel.process_group import (
@@ -110,6 +111,12 @@ def close_run(out_dir: Path, ended: str, say, **facts) -> None:
         warn(f"could not write the run report: {type(err).__name__}: {err}")
 
 
+def final_artifacts(out_dir: Path) -> list[Path]:
+    """What the trackers receive at the end, once close_run has written the report (MetricsLog
+    skips those a run lacks: plan.json exists only when the planner chose the micro-batch)."""
+    return [out_dir / "report.html", out_dir / "plan.json"]
+
+
 def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
           resume: str | None = None, overwrite: bool = False,
           preemption: Preemption | None = None) -> TrainResult:
@@ -119,6 +126,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     (run/preemption.py); the result's exit_code then says which signal."""
     out_dir = Path(out_dir)
     dist = dist_info_from_env()
+    check_trackers_installed(cfg.train.trackers)  # on every rank, before any collective
     allocator = "system"
     if cfg.train.allocator == "tuned" and tune_glibc_malloc():
         allocator = "tuned (glibc: no per-buffer mmap, no trim)"
@@ -160,7 +168,13 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
         say(f"no checkpoint in {out_dir / 'checkpoints'}: starting at step 0")
     if resume and dist.is_main:  # rows past the checkpoint are about to be logged again
         drop_metrics_after(out_dir / "metrics.jsonl", state.step if resume_from else -1)
-    log = MetricsLog(out_dir, enabled=dist.is_main)
+    trackers = []
+    if dist.is_main:
+        trackers = open_trackers(cfg.train.trackers, out_dir, config_to_dict(cfg))
+        if trackers:
+            say("trackers: " + " | ".join(f"{name}: {tracker.where}" for name, tracker
+                                          in zip(cfg.train.trackers, trackers, strict=True)))
+    log = MetricsLog(out_dir, enabled=dist.is_main, trackers=trackers)
     progress = Progress(task.schedule.num_steps(), state.step, cfg.train.log_every,
                         enabled=verbose and dist.is_main)
     preemption = preemption or Preemption()
@@ -188,25 +202,28 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
                 facts = task.closing_facts()
                 if dist.is_main:
                     close_run(out_dir, preemption.signal_name, say, **facts)
+                log.close(artifacts=final_artifacts(out_dir))
                 return TrainResult(out_dir, state, task.num_parameters, preemption.exit_code,
                                    dict(metrics), facts.get("unigram_val_loss"))
+        progress.close()
+        if not metrics:  # resumed from a finished run's checkpoint: fit() evaluated nothing
+            evaluate(wrapped)
+        facts = task.closing_facts()
+        # Under FSDP gathering the full weights is a collective: all ranks take part, rank 0 writes.
+        weights = full_model_state_dict(wrapped)
+        if dist.is_main:
+            task.save(unwrap(wrapped), weights, out_dir)
+            say(f"done in {time.perf_counter() - started:.0f}s: {state.step} steps, "
+                f"{state.tokens_seen:,} tokens, {state.skipped_steps} skipped steps")
+            for line in task.end_lines(state):
+                say(line)
+            close_run(out_dir, "finished", say, **facts)
+        log.close(artifacts=final_artifacts(out_dir))
     except UsageError as err:
         raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
     finally:
         progress.close()
-        log.close()
-    if not metrics:  # resumed from a finished run's checkpoint: fit() evaluated nothing
-        evaluate(wrapped)
-    facts = task.closing_facts()
-    # Under FSDP gathering the full weights is a collective: every rank takes part, rank 0 writes.
-    weights = full_model_state_dict(wrapped)
-    if dist.is_main:
-        task.save(unwrap(wrapped), weights, out_dir)
-        say(f"done in {time.perf_counter() - started:.0f}s: {state.step} steps, "
-            f"{state.tokens_seen:,} tokens, {state.skipped_steps} skipped steps")
-        for line in task.end_lines(state):
-            say(line)
-        close_run(out_dir, "finished", say, **facts)
+        log.close(ok=False)  # only where an error skipped the close above: the trackers' run failed
     shutdown(dist)
     return TrainResult(out_dir, state, task.num_parameters, 0, dict(metrics),
                        facts.get("unigram_val_loss"))

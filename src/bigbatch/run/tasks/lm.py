@@ -158,8 +158,8 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                 f"validation loss {state.last_val_loss:.4f} nats/token vs "
                 f"{baseline():.4f} for a unigram model (one that learned "
                 "only the training token frequencies) on the same validation windows",
-                f"outputs: {ctx.out_dir}/ (model.safetensors, metrics.jsonl, config.toml, "
-                "tensorboard/)"]
+                f"outputs: {ctx.out_dir}/ (model.safetensors, metrics.jsonl, config.toml"
+                + (", tensorboard/" if "tensorboard" in cfg.train.trackers else "") + ")"]
 
     return TaskRun(
         cfg=cfg, schedule=schedule, model=model, loader=loader, val_batches=val_batches,
