@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from bigbatch.config.units import parse_bytes
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT, Block, GPTShape
-from bigbatch.planning.budget import parse_bytes
 from bigbatch.planning.memory import (
     Calibration,
     ModelDims,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bigbatch.config.units import format_bytes, parse_bytes  # noqa: F401 - re-exported
+from bigbatch.config.units import parse_bytes
 from bigbatch.errors import UsageError
 
 DEFAULT_FRACTION = 0.8  # of what is available now: leaves room for the OS and other processes

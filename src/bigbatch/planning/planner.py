@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from bigbatch.config.sections import Config
+from bigbatch.config.units import format_bytes
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import resolve_attention
-from bigbatch.planning.budget import format_bytes, resolve_budget
+from bigbatch.planning.budget import resolve_budget
 from bigbatch.planning.memory import ModelDims, Setup
 from bigbatch.planning.probe import ProbeRequest, ProbeResult, run_probe
 from bigbatch.planning.search import (

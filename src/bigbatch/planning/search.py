@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+from bigbatch.config.units import format_bytes
 from bigbatch.errors import UsageError
-from bigbatch.planning.budget import format_bytes
 from bigbatch.planning.memory import (
     DEFAULT_OVERHEAD,
     Calibration,
