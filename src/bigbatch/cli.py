@@ -3,13 +3,14 @@
     bigbatch train  [RECIPE] [--out DIR] [--resume auto|PATH] [--overwrite] [--nproc N]
                     [--section.field=VALUE ...]
     bigbatch config [RECIPE] [--world-size N] [--section.field=VALUE ...]
-    bigbatch plan   [RECIPE] [--json] [--world-size N] [--section.field=VALUE ...]
+    bigbatch plan   [RECIPE] [--json] [--world-size N] [--from RUN_DIR] [--section.field=VALUE ...]
     bigbatch verify [RECIPE] [--float64] [--nproc N] [--section.field=VALUE ...]
     bigbatch sample RUN_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
     bigbatch report RUN_DIR [--out FILE.html]
     bigbatch compare RUN_DIR RUN_DIR... [--out FILE.html]
     bigbatch sweep  [RECIPE] --batches A,B,... --target-loss X [--out DIR] [--max-tokens N]
                     [--eval-every-tokens N] [--section.field=VALUE ...]
+    bigbatch cbs    RUN_DIR [--factors 1,2,4,8] [--branch-tokens N] [--section.field=VALUE ...]
     bigbatch export RUN_DIR --format hf --out DIR
     bigbatch COMMAND --help   (each command's flags and an example)
 
@@ -127,8 +128,11 @@ def plan_parser() -> Parser:
     parser = Parser("plan", "Choose the micro-batch (and checkpointing, chunked loss) that "
                     "fits batch.memory_budget, and explain the choice.", [
                         "bigbatch plan configs/tiny.toml --batch.memory_budget=2GiB",
-                        "bigbatch plan configs/tiny.toml --world-size 8 --json"])
+                        "bigbatch plan configs/tiny.toml --world-size 8 --json",
+                        "bigbatch plan --world-size 4 --from runs/tiny   # do 4 ranks pay?"])
     parser.add_argument("--world-size", metavar="N", default="1", help="ranks (default 1)")
+    parser.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="a finished run: "
+                        "its config, and whether N ranks pay against its critical batch")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -273,16 +277,11 @@ def cmd_export(args: list[str]) -> int:
 
 
 def cmd_plan(args: list[str]) -> int:
-    import json
-
-    from bigbatch.config.files import load_config
-    from bigbatch.planning.planner import describe_plan, plan
+    from bigbatch.planning.ranks import plan_output
 
     opts, overrides = parse_recipe_args(plan_parser(), args)
-    cfg = load_config(opts.recipe, overrides)
-    memory_plan = plan(cfg, world_size=_positive_int(opts.world_size, "--world-size"))
-    print(json.dumps(memory_plan.to_dict()) if opts.json
-          else "\n".join(describe_plan(memory_plan)))
+    print(plan_output(opts.recipe, overrides, _positive_int(opts.world_size, "--world-size"),
+                      opts.from_run and Path(opts.from_run), as_json=opts.json))
     return 0
 
 
@@ -336,12 +335,31 @@ def cmd_sweep(args: list[str]) -> int:
     return 0
 
 
+def cmd_cbs(args: list[str]) -> int:
+    from bigbatch.tools.cbs import FLAG_DEFAULTS, run_cbs_flags
+
+    parser = Parser("cbs", "A run's critical batch, by branching from its checkpoints at 1x-8x "
+                    "its batch: writes RUN_DIR/cbs.json, cbs.png (overrides: the branches').", [
+                        "bigbatch train configs/tiny.toml --out runs/tiny "
+                        "--checkpoint.every_steps=25 --checkpoint.keep=100",
+                        "bigbatch cbs runs/tiny --factors 1,2,4,8 --train.eval_tokens=16384"],
+                    recipe=False)
+    parser.add_argument("run_dir", type=Path, help="a run directory holding 2+ checkpoints")
+    for flag, default in FLAG_DEFAULTS.items():
+        parser.add_argument(flag, metavar="N", help=f"default {default}")
+    overrides, rest = split_overrides(args)
+    opts = parser.parse_args(rest)
+    run_cbs_flags(opts.run_dir, {flag: getattr(opts, flag[2:].replace("-", "_"))
+                                 for flag in FLAG_DEFAULTS}, overrides)
+    return 0
+
+
 RECIPE_PARSERS = {"train": train_parser, "config": config_parser, "plan": plan_parser,
                   "verify": verify_parser, "sweep": sweep_parser}
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "verify": cmd_verify, "sample": cmd_sample,
             "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
-            "sweep": cmd_sweep,
+            "sweep": cmd_sweep, "cbs": cmd_cbs,
             "export": cmd_export}
 
 

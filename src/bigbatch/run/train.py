@@ -93,7 +93,7 @@ def warn(message: str) -> None:
     print(f"bigbatch: warning: {message}", file=sys.stderr, flush=True)
 
 
-def close_run(out_dir: Path, ended: str, say, **facts) -> None:
+def close_run(out_dir: Path, ended: str, say, report: bool = True, **facts) -> None:
     """Close run_info.json's session and write report.html. The checkpoint or model is already
     on disk, so a failure here costs the run nothing: it is a warning, never an error.
 
@@ -102,6 +102,8 @@ def close_run(out_dir: Path, ended: str, say, **facts) -> None:
     `batch.memory_budget` bounds."""
     try:
         end_run_info(out_dir, ended, **facts)
+        if not report:
+            return
         done = subprocess.run([sys.executable, "-m", "bigbatch", "report", str(out_dir)],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
@@ -119,10 +121,11 @@ def final_artifacts(out_dir: Path) -> list[Path]:
 
 def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
           resume: str | None = None, overwrite: bool = False,
-          preemption: Preemption | None = None) -> TrainResult:
+          preemption: Preemption | None = None, report: bool = True) -> TrainResult:
     """Train `cfg` into `out_dir` and return the result. `resume` is "auto" or a checkpoint or
     run directory (--resume); `overwrite` replaces a previous run's outputs in `out_dir`
-    (otherwise they are refused). SIGTERM/SIGINT stop after the current step with a checkpoint
+    (otherwise they are refused); `report=False` skips report.html (cbs's short branches).
+    SIGTERM/SIGINT stop after the current step with a checkpoint
     (run/preemption.py); the result's exit_code then says which signal."""
     out_dir = Path(out_dir)
     dist = dist_info_from_env()
@@ -201,7 +204,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
                 say(f"to continue, run the same command with --resume auto --out {out_dir}")
                 facts = task.closing_facts()
                 if dist.is_main:
-                    close_run(out_dir, preemption.signal_name, say, **facts)
+                    close_run(out_dir, preemption.signal_name, say, report, **facts)
                 log.close(artifacts=final_artifacts(out_dir))
                 return TrainResult(out_dir, state, task.num_parameters, preemption.exit_code,
                                    dict(metrics), facts.get("unigram_val_loss"))
@@ -217,7 +220,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
                 f"{state.tokens_seen:,} tokens, {state.skipped_steps} skipped steps")
             for line in task.end_lines(state):
                 say(line)
-            close_run(out_dir, "finished", say, **facts)
+            close_run(out_dir, "finished", say, report, **facts)
         log.close(artifacts=final_artifacts(out_dir))
     except UsageError as err:
         raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
