@@ -138,6 +138,22 @@ TABLE = [
          lambda c: c.train("--checkpoint.every_steps=1", "--train.max_steps=3", out="full"),
          "No space left on device", patch=disk_full_on_third_safetensors_file,
          check=only_step_1_survives),
+    Case("cbs-not-a-run-dir", lambda c: ["cbs", str(c.tmp / "nowhere")], "is not a run directory"),
+    Case("cbs-dir-without-metrics", lambda c: ["cbs", str(folder(c.tmp / "no-metrics"))],
+         "is not a run directory (no metrics.jsonl)"),
+    Case("cbs-no-checkpoints",
+         lambda c: ["cbs", str(write(c.tmp / "no-checkpoints/metrics.jsonl", "").parent)],
+         "holds 0 intact checkpoint(s); cbs branches from 2 or more: train the run with "
+         "--checkpoint.every_steps="),
+    Case("cbs-bad-factors", lambda c: ["cbs", str(c.finished), "--factors", "2,4"],
+         "--factors '2,4' must list 2 or more whole multiples"),
+    Case("cbs-bad-branch-tokens", lambda c: ["cbs", str(c.finished), "--branch-tokens", "0"],
+         "--branch-tokens = '0' must be a positive integer"),
+    Case("cbs-bad-override", lambda c: ["cbs", str(c.finished), "--optim.lr_scaling=cubic"],
+         "optim.lr_scaling = 'cubic'",
+         check=lambda c: not (c.finished / "cbs-branches").exists() or pytest.fail("branched")),
+    Case("plan-from-not-a-run", lambda c: ["plan", "--from", str(folder(c.tmp / "not-a-run"))],
+         "is not a finished run directory"),
 ]
 
 

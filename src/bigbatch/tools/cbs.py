@@ -235,7 +235,8 @@ def run_cbs(run_dir: Path, *, factors: list[int], branch_tokens: int = 0,
         raise UsageError(f"--max-checkpoints = {max_checkpoints} must be at least 2")
     starts = find_starts(run_dir, max_checkpoints)
     rule = choose_rule(starts[0].config.optim.lr_scaling, list(overrides or []))
-    scratch = scratch or run_dir / "cbs-branches"
+    branch_config(starts[0], starts[0].batch_tokens, rule, None, 0, 1, list(overrides or []))
+    scratch = scratch or run_dir / "cbs-branches"  # made once the overrides are known good
     prepare_scratch(scratch)
     run_rows = read_rows(run_dir / "metrics.jsonl")
     preemption = Preemption()  # one for every branch: a signal stops the whole measurement
