@@ -145,8 +145,10 @@ TABLE = [
          lambda c: ["cbs", str(write(c.tmp / "no-checkpoints/metrics.jsonl", "").parent)],
          "holds 0 intact checkpoint(s); cbs branches from 2 or more: train the run with "
          "--checkpoint.every_steps="),
-    Case("cbs-bad-factors", lambda c: ["cbs", str(c.finished), "--factors", "2,4"],
-         "--factors '2,4' must list 2 or more whole multiples"),
+    Case("cbs-bad-factors", lambda c: ["cbs", str(c.finished), "--factors", "0,2"],
+         "--factors '0,2' must list 2 or more positive multiples"),
+    Case("cbs-factor-not-whole-sequences", lambda c: ["cbs", str(c.finished), "--factors", "0.3,1"],
+         "0.3 x the run's batch of 2,048 tokens is not a whole number of 64-token sequences"),
     Case("cbs-bad-branch-tokens", lambda c: ["cbs", str(c.finished), "--branch-tokens", "0"],
          "--branch-tokens = '0' must be a positive integer"),
     Case("cbs-bad-override", lambda c: ["cbs", str(c.finished), "--optim.lr_scaling=cubic"],

@@ -1,1 +1,1 @@
-"""Subcommands beside training: verify, sweep, export."""
+"""Subcommands beside training: verify, sweep, cbs, export."""

@@ -18,6 +18,7 @@ the gradient's variance for about 1 / (1 - beta2) steps, which slows the largest
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +66,30 @@ def run_cbs_flags(run_dir: Path, flags: dict[str, str | None], overrides: list[s
                    overrides=overrides, scratch=flags["--out"] and Path(flags["--out"]))
 
 
-def parse_factors(text: str) -> list[int]:
+def parse_factors(text: str) -> list[float]:
+    """Multiples of the run's batch; below 1 too, for a run whose batch is past its critical
+    batch already (e.g. 0.25,0.5,1,2)."""
     try:
-        factors = sorted({int(part) for part in text.split(",") if part.strip()})
+        factors = sorted({float(part) for part in text.split(",") if part.strip()})
     except ValueError:
         factors = []
-    if len(factors) < 2 or factors[0] != 1:
-        raise UsageError(f"--factors {text!r} must list 2 or more whole multiples of the run's "
-                         "batch starting at 1, e.g. --factors 1,2,4,8")
+    if len(factors) < 2 or not all(0 < f < math.inf for f in factors):
+        raise UsageError(f"--factors {text!r} must list 2 or more positive multiples of the "
+                         "run's batch, e.g. --factors 1,2,4,8 or 0.25,0.5,1,2")
     return factors
+
+
+def factor_batches(start: Start, factors: list[float]) -> list[int]:
+    """The branches' global batches: each a whole number of the run's sequences."""
+    seq_len = start.config.data.seq_len
+    batches = []
+    for factor in factors:
+        batch = factor * start.batch_tokens
+        if batch != round(batch) or round(batch) % seq_len:
+            raise UsageError(f"--factors: {factor:g} x the run's batch of {start.batch_tokens:,} "
+                             f"tokens is not a whole number of {seq_len}-token sequences")
+        batches.append(round(batch))
+    return batches
 
 
 @dataclass
@@ -127,8 +143,10 @@ def branch_config(start: Start, batch: int, rule: str, target: float | None,
     `budget_tokens` more tokens at most, stopped at `target`, no checkpoints, no trackers; then
     the user's `--section.field=VALUE` overrides (e.g. a smaller train.eval_tokens)."""
     doc = config_to_dict(start.config)
-    changes = {"batch": {"global_tokens": batch, "ramp": "linear", "ramp_tokens": 0,
-                         "ramp_start_tokens": 0},
+    # The run's micro-batch where it divides the branch's sequences: it changes no result.
+    micro = math.gcd(start.config.batch.micro_batch_size, batch // start.config.data.seq_len)
+    changes = {"batch": {"global_tokens": batch, "micro_batch_size": micro, "ramp": "linear",
+                         "ramp_tokens": 0, "ramp_start_tokens": 0},
                "optim": {"lr": start.lr, "lr_scaling": rule,
                          "reference_batch_tokens": start.batch_tokens, "warmup_steps": 0,
                          "decay": "constant"},
@@ -224,7 +242,7 @@ def prepare_scratch(scratch: Path) -> None:
     (scratch / SCRATCH_MARK).write_text("branches of bigbatch cbs; safe to delete\n")
 
 
-def run_cbs(run_dir: Path, *, factors: list[int], branch_tokens: int = 0,
+def run_cbs(run_dir: Path, *, factors: list[float], branch_tokens: int = 0,
             eval_every_tokens: int = 0, max_checkpoints: int = 4, overrides: list[str] | None = None, scratch: Path | None = None,
             say=print) -> dict:
     """Measure the critical batch at up to `max_checkpoints` checkpoints of `run_dir`; write
@@ -234,6 +252,8 @@ def run_cbs(run_dir: Path, *, factors: list[int], branch_tokens: int = 0,
     if max_checkpoints < 2:
         raise UsageError(f"--max-checkpoints = {max_checkpoints} must be at least 2")
     starts = find_starts(run_dir, max_checkpoints)
+    for start in starts:
+        factor_batches(start, factors)  # before any branch trains
     rule = choose_rule(starts[0].config.optim.lr_scaling, list(overrides or []))
     branch_config(starts[0], starts[0].batch_tokens, rule, None, 0, 1, list(overrides or []))
     scratch = scratch or run_dir / "cbs-branches"  # made once the overrides are known good
@@ -251,7 +271,7 @@ def run_cbs(run_dir: Path, *, factors: list[int], branch_tokens: int = 0,
             f"lr {start.lr:.3g}): branches of up to {budget:,} tokens, {rule} lr scaling")
         brancher = Brancher(start, rule, every, list(overrides or []), scratch, preemption,
                             run_rows)
-        found = search(brancher, [f * start.batch_tokens for f in factors], budget, say=say)
+        found = search(brancher, factor_batches(start, factors), budget, say=say)
         result["points"].append({"checkpoint": str(start.path), "step": start.step,
                                  "tokens": start.tokens, "batch_tokens": start.batch_tokens,
                                  "lr": start.lr,
@@ -274,14 +294,14 @@ def describe_cbs(result: dict) -> list[str]:
     batch and the online noise scale there."""
     factors = result["factors"]
     head = f"{'step':>6} {'tokens':>11} {'target':>7} " + " ".join(
-        f"{f'{f}x':>6}" for f in factors) + f" {'critical batch':>16} {'B_simple':>10}"
+        f"{f'{f:g}x':>6}" for f in factors) + f" {'critical batch':>16} {'B_simple':>10}"
     lines = [f"tokens to the target, as a multiple of the fewest (> {1 + result['tolerance']:.1f}"
              " = beyond the critical batch; - = not run, past the first beyond):", head]
     for p in result["points"]:
         by_batch = {b["batch_tokens"]: b for b in p["branches"]}
         cells = []
         for f in factors:
-            b = by_batch.get(f * p["batch_tokens"])
+            b = by_batch.get(round(f * p["batch_tokens"]))
             cells.append("-" if b is None else "never" if not b["reached"] else
                          f"{b['tokens_to_target'] / p['reference_tokens']:.2f}")
         crit = p["critical_batch_tokens"]
