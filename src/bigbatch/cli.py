@@ -340,13 +340,13 @@ def cmd_cbs(args: list[str]) -> int:
 
     parser = Parser("cbs", "A run's critical batch, by branching from its checkpoints at 1x-8x "
                     "its batch: writes RUN_DIR/cbs.json, cbs.png (overrides: the branches').", [
-                        "bigbatch train configs/tiny.toml --out runs/tiny "
-                        "--checkpoint.every_steps=25 --checkpoint.keep=100",
-                        "bigbatch cbs runs/tiny --factors 1,2,4,8 --train.eval_tokens=16384"],
+                        "bigbatch cbs runs/tiny --factors 0.25,0.5,1,2 --train.eval_tokens=16384",
+                        "(of a run such as: bigbatch train configs/tiny.toml --out runs/tiny "
+                        "--checkpoint.every_steps=25 --checkpoint.keep=100)"],
                     recipe=False)
     parser.add_argument("run_dir", type=Path, help="a run directory holding 2+ checkpoints")
-    for flag, default in FLAG_DEFAULTS.items():
-        parser.add_argument(flag, metavar="N", help=f"default {default}")
+    for flag, (metavar, default) in FLAG_DEFAULTS.items():
+        parser.add_argument(flag, metavar=metavar, help=f"default {default}")
     overrides, rest = split_overrides(args)
     opts = parser.parse_args(rest)
     run_cbs_flags(opts.run_dir, {flag: getattr(opts, flag[2:].replace("-", "_"))

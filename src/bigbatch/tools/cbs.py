@@ -34,11 +34,12 @@ SCRATCH_MARK = ".bigbatch-cbs"  # a scratch directory cbs made, and may therefor
 TRAIN_FOR_CBS = ("--checkpoint.every_steps=N --checkpoint.keep=100 (N about train.max_steps / 6)")
 
 
-FLAG_DEFAULTS = {"--factors": "1,2,4,8 (multiples of the run's batch)",
-                 "--branch-tokens": "32 x the run's batch (the smallest branch's budget)",
-                 "--eval-every-tokens": "2 x the run's batch",
-                 "--max-checkpoints": "4, spread over the run",
-                 "--out": "RUN_DIR/cbs-branches (the branches' scratch directory)"}
+FLAG_DEFAULTS = {  # `bigbatch cbs`'s flags: (metavar, default)
+    "--factors": ("A,B,...", "1,2,4,8 (multiples of the run's batch)"),
+    "--branch-tokens": ("N", "32 x the run's batch (the smallest branch's budget)"),
+    "--eval-every-tokens": ("N", "2 x the run's batch"),
+    "--max-checkpoints": ("N", "4, spread over the run"),
+    "--out": ("DIR", "RUN_DIR/cbs-branches (the branches' scratch directory)")}
 
 
 def _count(text: str | None, flag: str) -> int:
