@@ -136,9 +136,16 @@ def test_branches_find_the_critical_batch_of_a_problem_with_a_known_noise_scale(
     oracle = critical_batch(batches, tokens)
     # ...which is where the law itself puts it: E(B) ~ B / ln(1 + B / B_noise), so
     # E(B) / E(B_1) = 1.2 at B / B_noise ~ 0.5 here, i.e. B* ~ 256 = 8x the smallest batch.
-    law = [b / math.log1p(b / B_NOISE) for b in batches]
-    assert oracle.crossing == pytest.approx(critical_batch(batches, law).crossing, rel=0.05)
-    assert 4 * batches[0] < oracle.crossing < 16 * batches[0]
+    def excess(batch: float) -> float:  # E(B) / E(B_1) - 1.2 under the law, rising in B
+        return (batch / math.log1p(batch / B_NOISE)) / (
+            batches[0] / math.log1p(batches[0] / B_NOISE)) - 1.2
+
+    low, high = batches[0], batches[-1]
+    for _ in range(60):  # bisection: the law's own root, apart from the search's arithmetic
+        low, high = (low, (low + high) / 2) if excess((low + high) / 2) > 0 else \
+            ((low + high) / 2, high)
+    assert 0.45 * B_NOISE < low < 0.55 * B_NOISE  # ~ 0.5 B_noise = 8x the smallest batch
+    assert oracle.crossing == pytest.approx(low, rel=0.03)
 
     ran: list[int] = []
     found = search(regression_branch(seed, ran), batches, budget, say=lambda line: None)
