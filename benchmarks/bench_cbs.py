@@ -1,7 +1,7 @@
 """The critical batch measured directly (`bigbatch cbs`) beside the online noise scale, tiny recipe.
 
 configs/tiny.toml on tinyshakespeare (150 steps of 8,192 tokens, AdamW, no lr scaling) is trained
-with a checkpoint every 25 steps, all kept; `bigbatch cbs` then branches from 3 of them at 1/8 to
+with a checkpoint every 25 steps, all kept; `bigbatch cbs` then branches from each of them at 1/8 to
 2x the run's batch (the run's batch is above its online noise scale all along, so the branches
 go below it), each branch resumed from the checkpoint with the lr held at the run's value there,
 scaled by sqrt (the run has no rule). The table gives tokens to a common target per batch (as a
@@ -26,7 +26,8 @@ from common import ROOT, loadavg, machine_description, run_child, today, write_s
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TRAIN_FLAGS = ["--checkpoint.every_steps=25", "--checkpoint.keep=100"]
 CBS_FLAGS = ["--factors", "0.125,0.25,0.5,1,2", "--branch-tokens", "65536",
-             "--eval-every-tokens", "8192", "--max-checkpoints", "3", "--train.eval_tokens=16384"]
+             "--eval-every-tokens", "8192", "--max-checkpoints", "6", "--train.eval_tokens=16384"]
+WEAK_NATS = 0.01  # a target this little below the start is within the evaluation's noise
 
 
 def bigbatch(*args: str) -> list[str]:
@@ -70,10 +71,14 @@ def render(result: dict, train_note: str, cbs_run) -> str:
         bracket = (f"{crit:,.0f} ({p['largest_within_tokens']:,}-"
                    f"{p['first_beyond_tokens']:,})" if p["first_beyond_tokens"]
                    else f">= {crit:,.0f}")
+        weak = p["start_loss"] - p["target_loss"] < WEAK_NATS
         lines.append(f"| {p['step']} | {p['tokens']:,} | {p['start_loss']:.3f} -> "
-                     f"{p['target_loss']:.3f} | " + " | ".join(cells) + f" | {bracket} | "
+                     f"{p['target_loss']:.3f}{' (weak)' if weak else ''} | " + " | ".join(cells) + f" | {bracket} | "
                      + (f"{noise:,.0f} | {crit / noise:.2g}x |" if noise else "- | - |"))
-    lines += ["", "How to read this: the critical batch is where tokens to the same loss reach "
+    lines += ["", f"(weak): the smallest branch lowered the loss by less than {WEAK_NATS} nats "
+              "on its way to the target (late in the run the cosine schedule has the lr near its "
+              "floor), too little to tell batches apart: that row is not evidence.",
+              "", "How to read this: the critical batch is where tokens to the same loss reach "
               "1.2x the fewest, interpolated linearly in the batch between the last batch within "
               "and the first beyond (the bracket). Zhang et al.'s definition puts it at about "
               "0.2 B_noise + 1.2 x the smallest batch for McCandlish's E = E_min (1 + B / B_noise), "
