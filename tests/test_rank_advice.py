@@ -36,7 +36,7 @@ def test_ranks_pay_while_the_global_batch_stays_within_the_critical_batch(tmp_pa
     advice = rank_advice(run_dir(tmp_path), world_size=2)
     assert (advice.micro_batch_tokens, advice.num_micro_steps) == (16 * 128, 4)
     assert advice.global_tokens == 2 * 8_192 <= CRITICAL and advice.pays
-    assert "2 ranks pay" in advice.lines()[1] and "bigbatch cbs at step 150" in advice.lines()[0]
+    assert "2 rank(s) pay" in advice.lines()[1] and "bigbatch cbs at step 150" in advice.lines()[0]
 
 
 def test_too_many_ranks_are_told_the_accumulation_that_keeps_the_batch_within(tmp_path):
@@ -44,6 +44,7 @@ def test_too_many_ranks_are_told_the_accumulation_that_keeps_the_batch_within(tm
     assert advice.global_tokens == 32_768 and not advice.pays
     assert advice.max_ranks == CRITICAL // 8_192 == 2
     assert advice.max_micro_steps == CRITICAL // (4 * 2_048) == 2
+    assert "up to 2 rank(s) at that share" in advice.lines()[1]
     assert "--batch.global_tokens=16384" in advice.lines()[1]
     assert json.loads(json.dumps(advice.to_dict()))["pays"] is False
 
@@ -58,6 +59,7 @@ def test_without_cbs_the_last_online_noise_scale_is_used_and_named(tmp_path):
     advice = rank_advice(run_dir(tmp_path, cbs=False), world_size=1)
     assert advice.critical_batch_tokens == 1_500.0 and not advice.pays
     assert "online noise scale B_simple at step 3" in advice.source
+    assert advice.max_ranks == 0 and "the run's own batch per rank is past it" in advice.lines()[1]
 
 
 def test_the_share_of_a_rank_counts_the_ranks_the_run_had(tmp_path):

@@ -61,7 +61,7 @@ class RankAdvice:
                 f"{self.global_tokens:,} tokens per step against a critical batch of {crit} "
                 f"tokens ({self.source})")
         if self.pays:
-            return [head, f"{self.world_size} ranks pay: the batch stays within the critical "
+            return [head, f"{self.world_size} rank(s) pay: the batch stays within the critical "
                           f"batch, so they cut the steps {self.world_size}-fold for about the "
                           "same tokens"]
         if self.max_micro_steps >= 1:
@@ -72,8 +72,10 @@ class RankAdvice:
             fix = (f"even one micro-step per rank ({self.world_size * self.micro_batch_tokens:,}"
                    f" tokens) is past it: {self.world_size} ranks waste tokens at any "
                    "accumulation")
-        return [head, f"{self.world_size} ranks do not pay at the run's share: past the critical "
-                      f"batch, tokens buy few steps; up to {self.max_ranks} rank(s) do; {fix}"]
+        within = (f"up to {self.max_ranks} rank(s) at that share stay within it"
+                  if self.max_ranks else "the run's own batch per rank is past it already")
+        return [head, f"{self.world_size} rank(s) do not pay at the run's share: past the "
+                      f"critical batch, more tokens per step buy few steps; {within}; {fix}"]
 
 
 def critical_batch_of_run(run_dir: Path) -> tuple[float, str, bool]:
