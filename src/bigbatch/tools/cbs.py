@@ -1,15 +1,16 @@
 """`bigbatch cbs RUN_DIR`: the critical batch measured directly, by branching from checkpoints.
 
 For each checkpoint of a finished run, short branches train at 1x, 2x, 4x, 8x the batch the run
-had there (`--factors`), each a resumed run (`train(cfg, dir, resume=checkpoint)`: the same
-weights, optimizer moments, data position and random state) into a scratch directory, with the
-global batch changed. The learning rate is held at the run's own value at the checkpoint, scaled
-to each branch's batch by the run's `optim.lr_scaling` rule, or by the square root where the run
-had none (Adam-type updates: Malladi et al. 2022); `--optim.lr_scaling=RULE` chooses another. The search
-(tools/cbs_search.py) reads tokens to a common target loss per branch and takes the largest batch
-within 20% of the fewest (Zhang et al. 2024); Merrill et al. (2025, "Critical Batch Size
-Revisited") branch from checkpoints the same way. The result goes to RUN_DIR/cbs.json and
-RUN_DIR/cbs.png beside the run's online noise scale B_simple (gns_tokens in metrics.jsonl).
+had there (`--factors`; below 1x too), each a resumed run (`train(cfg, dir, resume=checkpoint)`:
+the same weights, optimizer moments, data position and random state) into a scratch directory,
+with the global batch changed. The learning rate is held at the run's own value at the
+checkpoint, scaled to each branch's batch by the run's `optim.lr_scaling` rule, or by the square
+root where the run had none (Adam-type updates: Malladi et al. 2022); `--optim.lr_scaling=RULE`
+chooses another. The search (tools/cbs_search.py) reads tokens to a common target loss per
+branch and takes the largest batch within 20% of the fewest (Zhang et al. 2024); Merrill et al.
+(2025, "Critical Batch Size Revisited") branch from checkpoints the same way. The result goes to
+RUN_DIR/cbs.json and RUN_DIR/cbs.png beside the run's online noise scale B_simple (gns_tokens in
+metrics.jsonl).
 
 Branches restore Adam's second moments from the run's batch: at a larger batch they overstate
 the gradient's variance for about 1 / (1 - beta2) steps, which slows the largest branches most.
@@ -31,8 +32,7 @@ from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
 from bigbatch.tools.cbs_search import TARGET_FRACTION, TOLERANCE, search
 
 SCRATCH_MARK = ".bigbatch-cbs"  # a scratch directory cbs made, and may therefore empty
-TRAIN_FOR_CBS = ("--checkpoint.every_steps=N --checkpoint.keep=100 (N about train.max_steps / 6)")
-
+TRAIN_FOR_CBS = "--checkpoint.every_steps=N --checkpoint.keep=100 (N about train.max_steps / 6)"
 
 FLAG_DEFAULTS = {  # `bigbatch cbs`'s flags: (metavar, default)
     "--factors": ("A,B,...", "1,2,4,8 (multiples of the run's batch)"),
