@@ -29,7 +29,6 @@ counts, and every step is the full `BatchPlan`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from bigbatch.config.sections import Config
@@ -168,7 +167,7 @@ def build_batch_schedule(cfg: Config, plan: BatchPlan) -> BatchSchedule:
     return BatchSchedule(plan, batch.ramp, batch.ramp_tokens,
                          start // unit if ramping else plan.num_micro_steps, seq_start,
                          cfg.data.seq_len_warmup_tokens, cfg.train.max_steps,
-                         batch.ramp_max_growth, math.ceil(1 / (1 - batch.noise_scale_ema)))
+                         batch.ramp_max_growth, max(1, round(1 / (1 - batch.noise_scale_ema))))
 
 
 def describe_schedule(schedule: BatchSchedule) -> list[str]:
