@@ -160,7 +160,7 @@ class BatchConfig:
     memory_budget: int | str = option(0, "Memory per rank the auto micro-batch must fit: bytes "
                                          "or a string such as \"6GiB\"; 0 = 80% of the memory "
                                          "available now (RAM, or the GPU's free memory).")
-    ramp: str = option("linear", "Batch-size ramp-up: linear (grow from `ramp_start_tokens` to "
+    ramp: str = option("auto", "Batch-size ramp-up: linear (grow from `ramp_start_tokens` to "
                                  "`global_tokens` over `ramp_tokens`), doubling (double it at "
                                  "evenly spaced tokens over `ramp_tokens`) or auto (grow it by "
                                  "whole factors towards the measured gradient noise scale, never "
@@ -168,7 +168,8 @@ class BatchConfig:
     ramp_tokens: int = option(0, "Linear or doubling ramp: training tokens over which the batch "
                                  "grows; 0 = no such ramp.")
     ramp_start_tokens: int = option(0, "First global batch of a ramp, in tokens: a whole number "
-                                       "of micro-steps across ranks (0 = one micro-step).")
+                                       "of micro-steps across ranks (0 = one micro-step; for "
+                                       "auto two, the fewest the noise scale is measured with).")
     ramp_max_growth: int = option(2, "Auto ramp: the largest whole factor one change may "
                                      "multiply the batch by (2 = it only doubles); a change "
                                      "comes at most once per 1 / (1 - noise_scale_ema) steps "
@@ -222,7 +223,7 @@ class OptimConfig:
     momentum: float = option(0.9, "Momentum of sgd and lars.")
     trust_coefficient: float = option(1e-3, "LARS trust coefficient eta (local lr = eta |w| / "
                                             "(|g| + weight_decay |w|)).")
-    lr_scaling: str = option("none", "Scale the peak lr with the global batch: none | linear "
+    lr_scaling: str = option("sqrt", "Scale the peak lr with the global batch: none | linear "
                                      "(lr x B / reference) | sqrt (lr x sqrt(B / reference)).")
     reference_batch_tokens: int = option(0, "The batch, in tokens, at which `lr` is the peak "
                                             "lr; 0 = batch.global_tokens (then only a ramp "
@@ -295,7 +296,7 @@ class TrainConfig:
                                 "tokens when the batch or sequence length ramps.")
     target_val_loss: float = option(0.0, "Stop once the validation loss is at or below this "
                                          "(`bigbatch sweep`); 0 = off.")
-    eval_every: int = option(15, "Evaluate on the validation split every this many steps "
+    eval_every: int = option(60, "Evaluate on the validation split every this many steps "
                                  "(and at the end); 0 evaluates only at the end.")
     eval_tokens: int = option(32768, "Validation tokens per evaluation (fewer if the split is "
                                       "smaller).")

@@ -154,13 +154,16 @@ def build_batch_schedule(cfg: Config, plan: BatchPlan) -> BatchSchedule:
     unit = plan.micro_batch_tokens * plan.world_size
     batch = cfg.batch
     ramping = batch.ramp == "auto" or batch.ramp_tokens > 0
-    start = batch.ramp_start_tokens or unit
+    auto = batch.ramp == "auto"
+    # 0 = the smallest start: one micro-step, or for auto the two the noise scale is measured
+    # with (the full batch if it is smaller: then auto is a fixed batch that measures nothing)
+    start = batch.ramp_start_tokens or min(2 * unit if auto else unit, plan.global_tokens)
     if ramping and start % unit:
         raise UsageError(f"batch.ramp_start_tokens = {batch.ramp_start_tokens} is not a whole "
                          f"number of micro-steps of {unit} tokens (micro_batch_size x seq_len x "
                          f"world_size): use {max(unit, start // unit * unit)} or "
                          f"{(start // unit + 1) * unit}")
-    if batch.ramp == "auto" and start // unit < 2:
+    if auto and batch.ramp_start_tokens and start // unit < 2:
         raise UsageError(f"batch.ramp = \"auto\" measures the noise scale from 2+ micro-steps "
                          f"per step: set batch.ramp_start_tokens to at least {2 * unit}")
     seq_start = cfg.data.seq_len_start if cfg.data.seq_len_warmup_tokens else plan.seq_len
