@@ -86,15 +86,25 @@ def summarize_run(run_dir: Path) -> dict:
             "noise": steps[-1].get("gns_tokens")}
 
 
-def loss_levels(runs: list[dict], count: int = 4) -> list[float]:
-    """`count` validation losses every run reaches: evenly spaced (0.05 steps) from the highest
-    best loss of any run up to 1 nat above it."""
+def loss_levels(runs: list[dict], count: int = 4, gap: float = 0.25) -> list[float]:
+    """`count` validation losses every run reaches, `gap` apart: from the highest best loss of
+    any run (rounded up to 0.05) upwards, highest first."""
     floor = max(run["best"] for run in runs)
     floor = -(-floor * 20 // 1) / 20  # up to the next 0.05: every run is at or below it
-    return [round(floor + i * 1.0 / (count - 1) * 1, 2) for i in reversed(range(count))]
+    return [round(floor + i * gap, 2) for i in reversed(range(count))]
+
+
+def deep_level(results: dict[str, list[dict]]) -> float:
+    """A lower loss, which every run of every arm but the worst-ending one reaches: where the
+    arms that keep learning part."""
+    worst = max(results, key=lambda arm: statistics.fmean(r["final"] for r in results[arm]))
+    rest = [r for arm, runs in results.items() if arm != worst for r in runs]
+    return -(-max(r["best"] for r in rest) * 20 // 1) / 20
 
 
 def spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "not reached"
     mean = statistics.fmean(values)
     return f"{mean:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
@@ -111,18 +121,20 @@ def render(results: dict[str, list[dict]], levels: list[float], load: list[float
              "times are slowed and noisy; tokens, steps and losses do not depend on it.", "",
              f"Same budget for every arm: 1,228,800 tokens; {seeds} seeds per arm; mean "
              "(min-max over seeds). Tokens and steps to a validation loss are interpolated "
-             "between evaluations.", "",
+             f"between evaluations; the first {len(levels) - 1} losses are reached by every run, "
+             f"the last ({levels[-1]:.2f}) by every run but the worst-ending arm's.", "",
              "| arm | batch first -> last | optimizer steps | final val loss | "
              + " | ".join(f"tokens to {v:.2f}" for v in levels) + " | "
              + " | ".join(f"steps to {v:.2f}" for v in levels) + " | training time (s) |",
              "|---|---|---:|---:|" + "---:|" * (2 * len(levels)) + "---:|"]
     for arm, runs in results.items():
         first, last = runs[0]["batches"]
-        cross = [[crossing(r["evals"], v) for r in runs] for v in levels]
+        cross = [[crossing(r["evals"], v) for r in runs if r["best"] <= v] for v in levels]
         lines.append(
             f"| {arm} | {first:,} -> {last:,} | {spread([r['steps'] for r in runs], ',.0f')} | "
             f"{spread([r['final'] for r in runs], '.3f')} | "
-            + " | ".join(spread([c[0] / 1000 for c in cs], ',.0f') + "K" for cs in cross) + " | "
+            + " | ".join(spread([c[0] / 1000 for c in cs], ',.0f') + "K" * bool(cs)
+                         for cs in cross) + " | "
             + " | ".join(spread([c[1] for c in cs], ',.0f') for cs in cross) + " | "
             + f"{spread([r['train_s'] for r in runs], ',.0f')} |")
     lines += ["", "![validation loss against tokens and steps](benchmarks/batch_choice.png)", "",
@@ -198,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {arm: [summarize_run(scratch / f"{arm}-{seed}")
                          for seed in SEEDS[:args.seeds]] for arm in ARMS}
         load = [float((scratch / f"{a}-{s}.load").read_text()) for a, s in todo]
-        levels = loss_levels([r for runs in results.values() for r in runs])
+        levels = [*loss_levels([r for runs in results.values() for r in runs]),
+                  deep_level(results)]
         plot(results, PLOT)
         markdown = render(results, levels, load, args.seeds)
         print(markdown)
