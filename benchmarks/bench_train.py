@@ -116,6 +116,7 @@ def bigbatch_argv(dtype: str, *extra: str) -> Callable[..., list[str]]:
                 f"--data.seq_len={shape.seq_len}",
                 f"--batch.micro_batch_size={shape.micro_batch_size}",
                 f"--batch.global_tokens={run.global_tokens}",
+                "--batch.ramp=linear", "--batch.ramp_tokens=0",  # a fixed batch: every step timed alike
                 f"--train.max_steps={run.warmup_steps + run.steps}",
                 "--train.eval_every=0", f"--train.eval_tokens={run.eval_tokens}",
                 f"--precision.dtype={dtype}", *extra]

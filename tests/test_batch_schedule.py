@@ -24,6 +24,7 @@ from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.batch_schedule import (
     auto_micro_steps,
     build_batch_schedule,
+    doubling_micro_steps,
     ramp_micro_steps,
     warmup_seq_len,
 )
@@ -77,12 +78,61 @@ def test_ramp_arithmetic():
     assert ramp_micro_steps(0, 2, 16, 0) == 16  # no ramp
 
 
-def test_auto_ramp_follows_the_noise_scale_up_only_within_bounds():
+def test_auto_ramp_follows_the_noise_scale_up_only_by_whole_factors_within_bounds():
     unit = 256
     assert auto_micro_steps(None, unit, 0, 2, 16) == 2             # nothing measured yet
-    assert auto_micro_steps(5 * unit + 10, unit, 2, 2, 16) == 5   # rounded down
+    assert auto_micro_steps(5 * unit + 10, unit, 2, 2, 16) == 4   # 2x: 5 / 2 rounded down
+    assert auto_micro_steps(5 * unit + 10, unit, 2, 2, 16, max_growth=3) == 4
+    assert auto_micro_steps(7 * unit, unit, 2, 2, 16, max_growth=4) == 6  # 3x: 7 // 2
+    assert auto_micro_steps(3 * unit, unit, 2, 2, 16) == 2        # 1.5x is not a whole factor
     assert auto_micro_steps(3 * unit, unit, 5, 2, 16) == 5        # never shrinks
-    assert auto_micro_steps(100 * unit, unit, 5, 2, 16) == 16     # never above the full batch
+    assert auto_micro_steps(100 * unit, unit, 4, 2, 16) == 8      # at most max_growth per change
+    assert auto_micro_steps(100 * unit, unit, 8, 2, 16) == 16     # up to the full batch
+    assert auto_micro_steps(100 * unit, unit, 8, 2, 12) == 8      # 1.5x to 12 does not fit
+    assert auto_micro_steps(100 * unit, unit, 2, 2, 16, may_grow=False) == 2  # holding
+
+
+@pytest.mark.parametrize(("max_growth", "full_tokens"), [(2, 4096), (3, 4096), (2, 3072)])
+def test_auto_ramp_walk_grows_by_whole_factors_after_each_hold(max_growth, full_tokens):
+    """A noise scale that rises with the tokens seen, as it does in training, driven through
+    BatchSchedule.shape the way fit() drives it: the batch only multiplies by whole factors up to
+    batch.ramp_max_growth, holds 1 / (1 - noise_scale_ema) steps at each batch, never passes
+    batch.global_tokens and never exceeds the noise scale it followed."""
+    cfg = config("--batch.ramp=auto", "--batch.ramp_start_tokens=512",
+                 f"--batch.ramp_max_growth={max_growth}", "--batch.noise_scale_ema=0.8",
+                 f"--batch.global_tokens={full_tokens}")
+    schedule = build_batch_schedule(cfg, plan_batch(full_tokens, 64, 4))
+    unit = 4 * 64
+    assert schedule.hold_steps == 5
+
+    def noise(tokens: int) -> float:
+        return 300.0 + tokens / 8
+
+    tokens, batch, held, batches = 0, 0, 0, []
+    while tokens < schedule.total_tokens:
+        shape = schedule.shape(tokens, noise(tokens), -(-batch // unit), held)
+        if shape.global_tokens != batch:
+            if batch:
+                assert shape.global_tokens % batch == 0
+                assert 2 <= shape.global_tokens // batch <= max_growth
+                assert held >= schedule.hold_steps
+                assert shape.global_tokens <= noise(tokens)
+            held = 0
+        batch, held = shape.global_tokens, held + 1
+        batches.append(batch)
+        tokens += batch
+    assert batches[0] == 512 and max(batches) <= full_tokens
+    assert len(set(batches)) >= 3  # the walk did ramp, through more than one change
+    if full_tokens == 4096:  # reachable from 512 by whole factors: the ramp gets there
+        assert batches[-1] == 4096
+
+
+def test_doubling_ramp_doubles_at_evenly_spaced_tokens():
+    assert [doubling_micro_steps(t, 2, 16, 600) for t in (0, 199, 200, 399, 400, 599, 600)] == \
+        [2, 2, 4, 4, 8, 8, 16]
+    # 12 is not 2 x a power of 2: doublings to 8 (the last that fits), then 12 at ramp_tokens
+    assert [doubling_micro_steps(t, 2, 12, 400) for t in (0, 200, 399, 400)] == [2, 4, 4, 12]
+    assert doubling_micro_steps(0, 2, 16, 0) == 16  # no ramp
 
 
 def test_token_counted_schedule_endpoints_match_with_and_without_a_ramp():

@@ -113,6 +113,24 @@ def test_summary_says_what_the_ratio_means():
     assert "not measured" in noise_scale_summary(1_000, None)
 
 
+def test_summary_says_what_the_ramp_did_about_the_noise_scale():
+    grew = noise_scale_summary(32_768, 20_000.0, ramp="auto", first_batch_tokens=8_192,
+                               full_batch_tokens=65_536)
+    assert "grew the batch from 8,192 to 32,768 tokens following it" in grew
+    assert "a smaller batch would do as well" not in grew  # it already followed the advice
+    kept = noise_scale_summary(8_192, 2_000.0, ramp="auto", first_batch_tokens=8_192,
+                               full_batch_tokens=65_536)
+    assert "kept the batch at 8,192 tokens" in kept
+    capped = noise_scale_summary(65_536, 500_000.0, ramp="auto", first_batch_tokens=8_192,
+                                 full_batch_tokens=65_536)
+    assert "stopped at batch.global_tokens" in capped
+    fixed = noise_scale_summary(65_536, 2_000.0)
+    assert "ramp" not in fixed and "smaller batch would do as well" in fixed
+    doubled = noise_scale_summary(8_192, 2_000.0, ramp="doubling", first_batch_tokens=1_024,
+                                  full_batch_tokens=8_192)
+    assert "the doubling ramp grew the batch from 1,024 to 8,192 tokens" in doubled
+
+
 @dataclass
 class WeightedExamples:
     """Examples with weights, as classification windows (a text split in n windows weighs 1/n

@@ -197,7 +197,7 @@ def test_compare_draws_both_runs_in_every_plot(tmp_path, finished_run, stopped_r
         assert f'<span style="color:{colour}">&#9632;</span> {label}</th>' in page, label
     assert f"{6 * 2048:,} in 6 steps" in page and f"{3 * 1024:,} in 3 steps" in page
     images = figures_in(page)
-    assert set(images) == {"loss", "lr", "grad_norm", "gns", "tokens_per_s",
+    assert set(images) == {"loss", "val_loss_steps", "lr", "grad_norm", "gns", "tokens_per_s",
                            "peak_memory_bytes"}
     for key, image in images.items():
         for colour in RUN_COLOURS:

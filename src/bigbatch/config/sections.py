@@ -147,7 +147,7 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
 
 
-RAMPS = ("linear", "auto")
+RAMPS = ("linear", "doubling", "auto")
 
 
 @dataclass(frozen=True)
@@ -160,14 +160,21 @@ class BatchConfig:
     memory_budget: int | str = option(0, "Memory per rank the auto micro-batch must fit: bytes "
                                          "or a string such as \"6GiB\"; 0 = 80% of the memory "
                                          "available now (RAM, or the GPU's free memory).")
-    ramp: str = option("linear", "Batch-size ramp-up: linear (grow from `ramp_start_tokens` to "
-                                 "`global_tokens` over `ramp_tokens`) or auto (grow the batch to "
-                                 "the measured gradient noise scale, never above "
-                                 "`global_tokens`).")
-    ramp_tokens: int = option(0, "Linear ramp: training tokens over which the batch grows; "
-                                 "0 = no linear ramp.")
+    ramp: str = option("auto", "Batch-size ramp-up: linear (grow from `ramp_start_tokens` to "
+                                 "`global_tokens` over `ramp_tokens`), doubling (double it at "
+                                 "evenly spaced tokens over `ramp_tokens`) or auto (grow it by "
+                                 "whole factors towards the measured gradient noise scale, never "
+                                 "above `global_tokens`).")
+    ramp_tokens: int = option(0, "Linear or doubling ramp: training tokens over which the batch "
+                                 "grows; 0 = no such ramp.")
     ramp_start_tokens: int = option(0, "First global batch of a ramp, in tokens: a whole number "
-                                       "of micro-steps across ranks (0 = one micro-step).")
+                                       "of micro-steps across ranks (0 = one micro-step; for "
+                                       "auto two, the fewest the noise scale is measured with).")
+    ramp_max_growth: int = option(2, "Auto ramp: the largest whole factor one change may "
+                                     "multiply the batch by (2 = it only doubles); a change "
+                                     "comes at most once per 1 / (1 - noise_scale_ema) steps "
+                                     "(20 at 0.95), the time the noise-scale averages take to "
+                                     "re-measure at the new batch.")
     noise_scale_ema: float = option(0.95, "Decay of the moving averages behind the gradient "
                                           "noise scale (gns_* in metrics.jsonl).")
     global_sequences: int = option(0, "classify: texts per optimizer step across all ranks (all "
@@ -193,6 +200,8 @@ class BatchConfig:
         _require(0 <= self.ramp_start_tokens <= self.global_tokens, "batch.ramp_start_tokens",
                  self.ramp_start_tokens, f"an integer in [0, batch.global_tokens = "
                  f"{self.global_tokens}]")
+        _require(isinstance(self.ramp_max_growth, int) and self.ramp_max_growth >= 2,
+                 "batch.ramp_max_growth", self.ramp_max_growth, "a whole number >= 2")
         _require(0 < self.noise_scale_ema < 1, "batch.noise_scale_ema", self.noise_scale_ema,
                  "a number in (0, 1)")
 
@@ -214,7 +223,7 @@ class OptimConfig:
     momentum: float = option(0.9, "Momentum of sgd and lars.")
     trust_coefficient: float = option(1e-3, "LARS trust coefficient eta (local lr = eta |w| / "
                                             "(|g| + weight_decay |w|)).")
-    lr_scaling: str = option("none", "Scale the peak lr with the global batch: none | linear "
+    lr_scaling: str = option("sqrt", "Scale the peak lr with the global batch: none | linear "
                                      "(lr x B / reference) | sqrt (lr x sqrt(B / reference)).")
     reference_batch_tokens: int = option(0, "The batch, in tokens, at which `lr` is the peak "
                                             "lr; 0 = batch.global_tokens (then only a ramp "
@@ -287,7 +296,7 @@ class TrainConfig:
                                 "tokens when the batch or sequence length ramps.")
     target_val_loss: float = option(0.0, "Stop once the validation loss is at or below this "
                                          "(`bigbatch sweep`); 0 = off.")
-    eval_every: int = option(15, "Evaluate on the validation split every this many steps "
+    eval_every: int = option(60, "Evaluate on the validation split every this many steps "
                                  "(and at the end); 0 evaluates only at the end.")
     eval_tokens: int = option(32768, "Validation tokens per evaluation (fewer if the split is "
                                       "smaller).")

@@ -9,8 +9,12 @@ so the two warmups combine without touching each other:
 - **Batch ramp** (Smith et al. 2017, "Don't decay the learning rate, increase the batch size"):
   the global batch is a whole number of units, and only the number of micro-steps changes.
   `linear` grows it from `batch.ramp_start_tokens` to `batch.global_tokens` over
-  `batch.ramp_tokens` training tokens (rounded down to whole units); `auto` grows it to the
-  measured gradient noise scale (rounded down, never shrinking, never above the full batch).
+  `batch.ramp_tokens` training tokens (rounded down to whole units); `doubling` doubles it at
+  evenly spaced tokens over `batch.ramp_tokens` (the batch warmup of Merrill et al. 2025);
+  `auto` follows the measured gradient noise scale (McCandlish et al. 2018) by whole factors:
+  once the averages have re-measured at the current batch (1 / (1 - batch.noise_scale_ema)
+  steps), the batch is multiplied by the largest whole factor up to `batch.ramp_max_growth`
+  that keeps it at or below both the noise scale and the full batch (never shrinking).
 - **Sequence-length warmup** (Li et al. 2021): the length grows linearly from
   `data.seq_len_start` to `data.seq_len` over `data.seq_len_warmup_tokens`, rounded down to a
   divisor of `data.seq_len`, and each micro-batch holds `seq_len / length` times as many
@@ -49,12 +53,28 @@ def ramp_micro_steps(tokens_seen: int, start: int, full: int, ramp_tokens: int) 
     return start + (full - start) * tokens_seen // ramp_tokens
 
 
+def doubling_micro_steps(tokens_seen: int, start: int, full: int, ramp_tokens: int) -> int:
+    """Doubling ramp: `start` x 2^k after k of the n doublings that fit below `full`, the i-th at
+    i/n of `ramp_tokens`; `full` from `ramp_tokens` on."""
+    if ramp_tokens <= 0 or tokens_seen >= ramp_tokens:
+        return full
+    doublings = (full // start).bit_length() - 1  # the largest n with start x 2^n <= full
+    return start << min(doublings, doublings * tokens_seen // ramp_tokens)
+
+
 def auto_micro_steps(noise_tokens: float | None, unit_tokens: int, previous: int, start: int,
-                     full: int) -> int:
-    """The batch the noise scale asks for, in whole micro-steps: never below the previous step's
-    (the batch only grows), nor outside [start, full]."""
-    wanted = int(noise_tokens // unit_tokens) if noise_tokens and noise_tokens > 0 else 0
-    return min(full, max(start, previous, wanted))
+                     full: int, max_growth: int = 2, may_grow: bool = True) -> int:
+    """The next batch of the auto ramp, in whole micro-steps: the current one (the previous
+    step's, or `start`) times the largest whole factor f <= `max_growth` that keeps it within
+    the noise scale and `full`; unchanged when no f >= 2 fits or `may_grow` is False (the
+    averages have not yet re-measured at the current batch). So it never shrinks, only ever
+    multiplies by whole factors, and never passes `full`."""
+    current = min(full, max(start, previous))
+    if not may_grow or not noise_tokens or noise_tokens <= 0:
+        return current
+    wanted = int(noise_tokens // unit_tokens)
+    factor = min(max_growth, wanted // current, full // current)
+    return current * factor if factor >= 2 else current
 
 
 def warmup_seq_len(tokens_seen: int, start: int, full: int, warmup_tokens: int) -> int:
@@ -69,12 +89,19 @@ def warmup_seq_len(tokens_seen: int, start: int, full: int, warmup_tokens: int) 
 @dataclass(frozen=True)
 class BatchSchedule:
     plan: BatchPlan            # the full batch, as planned at start-up
-    ramp: str                  # "linear" | "auto"
+    ramp: str                  # "linear" | "doubling" | "auto"
     ramp_tokens: int
     start_micro_steps: int
     seq_len_start: int
     seq_len_warmup_tokens: int
     max_steps: int             # train.max_steps: the run is max_steps full batches of tokens
+    max_growth: int = 2        # auto: the largest whole factor of one change
+    hold_steps: int = 1        # auto: steps at a batch before it may grow again
+
+    def may_grow(self, steps_at_batch: int) -> bool:
+        """Auto: the noise-scale averages have had `hold_steps` steps at the current batch, so
+        they measure it rather than the smaller batches before it."""
+        return steps_at_batch >= self.hold_steps
 
     @property
     def unit_tokens(self) -> int:
@@ -86,15 +113,23 @@ class BatchSchedule:
         return self.max_steps * self.plan.global_tokens
 
     @property
+    def ramps_batch(self) -> bool:
+        return self.ramp == "auto" or self.ramp_tokens > 0
+
+    @property
     def ramps(self) -> bool:
-        return (self.ramp == "auto" or self.ramp_tokens > 0) or self.seq_len_warmup_tokens > 0
+        return self.ramps_batch or self.seq_len_warmup_tokens > 0
 
     def shape(self, tokens_seen: int, noise_tokens: float | None = None,
-              previous_micro_steps: int = 0) -> StepShape:
+              previous_micro_steps: int = 0, steps_at_batch: int = 0) -> StepShape:
         full = self.plan.num_micro_steps
         if self.ramp == "auto":
             steps = auto_micro_steps(noise_tokens, self.unit_tokens, previous_micro_steps,
-                                     self.start_micro_steps, full)
+                                     self.start_micro_steps, full, self.max_growth,
+                                     self.may_grow(steps_at_batch))
+        elif self.ramp == "doubling":
+            steps = doubling_micro_steps(tokens_seen, self.start_micro_steps, full,
+                                         self.ramp_tokens)
         else:
             steps = ramp_micro_steps(tokens_seen, self.start_micro_steps, full, self.ramp_tokens)
         seq_len = warmup_seq_len(tokens_seen, self.seq_len_start, self.plan.seq_len,
@@ -119,19 +154,23 @@ def build_batch_schedule(cfg: Config, plan: BatchPlan) -> BatchSchedule:
     unit = plan.micro_batch_tokens * plan.world_size
     batch = cfg.batch
     ramping = batch.ramp == "auto" or batch.ramp_tokens > 0
-    start = batch.ramp_start_tokens or unit
+    auto = batch.ramp == "auto"
+    # 0 = the smallest start: one micro-step, or for auto the two the noise scale is measured
+    # with (the full batch if it is smaller: then auto is a fixed batch that measures nothing)
+    start = batch.ramp_start_tokens or min(2 * unit if auto else unit, plan.global_tokens)
     if ramping and start % unit:
         raise UsageError(f"batch.ramp_start_tokens = {batch.ramp_start_tokens} is not a whole "
                          f"number of micro-steps of {unit} tokens (micro_batch_size x seq_len x "
                          f"world_size): use {max(unit, start // unit * unit)} or "
                          f"{(start // unit + 1) * unit}")
-    if batch.ramp == "auto" and start // unit < 2:
+    if auto and batch.ramp_start_tokens and start // unit < 2:
         raise UsageError(f"batch.ramp = \"auto\" measures the noise scale from 2+ micro-steps "
                          f"per step: set batch.ramp_start_tokens to at least {2 * unit}")
     seq_start = cfg.data.seq_len_start if cfg.data.seq_len_warmup_tokens else plan.seq_len
     return BatchSchedule(plan, batch.ramp, batch.ramp_tokens,
                          start // unit if ramping else plan.num_micro_steps, seq_start,
-                         cfg.data.seq_len_warmup_tokens, cfg.train.max_steps)
+                         cfg.data.seq_len_warmup_tokens, cfg.train.max_steps,
+                         batch.ramp_max_growth, max(1, round(1 / (1 - batch.noise_scale_ema))))
 
 
 def describe_schedule(schedule: BatchSchedule) -> list[str]:
@@ -141,9 +180,10 @@ def describe_schedule(schedule: BatchSchedule) -> list[str]:
     if schedule.ramp == "auto":
         lines.append(f"batch ramp: auto, from {schedule.start_micro_steps * unit:,} tokens "
                      f"towards the measured noise scale, at most {schedule.plan.global_tokens:,}"
-                     f" (steps of {unit:,} tokens)")
+                     f", by whole factors up to {schedule.max_growth}x at most once per "
+                     f"{schedule.hold_steps} steps")
     elif schedule.ramp_tokens:
-        lines.append(f"batch ramp: {schedule.start_micro_steps * unit:,} -> "
+        lines.append(f"batch ramp: {schedule.ramp}, {schedule.start_micro_steps * unit:,} -> "
                      f"{schedule.plan.global_tokens:,} tokens over {schedule.ramp_tokens:,} "
                      f"tokens, in steps of {unit:,} tokens ({schedule.num_steps()} steps)")
     if schedule.seq_len_warmup_tokens:

@@ -35,6 +35,8 @@ class TrainState:
     last_val_loss: float | None = None
     reached_target: bool = False  # train.target_val_loss was reached: the run is done
     batch_tokens: int = 0         # the last step's global batch (an auto ramp never shrinks it)
+    steps_at_batch: int = 0       # steps in a row at batch_tokens (an auto ramp's hold)
+    first_batch_tokens: int = 0   # the first step's global batch (what a ramp grew from)
     noise: NoiseScaleEMA = field(default_factory=NoiseScaleEMA)  # gradient noise scale
 
     def state_dict(self) -> dict[str, Any]:
@@ -123,7 +125,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
     while not finished(state, schedule):
         started = time.perf_counter()
         shape = schedule.shape(state.tokens_seen, state.noise.noise_scale,
-                               previous_micro_steps(state, schedule))
+                               previous_micro_steps(state, schedule), state.steps_at_batch)
         lr = step_learning_rate(cfg.optim, batch_tokens=shape.global_tokens,
                                 tokens_end=state.tokens_seen + shape.global_tokens,
                                 full_batch_tokens=full_tokens, max_steps=cfg.train.max_steps)
@@ -135,7 +137,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                            dist=dist, loss_sum_fn=loss_sum_fn, measure_noise=measure_noise)
         state.step += 1
         state.tokens_seen += shape.global_tokens
+        state.steps_at_batch = (state.steps_at_batch + 1
+                                if shape.global_tokens == state.batch_tokens else 1)
         state.batch_tokens = shape.global_tokens
+        state.first_batch_tokens = state.first_batch_tokens or shape.global_tokens
         # Classification counts texts in `tokens` (its schedule's unit); its loader counts the
         # step's real tokens, which vary with the texts' lengths, for tokens/s.
         step_tokens = getattr(loader, "last_step_tokens", shape.global_tokens)

@@ -89,18 +89,45 @@ class NoiseScaleEMA:
 
 
 def noise_scale_summary(batch_tokens: int, noise_tokens: float | None,
-                        unit: str = "tokens") -> str:
-    """What the measured noise scale means for the user's batch, in one sentence. `unit` is
-    what the batch counts (tokens; texts for classification)."""
+                        unit: str = "tokens", ramp: str = "", first_batch_tokens: int = 0,
+                        full_batch_tokens: int = 0) -> str:
+    """What the measured noise scale means for the user's batch, and what the run did about it,
+    in one sentence. `unit` is what the batch counts (tokens; texts for classification); `ramp`
+    names the run's batch ramp ("" = a fixed batch), which grew from `first_batch_tokens` to
+    `batch_tokens` (the last step's) of at most `full_batch_tokens`."""
+    did = ramp_summary(ramp, first_batch_tokens, batch_tokens, full_batch_tokens, unit)
     if noise_tokens is None or noise_tokens <= 0:
         return ("gradient noise scale: not measured (it needs 2+ micro-steps per rank), or its "
-                "averages are not positive yet (too few steps, or a recent loss spike)")
+                "averages are not positive yet (too few steps, or a recent loss spike)"
+                + (f"; {did}" if did else ""))
     ratio = batch_tokens / noise_tokens
-    head = (f"gradient noise scale B_simple ~ {noise_tokens:,.0f} {unit}; the global batch is "
+    batch = "the last batch was" if ramp else "the global batch is"
+    head = (f"gradient noise scale B_simple ~ {noise_tokens:,.0f} {unit}; {batch} "
             f"{batch_tokens:,} {unit} ({ratio:.2g}x the noise scale)")
+    if ramp == "auto":
+        if batch_tokens >= full_batch_tokens and ratio < 0.5:
+            return (f"{head}: {did}; it stopped at batch.global_tokens, and a larger one (up to "
+                    f"~{noise_tokens:,.0f} {unit}) would cut the number of steps further")
+        return f"{head}: {did}"
+    if did:
+        head = f"{head}; {did}"
     if ratio > 2:
         return f"{head}: fewer, larger steps are buying little; a smaller batch would do as well"
     if ratio < 0.5:
         return (f"{head}: steps are noise-dominated; a larger batch (up to ~{noise_tokens:,.0f} "
                 f"{unit}) would cut the number of steps nearly in proportion")
     return f"{head}: near the critical batch, a good trade of steps against compute"
+
+
+def ramp_summary(ramp: str, first_tokens: int, last_tokens: int, full_tokens: int,
+                 unit: str = "tokens") -> str:
+    """What the batch ramp did, in words ("" for a fixed batch)."""
+    if not ramp:
+        return ""
+    if ramp != "auto":
+        return f"the {ramp} ramp grew the batch from {first_tokens:,} to {last_tokens:,} {unit}"
+    if last_tokens > first_tokens:
+        return (f"the auto ramp grew the batch from {first_tokens:,} to {last_tokens:,} {unit} "
+                "following it")
+    return (f"the auto ramp kept the batch at {first_tokens:,} {unit} (at most "
+            f"{full_tokens:,}): the noise scale never asked for twice that")

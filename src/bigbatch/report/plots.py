@@ -3,7 +3,8 @@
 Every plot takes a list of runs: one for `bigbatch report`, several for `bigbatch compare`, where
 each run keeps one colour and each quantity one line style. A plot whose metric no run logged is
 left out, so a report holds exactly one figure per available metric. The x-axis is tokens seen
-throughout: runs of different batch sizes line up by data consumed, not by step.
+(runs of different batch sizes line up by data consumed), except for the compare page's
+validation loss against optimizer steps.
 
 matplotlib's object API (`Figure`, no pyplot) keeps no global figure state between reports.
 """
@@ -105,6 +106,25 @@ def plot_loss(runs: list[RunData]) -> Figure | None:
         missing = [run.label for run in runs if not run.has("val_loss")]
         caption += f" No validation rows were logged for: {', '.join(missing)}."
     return _finish(fig, [ax], "loss", "Loss", caption)
+
+
+def plot_val_loss_by_step(runs: list[RunData]) -> Figure | None:
+    """Compare pages only: validation loss against optimizer steps. Against tokens (the loss
+    plot) a smaller batch is often ahead; against steps a larger one is, and where ranks run
+    the batch in parallel, steps are what wall time follows."""
+    if len(runs) < 2 or not any(run.has("val_loss") for run in runs):
+        return None
+    fig, (ax,) = _new_figure()
+    for i, run in enumerate(runs):
+        points = [(row["step"], row["val_loss"]) for row in run.rows
+                  if isinstance(row.get("val_loss"), int | float) and "step" in row]
+        _line(ax, runs, i, [p[0] for p in points], [p[1] for p in points], "",
+              {"color": "C1", "markers": True})
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("validation loss (nats/token)")
+    return _finish(fig, [ax], "val_loss_steps", "Validation loss against steps",
+                   "The validation loss at each evaluation, against optimizer steps taken: "
+                   "runs of different batch schedules line up by updates, not by data.")
 
 
 def plot_val_metrics(runs: list[RunData]) -> Figure | None:
@@ -247,7 +267,7 @@ def plot_memory(runs: list[RunData]) -> Figure | None:
 
 
 PLOTS: list[Callable[[list[RunData]], Figure | None]] = [
-    plot_loss, plot_val_metrics, plot_lr, plot_grad_norm, plot_fp16, plot_noise_scale,
+    plot_loss, plot_val_loss_by_step, plot_val_metrics, plot_lr, plot_grad_norm, plot_fp16, plot_noise_scale,
     plot_throughput, plot_memory, plot_batch_schedule,
 ]
 

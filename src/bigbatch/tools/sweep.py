@@ -85,7 +85,8 @@ def batch_config(recipe: str | None, overrides: list[str], batch: int, target: f
     """The recipe at global batch `batch`: lr scaled from the recipe's batch, trained up to
     `max_tokens`, evaluated about every `eval_every_tokens`, stopped at the target. The
     micro-batch is the recipe's, made smaller where the batch would otherwise be a single
-    micro-step: the noise scale needs two, and the micro-batch changes no result."""
+    micro-step: the noise scale needs two, and the micro-batch changes no result. The batch is
+    fixed at every point (no ramp, whatever the recipe says): the sweep measures fixed batches."""
     base = load_config(recipe, overrides)
     reference = base.optim.reference_batch_tokens or base.batch.global_tokens
     micro = base.batch.micro_batch_size
@@ -93,6 +94,7 @@ def batch_config(recipe: str | None, overrides: list[str], batch: int, target: f
         micro = max(1, min(micro, batch // (2 * base.data.seq_len)))
     return load_config(recipe, [
         *overrides, f"--batch.global_tokens={batch}", f"--batch.micro_batch_size={micro}",
+        "--batch.ramp=linear", "--batch.ramp_tokens=0",
         f"--optim.reference_batch_tokens={reference}",
         f"--train.max_steps={max(1, -(-max_tokens // batch))}",
         f"--train.eval_every={max(1, round(eval_every_tokens / batch))}",

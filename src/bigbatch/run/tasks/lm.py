@@ -154,7 +154,10 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                          f"{loss_sum_fn.compile_seconds:.1f}s; later runs reuse the inductor "
                          "cache")
         return [*lines,
-                noise_scale_summary(state.batch_tokens, state.noise.noise_scale),
+                noise_scale_summary(state.batch_tokens, state.noise.noise_scale,
+                                    ramp=schedule.ramp if schedule.ramps_batch else "",
+                                    first_batch_tokens=state.first_batch_tokens,
+                                    full_batch_tokens=plan.global_tokens),
                 f"validation loss {state.last_val_loss:.4f} nats/token vs "
                 f"{baseline():.4f} for a unigram model (one that learned "
                 "only the training token frequencies) on the same validation windows",
