@@ -3,9 +3,11 @@ of all-MiniLM-L6-v2 on SST-2 at the same batch and steps: test accuracy, trainab
 peak memory, tokens/s; and the memory planner's prediction for a LoRA run against its measured
 peak. Table into BENCHMARKS.md (section bench_lora).
 
-1. The long runs: `bigbatch train RECIPE --train.max_steps=STEPS` in fresh child processes
-   (LoRA, and full fine-tuning unless `--reuse-full-ft`, which takes the full run's numbers from
-   BENCHMARKS.md's bench_finetune section instead: the same recipe, batch and steps). Each run's
+1. The long runs: `bigbatch train RECIPE --train.max_steps=STEPS` in fresh child processes,
+   LoRA and full fine-tuning side by side (so they share the machine's load alike; each one's
+   "other processes" then includes the other arm), unless `--reuse-full-ft`, which takes the
+   full run's numbers from BENCHMARKS.md's bench_finetune section instead (the same recipe,
+   batch and steps: 240). Each run's
    model is scored on test.tsv (the GLUE dev set) by bigbatch's own evaluation; the LoRA run's
    through `bigbatch export --merge`, so the score is also a check that the export is the model
    the run trained.
@@ -14,8 +16,8 @@ peak. Table into BENCHMARKS.md (section bench_lora).
 
 Runs live in `--work DIR` (kept), so phase 1 may run on its own in the background:
 
-    python benchmarks/bench_lora.py --reuse-full-ft                  # what was recorded
-    python benchmarks/bench_lora.py --steps 20 --no-write            # a quick look
+    python benchmarks/bench_lora.py --reuse-full-ft --steps 240      # against bench_finetune's
+    python benchmarks/bench_lora.py --steps 60                       # both arms, side by side
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -120,7 +123,7 @@ def recorded_full_ft() -> dict[str, float]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--plan-steps", type=int, default=8)
+    parser.add_argument("--plan-steps", type=int, default=4)
     parser.add_argument("--reuse-full-ft", action="store_true",
                         help="take full fine-tuning's numbers from bench_finetune's section")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bigbatch-bench-lora"))
@@ -130,9 +133,13 @@ def main(argv: list[str]) -> int:
     opts.work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
 
-    lora_dir = opts.work / "lora"
-    lora = train(LORA, opts.steps, lora_dir)
-    merged = opts.work / "lora-merged"
+    lora_dir, full_dir = opts.work / f"lora-{opts.steps}", opts.work / f"full-{opts.steps}"
+    # Side by side, so that both arms share the machine's load alike.
+    with ThreadPoolExecutor(2) as pool:
+        lora_run = pool.submit(train, LORA, opts.steps, lora_dir)
+        full_run = None if opts.reuse_full_ft else pool.submit(train, FULL, opts.steps, full_dir)
+        lora = lora_run.result()
+    merged = opts.work / f"lora-{opts.steps}-merged"
     if not (merged / "config.json").is_file():
         subprocess.run([python, "-m", "bigbatch", "export", str(lora_dir), "--format", "hf",
                         "--merge", "--out", str(merged)], check=True, cwd=ROOT)
@@ -146,8 +153,7 @@ def main(argv: list[str]) -> int:
                              f"{opts.steps}: run without --reuse-full-ft")
         arms["full fine-tuning (recorded, bench_finetune)"] = {**full, "others": None}
     else:
-        full_dir = opts.work / "full"
-        child = train(FULL, opts.steps, full_dir)
+        child = full_run.result()
         arms["full fine-tuning"] = {"accuracy": test_accuracy(full_dir, FULL),
                                     "peak_rss_mib": child.peak_rss_mib,
                                     "tokens_per_s": tokens_per_s(*bigbatch_steps(full_dir)),

@@ -79,5 +79,10 @@ class ModelConfig:
         require(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "a number > 0")
         require(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", self.lora_dropout,
                 "a number in [0, 1)")
+        # Adapters over random weights would teach nothing, and a checkpoint, which leaves the
+        # frozen base out, could not be restored without the same draw: a pretrained hf:DIR.
+        require(self.adapter == "none" or not self.source.startswith("hf-config:"),
+                "model.adapter", self.adapter, "none with model.source = hf-config: (random "
+                "weights); LoRA adapts pretrained weights: model.source = hf:DIR")
         require(all(name.strip() for name in self.lora_targets), "model.lora_targets",
                 list(self.lora_targets), "a list of module names, e.g. [\"query\", \"value\"]")

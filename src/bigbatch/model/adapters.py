@@ -11,6 +11,10 @@ projections (`DEFAULT_TARGETS`); `model.lora_targets` overrides them.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from bigbatch.config.model_section import ModelConfig
@@ -29,7 +33,8 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 # peft's task types for our tasks: they choose the PeftModel class (its forward and saving) and,
 # for classification, keep the head fully trained.
 PEFT_TASKS = {"lm": "CAUSAL_LM", "classify": "SEQ_CLS"}
-ADAPTER_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes, and reads
+# What peft's save_pretrained writes into a directory, and from_pretrained reads.
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 def model_family(model: nn.Module) -> str:
@@ -53,6 +58,15 @@ def lora_targets(model: nn.Module, configured: tuple[str, ...]) -> list[str]:
     return targets
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft asks transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every
+    run that says nothing to a bigbatch user)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def apply_adapter(model: nn.Module, cfg: ModelConfig, task: str) -> nn.Module:
     """`model` itself for adapter = "none"; else the peft model with LoRA on the targets (the
     base frozen). Call it on the device, before DDP/FSDP and before building the optimizer."""
@@ -68,7 +82,8 @@ def apply_adapter(model: nn.Module, cfg: ModelConfig, task: str) -> nn.Module:
                         lora_dropout=cfg.lora_dropout,
                         target_modules=lora_targets(model, cfg.lora_targets),
                         task_type=PEFT_TASKS[task] if is_hf else None)
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config)
 
 
 def is_adapted(model: nn.Module) -> bool:
