@@ -25,14 +25,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine_description, run_child, today, write_section
+from common import ROOT, machine_description, run_child, timed_lines, today, write_section
 
 MB = 10**6
 PYTHON = sys.executable
@@ -265,23 +264,6 @@ def throughput_rows(work: Path, size: float, megabytes: float) -> list[str]:
         f"{hf.other_cores:.2f} |", "",
         f"bigbatch / datasets.map: **{(load_s + map_s) / ours.wall_s:.2f}x** the speed. "
         "(The limit's own process holds all the text in memory; its peak is not comparable.)"]
-
-
-def timed_lines(argv: list[str], log_path: Path) -> dict[str, float]:
-    """Run `argv`; seconds from its start to its first `data:` line and first step line."""
-    began, seen = time.perf_counter(), {}
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=ROOT) as proc, log_path.open("w") as log:
-        for line in proc.stdout:
-            log.write(line)
-            for key, pattern in (("data", r"^data: [0-9,]+ training"), ("step", r"^step 1/")):
-                if key not in seen and re.search(pattern, line):
-                    seen[key] = time.perf_counter() - began
-                    seen[f"{key}_line"] = line.strip()
-    seen["end"] = time.perf_counter() - began
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv} failed:\n{log_path.read_text()[-3000:]}")
-    return seen
 
 
 def warm_start_rows(work: Path, smallest: float, largest: float) -> list[str]:

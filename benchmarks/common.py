@@ -168,3 +168,20 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)  # others write their sections too: never leave a half-written file
+
+
+def timed_lines(argv: list[str], log_path: Path) -> dict[str, float]:
+    """Run `argv`; seconds from its start to its first `data:` line and first step line."""
+    began, seen = time.perf_counter(), {}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=ROOT) as proc, log_path.open("w") as log:
+        for line in proc.stdout:
+            log.write(line)
+            for key, pattern in (("data", r"^data: [0-9,]+ training"), ("step", r"^step 1/")):
+                if key not in seen and re.search(pattern, line):
+                    seen[key] = time.perf_counter() - began
+                    seen[f"{key}_line"] = line.strip()
+    seen["end"] = time.perf_counter() - began
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv} failed:\n{log_path.read_text()[-3000:]}")
+    return seen

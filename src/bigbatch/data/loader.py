@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bigbatch.data.packing import IGNORE_INDEX, gather_windows, num_windows
+from bigbatch.data.window_order import WindowOrder
 from bigbatch.engine.batch_schedule import StepShape
 from bigbatch.engine.batching import BatchPlan
 from bigbatch.errors import UsageError
@@ -43,7 +44,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class GlobalBatchSampler:
-    """Window indices for each optimizer step; every window once per epoch, in a seeded order.
+    """Window indices for each optimizer step; every window once per epoch, in a seeded order
+    (window_order.py: a permutation table, or for large corpora a keyed bijection).
 
     The windows left over at the end of an epoch (fewer than one global batch) are skipped, and
     the next epoch starts a fresh permutation.
@@ -55,10 +57,7 @@ class GlobalBatchSampler:
         self.seed = seed
         self.epoch = 0
         self.position = 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        self._order = WindowOrder(num_windows, seed, 0)
 
     def next_global_batch(self, num_sequences: int | None = None) -> np.ndarray:
         """The next `num_sequences` windows (default: the full global batch); a ramped batch
@@ -67,8 +66,8 @@ class GlobalBatchSampler:
         if self.position + count > self.num_windows:
             self.epoch += 1
             self.position = 0
-            self._order = self._permutation(self.epoch)
-        batch = self._order[self.position:self.position + count]
+            self._order = WindowOrder(self.num_windows, self.seed, self.epoch)
+        batch = self._order.take(self.position, count)
         self.position += count
         return batch
 
@@ -82,7 +81,7 @@ class GlobalBatchSampler:
                              f"({state['num_windows']} windows, seed {state['seed']}; now "
                              f"{self.num_windows} windows, seed {self.seed})")
         self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)
+        self._order = WindowOrder(self.num_windows, self.seed, self.epoch)
 
 
 def shard_micro_batches(global_batch: np.ndarray, rank: int, world_size: int,

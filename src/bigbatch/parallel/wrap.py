@@ -36,17 +36,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 
 from bigbatch.config.sections import PARALLEL_STRATEGIES as STRATEGIES
 from bigbatch.parallel.process_group import SYNC_EVERY_MICRO_STEP, DistInfo
 
-# Gathered to full tensors on CPU (rank 0 only), so any world size, or one process, can load them.
-FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.checkpoint, .fsdp and .device_mesh are imported where they are used: they
+# pull in DTensor and sympy, which took ~45% of a one-process run's start-up imports (measured
+# with `python -X importtime`), and a one-process run never needs them.
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
@@ -123,7 +119,11 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not torch_dist.is_initialized():  # one process: nothing to gather, no `module.` prefix
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
-    return get_model_state_dict(model, options=FULL_ON_CPU)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Gathered to full tensors on CPU (rank 0 only): any world size, or one process, loads them.
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
 
 
 def load_full_model_state_dict(model: nn.Module, state: dict[str, Any],
@@ -138,5 +138,7 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, Any],
     if not torch_dist.is_initialized() or inner is not model:
         inner.load_state_dict(state, strict=strict)
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     set_model_state_dict(model, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True, strict=strict))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from bigbatch.config.sections import Config
@@ -70,12 +71,22 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
                  world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes,
                  loss_kernel=loss_kernel)
     model = cfg.model
-    plan = choose_micro_batch(dims, base, global_tokens=cfg.batch.global_tokens,
-                              mode=model.activation_checkpointing,
-                              checkpoint_every=model.checkpoint_every,
-                              loss_chunk_tokens=model.loss_chunk_tokens, budget=budget,
-                              device=device, allocator=cfg.train.allocator, probe=probe,
-                              gradient_sync=cfg.parallel.fsdp_gradient_sync)
+    # FSDP on CPU is probed under the wrapper (search.py says why), on world_size gloo ranks of
+    # this node: only where they all fit on it (one node), or the probe would hold the memory
+    # of more ranks than the node was budgeted for. Under torchrun rank 0 alone runs them.
+    wrapped = (device_type == "cpu" and cfg.parallel.strategy == "fsdp"
+               and 1 < world_size <= ranks_per_node)
+
+    def search() -> MemoryPlan:
+        return choose_micro_batch(dims, base, global_tokens=cfg.batch.global_tokens,
+                                  mode=model.activation_checkpointing,
+                                  checkpoint_every=model.checkpoint_every,
+                                  loss_chunk_tokens=model.loss_chunk_tokens, budget=budget,
+                                  device=device, allocator=cfg.train.allocator, probe=probe,
+                                  gradient_sync=cfg.parallel.fsdp_gradient_sync,
+                                  wrapped_probe=wrapped)
+
+    plan = on_rank_zero(search) if wrapped else search()
     tactics = tactics_for(model.activation_checkpointing, model.checkpoint_every,
                           model.loss_chunk_tokens, cfg.data.seq_len,
                           sync_choices(cfg.parallel.strategy, world_size,
@@ -85,6 +96,25 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
                          "model without chunked loss, which Hugging Face models lack: raise the "
                          "budget or give a smaller data.seq_len / data.max_length")
     return agree_across_ranks(plan, tactics)
+
+
+def on_rank_zero(search: Callable[[], MemoryPlan]) -> MemoryPlan:
+    """`search()` on rank 0 alone (its probes are a group of their own), its plan or its
+    UsageError broadcast to every rank; outside torchrun, just `search()`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return search()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = search()
+        except UsageError as err:
+            box[0] = str(err)  # every rank refuses, with rank 0's reason
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise UsageError(box[0])
+    return box[0]
 
 
 ADAPTER_KEYS = ("adapter", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
@@ -160,7 +190,9 @@ def describe_plan(plan: MemoryPlan) -> list[str]:
     lines += [f"  {name:<16} {format_bytes(size):>12}" for name, size in plan.components.items()]
     cal = plan.calibration
     lines.append(f"calibration: {cal['source']}: overhead {format_bytes(cal['overhead_bytes'])}, "
-                 f"activation scale {cal['activation_scale']:.2f}")
+                 f"activation scale {cal['activation_scale']:.2f}"
+                 + (f" (probes ran FSDP itself on {plan.world_size} gloo ranks: on CPU its "
+                    "heap keeps more than its live tensors)" if plan.probed_under_wrapper else ""))
     lines.append(f"candidates (tried: {'; '.join(plan.tactics_tried)}):")
     for c in plan.candidates:
         measured = format_bytes(c["measured_bytes"]) if c["measured_bytes"] else "-"

@@ -14,13 +14,14 @@ squares: measured - static = overhead + scale x growing bytes (see memory.py).
 With `world_size` > 1 (CPU only: gloo) the probe runs under the real wrapper instead: torchrun
 starts that many ranks, each wraps the model for `sharding` (DDP, or FSDP with its gradient
 sync) and steps its own micro-batches, and the result is the largest rank's peak. The planner
-itself probes one unwrapped process (search.py says why); benchmarks/bench_memory.py measures
-the wrapper's terms with this.
+probes one unwrapped process (search.py says why), except for FSDP on CPU, which it probes this
+way; benchmarks/bench_memory.py measures the wrapper's terms with this.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +29,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bigbatch.planning.memory import Calibration, ModelDims, Setup, growing_bytes, static_bytes
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+                      "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -197,8 +202,13 @@ def run_probe(request: ProbeRequest, timeout_s: float = 600.0) -> ProbeResult:
         launcher += ["torch.distributed.run", "--standalone",
                      f"--nproc_per_node={request.world_size}", "-m"]
     command = [*launcher, "bigbatch.planning.probe", request.to_json()]
+    # Under torchrun (rank 0 probing for a run's ranks) the run's own rendezvous and rank
+    # variables must not reach the probe's group, which is a job of its own.
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES
+           and not k.startswith("TORCHELASTIC_")}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              env=env)
     except subprocess.TimeoutExpired:
         return ProbeResult(request.micro_batch_size, None, None, f"timed out after {timeout_s}s")
     if done.returncode != 0:

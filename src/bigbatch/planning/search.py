@@ -23,6 +23,13 @@ never measured there: the fit is made against the setup the probe really ran (on
 micro-steps), so those terms cannot be absorbed into the fitted overhead, and they come back
 from the memory model (memory.py) when a candidate is predicted for the real world size. A
 measured peak is compared with the budget after the same correction (`Candidate.wrapper_bytes`).
+The exception is FSDP on CPU (`wrapped_probe`, decided by the planner): there the probe runs under
+the wrapper itself, on world-size gloo ranks, and the fit is made against the wrapped setup. Under
+the tuned allocator (heap only, never trimmed) a gloo FSDP rank's heap keeps the holes that the
+per-step all-gather and reduce-scatter buffers leave, and its peak RSS levels off after about 5
+steps some 400 MiB (29M parameters, fp32) above its live tensors: no term of the memory model, and
+no unwrapped probe, holds that (bench_memory, "2 ranks"). So those probes take WRAPPED_PROBE_STEPS
+steps, past where the peak levels off, and the fitted overhead takes the retention in.
 Under FSDP with `parallel.fsdp_gradient_sync = "auto"` each memory tactic is tried with "last"
 (one reduce-scatter per step, unsharded gradients) before "every" (sharded gradients, a
 reduce-scatter per micro-step).
@@ -58,6 +65,9 @@ PEAK_HEADROOM = 0.05
 # Probe speeds of one micro-batch vary by a few % between processes; among candidates within
 # this fraction of the fastest, the largest micro-batch is chosen (fewer, larger matmuls).
 SPEED_TIE = 0.03
+# Steps a probe under the wrapper takes (all ranks the same number): a gloo FSDP rank's peak RSS
+# rises over the first ~5 steps under the tuned allocator (module docstring).
+WRAPPED_PROBE_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,7 @@ class MemoryPlan:
     fsdp_gradient_sync: str = "last"
     # The same micro-batch's components on one unwrapped rank: what the wrapper changes.
     one_rank_components: dict[str, int] = field(default_factory=dict)
+    probed_under_wrapper: bool = False  # probes ran the wrapper on world_size ranks (CPU FSDP)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,10 +164,14 @@ def probe_micro_steps(micro_batch_size: int, per_rank: int) -> int:
     return max(2, min(4, per_rank // micro_batch_size))
 
 
-def _probed(setup: Setup, per_rank: int) -> Setup:
-    """What the probe of `setup` really runs: one unwrapped process, its own micro-steps."""
+def _probed(setup: Setup, per_rank: int, wrapped: bool = False) -> Setup:
+    """What the probe of `setup` really runs: one unwrapped process (or, `wrapped`, the wrapper
+    on all its ranks), its own micro-steps."""
+    steps = probe_micro_steps(setup.micro_batch_size, per_rank)
+    if wrapped:
+        return replace(setup, num_micro_steps=steps)
     return replace(setup, world_size=1, sharding="ddp", gradient_sync="last",
-                   num_micro_steps=probe_micro_steps(setup.micro_batch_size, per_rank))
+                   num_micro_steps=steps)
 
 
 def _describe(tactic: Tactic, sharded: bool = False) -> str:
@@ -167,7 +182,7 @@ def _describe(tactic: Tactic, sharded: bool = False) -> str:
 
 
 def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int], budget: int,
-                  device: str, allocator: str, probe: ProbeFn
+                  device: str, allocator: str, probe: ProbeFn, wrapped: bool = False
                   ) -> tuple[list[Candidate], Calibration]:
     """Predict, probe, fit and measure one tactic's candidates (see the module docstring)."""
     default = Calibration(DEFAULT_OVERHEAD["cuda" if device.startswith("cuda") else "cpu"])
@@ -181,15 +196,19 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
         return estimate_memory(dims, setup(size), calibration).total
 
     candidates = {size: Candidate(size, predict(size), wrapper_bytes=static_bytes(
-        dims, setup(size)) - static_bytes(dims, _probed(setup(size), per_rank)))
+        dims, setup(size)) - static_bytes(dims, _probed(setup(size), per_rank, wrapped)))
                   for size in sizes}
+    wrapper = (dict(world_size=base.world_size, sharding=base.sharding,
+                    gradient_sync=tactic.gradient_sync, num_steps=WRAPPED_PROBE_STEPS)
+               if wrapped else {})
 
     def measure(size: int) -> None:
         request = ProbeRequest(dims, size, num_micro_steps=probe_micro_steps(size, per_rank),
                                precision=base.precision, checkpointing=tactic.checkpointing,
                                checkpoint_every=tactic.checkpoint_every,
                                loss_chunk_tokens=tactic.loss_chunk_tokens,
-                               loss_kernel=base.loss_kernel, device=device, allocator=allocator)
+                               loss_kernel=base.loss_kernel, device=device, allocator=allocator,
+                               **wrapper)
         result = probe(request)
         found = candidates[size]
         found.measured_bytes, found.tokens_per_s = result.peak_bytes, result.tokens_per_s
@@ -198,8 +217,8 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
     def refit() -> None:
         nonlocal calibration
         # Against what each probe ran (one unwrapped rank), never the wrapped setup: the fit
-        # must not absorb the wrapper's terms into its overhead.
-        points = [(_probed(setup(c.micro_batch_size), per_rank), c.measured_bytes)
+        # must not absorb the wrapper's terms into its overhead (unless the probe ran them).
+        points = [(_probed(setup(c.micro_batch_size), per_rank, wrapped), c.measured_bytes)
                   for c in candidates.values() if c.measured_bytes is not None]
         calibration = fit_calibration(dims, points, default)
         for found in candidates.values():
@@ -224,9 +243,11 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
 def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode: str,
                        checkpoint_every: int, loss_chunk_tokens: int, budget: int,
                        device: str = "cpu", allocator: str = "tuned",
-                       probe: ProbeFn = run_probe, gradient_sync: str = "auto") -> MemoryPlan:
+                       probe: ProbeFn = run_probe, gradient_sync: str = "auto",
+                       wrapped_probe: bool = False) -> MemoryPlan:
     """The plan for one rank; `base` carries precision, optimizer, world size, sharding, data;
-    `gradient_sync` is `parallel.fsdp_gradient_sync`."""
+    `gradient_sync` is `parallel.fsdp_gradient_sync`; `wrapped_probe` probes under the wrapper
+    on `base.world_size` ranks (module docstring)."""
     tokens_per_rank_row = dims.seq_len * base.world_size
     if global_tokens % tokens_per_rank_row:
         raise UsageError(f"batch.global_tokens = {global_tokens} is not a multiple of data.seq_len "
@@ -241,7 +262,7 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
     for tactic in tactics_for(mode, checkpoint_every, loss_chunk_tokens, dims.seq_len, syncs):
         tried.append(_describe(tactic, sharded))
         candidates, calibration = search_tactic(dims, base, tactic, sizes, budget, device,
-                                                allocator, probe)
+                                                allocator, probe, wrapped_probe)
         failed += [(c, tried[-1]) for c in candidates if c.note]
         measured = [c for c in candidates if c.fits(budget) and c.tokens_per_s is not None]
         need = candidates[0].need_bytes()
@@ -269,7 +290,7 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
                 tactic.gradient_sync),
             device=device, candidates=[asdict(c) for c in candidates], tactics_tried=tried,
             fsdp_gradient_sync=tactic.gradient_sync,
-            one_rank_components=one_rank.components())
+            one_rank_components=one_rank.components(), probed_under_wrapper=wrapped_probe)
     if failed and smallest_need <= budget:
         # The memory model says it fits, yet no probe ran: say what the probes said.
         seen = "; ".join(f"micro-batch {c.micro_batch_size} ({how}): {c.note}"

@@ -42,11 +42,6 @@ import torch
 import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from bigbatch.config.files import config_to_dict
 from bigbatch.config.sections import Config
@@ -56,7 +51,7 @@ from bigbatch.errors import UsageError
 from bigbatch.model.adapters import is_adapted
 from bigbatch.model.artifacts import state_dict_for_saving, unwrap
 from bigbatch.parallel.process_group import DistInfo, barrier
-from bigbatch.parallel.wrap import FULL_ON_CPU, full_model_state_dict, load_full_model_state_dict
+from bigbatch.parallel.wrap import full_model_state_dict, load_full_model_state_dict
 from bigbatch.run.preemption import any_rank
 from bigbatch.run.rng_state import gather_rng, rank_rng, restore_rng
 from bigbatch.run.seeding import derived_seed, seed_everything
@@ -132,13 +127,19 @@ def model_description(model: nn.Module) -> dict[str, Any]:
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's full (unsharded) state keyed by parameter names, whatever the world size
     (under torch.distributed gathered to rank 0's CPU), so any world size can resume from it."""
+    # Imported here, not at start-up: it pulls in DTensor and sympy (parallel/wrap.py says so).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     if not torch_dist.is_initialized():  # the full-state options need a process group
         return get_optimizer_state_dict(model, optimizer)
-    return get_optimizer_state_dict(model, optimizer, options=FULL_ON_CPU)
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                          state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     if not torch_dist.is_initialized():  # moves each tensor to its parameter's device
         set_optimizer_state_dict(model, optimizer, state)
         return
