@@ -61,7 +61,17 @@ def train(recipe: str, steps: int, out: Path, *extra: str) -> ChildRun:
 
 
 def test_accuracy(model_dir: Path, recipe: str) -> float:
-    """Accuracy on test.tsv of the plain Hugging Face classifier in `model_dir`."""
+    """Accuracy on test.tsv of the plain Hugging Face classifier in `model_dir` (kept beside it,
+    so that a rerun of the script does not score it again)."""
+    kept = model_dir.parent / f"{model_dir.name}.test-accuracy.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())["accuracy"]
+    accuracy = score_on_test(model_dir, recipe)
+    kept.write_text(json.dumps({"accuracy": accuracy}))
+    return accuracy
+
+
+def score_on_test(model_dir: Path, recipe: str) -> float:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
