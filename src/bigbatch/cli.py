@@ -11,7 +11,7 @@
     bigbatch sweep  [RECIPE] --batches A,B,... --target-loss X [--out DIR] [--max-tokens N]
                     [--eval-every-tokens N] [--section.field=VALUE ...]
     bigbatch cbs    RUN_DIR [--factors 1,2,4,8] [--branch-tokens N] [--section.field=VALUE ...]
-    bigbatch export RUN_DIR --format hf --out DIR
+    bigbatch export RUN_DIR --format hf [--merge] --out DIR
     bigbatch COMMAND --help   (each command's flags and an example)
 
 Bad input is one line on stderr and exit code 2; `--debug` shows the traceback instead.
@@ -237,9 +237,7 @@ def cmd_verify(args: list[str]) -> int:
 
 
 def cmd_sample(args: list[str]) -> int:
-    import torch
-
-    from bigbatch.model.artifacts import load_model
+    from bigbatch.tools.sample import sample_text
 
     parser = Parser("sample", "Generate text from a finished run's model.",
                     ['bigbatch sample runs/tiny --prompt "ROMEO:" --max-new-tokens 200'],
@@ -253,12 +251,8 @@ def cmd_sample(args: list[str]) -> int:
     opts = parser.parse_args(args)
     if opts.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens = {opts.max_new_tokens} must be a positive integer")
-    model, tokenizer = load_model(opts.run_dir)
-    ids = tokenizer.encode(opts.prompt).ids or [tokenizer.token_to_id("<|endoftext|>")]
-    generator = torch.Generator().manual_seed(opts.seed)
-    out = model.generate(torch.tensor([ids]), opts.max_new_tokens, opts.temperature,
-                         opts.top_k, generator)
-    print(tokenizer.decode(out[0].tolist()))
+    print(sample_text(opts.run_dir, opts.prompt, opts.max_new_tokens, opts.temperature,
+                      opts.top_k, opts.seed))
     return 0
 
 
@@ -266,13 +260,21 @@ def cmd_export(args: list[str]) -> int:
     from bigbatch.tools.export import FORMATS, export
 
     parser = Parser("export", "Write a finished run in another format.",
-                    ["bigbatch export runs/sst2 --format hf --out runs/sst2-hf"], recipe=False)
+                    ["bigbatch export runs/sst2 --format hf --out runs/sst2-hf",
+                     "bigbatch export runs/sst2-lora --format hf --merge --out runs/sst2-merged"],
+                    recipe=False)
     parser.add_argument("run_dir", type=Path, help="a finished run directory")
     parser.add_argument("--format", default="hf", help=f"one of {', '.join(FORMATS)}")
     parser.add_argument("--out", type=Path, required=True, help="the directory to write")
+    parser.add_argument("--merge", action="store_true",
+                        help="a LoRA run (model.adapter = \"lora\"): merge the adapters into "
+                             "the weights and write a plain model (default: the peft adapter "
+                             "directory, which PeftModel.from_pretrained loads)")
     opts = parser.parse_args(args)
-    written = export(opts.run_dir, opts.out, opts.format)
-    print(f"exported {written} to {opts.out}/ (load it with from_pretrained)")
+    written = export(opts.run_dir, opts.out, opts.format, merge=opts.merge)
+    print(f"exported {written} to {opts.out}/ (load it with "
+          + ("PeftModel.from_pretrained" if written.startswith("LoRA adapter") else
+             "from_pretrained") + ")")
     return 0
 
 

@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Any
 
+from bigbatch.config.fields import option, require
+from bigbatch.config.model_section import ModelConfig
 from bigbatch.config.units import parse_bytes
-from bigbatch.errors import UsageError
-
-
-def option(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
-
-
-def _require(condition: bool, key: str, value: Any, valid: str) -> None:
-    if not condition:
-        raise UsageError(f"{key} = {value!r} is invalid: {valid}")
-
 
 AGGREGATES = ("mean", "max")
 
@@ -69,82 +59,25 @@ class DataConfig:
                                     "at evaluation: mean | max.")
 
     def __post_init__(self) -> None:
-        _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "an integer >= 8")
-        _require(256 + 1 <= self.vocab_size <= 2**31 - 1, "data.vocab_size", self.vocab_size,
-                 "an integer > 256 (the byte alphabet plus merges)")
-        _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
-                 "a number in (0, 0.5)")
-        _require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
-        _require(parse_bytes(self.bpe_sample_bytes, "data.bpe_sample_bytes") >= 1 << 20,
-                 "data.bpe_sample_bytes", self.bpe_sample_bytes, "at least 1MiB")
-        _require(self.seq_len_warmup_tokens >= 0, "data.seq_len_warmup_tokens",
-                 self.seq_len_warmup_tokens, "an integer >= 0 (0 = off)")
-        _require(self.seq_len_warmup_tokens == 0 or 1 <= self.seq_len_start <= self.seq_len
-                 and self.seq_len % self.seq_len_start == 0, "data.seq_len_start",
-                 self.seq_len_start, f"a divisor of data.seq_len ({self.seq_len}) when "
-                 "data.seq_len_warmup_tokens > 0")
-        _require(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
-        _require(0 <= self.stride <= self.max_length // 2, "data.stride", self.stride,
-                 f"an integer in [0, data.max_length / 2 = {self.max_length // 2}]")
-        _require(self.aggregate in AGGREGATES, "data.aggregate", self.aggregate,
-                 f"one of {AGGREGATES}")
-
-
-ATTENTION_CHOICES = ("auto", "sdpa", "explicit")  # model.ATTENTION_KERNELS plus auto
-LOSS_KERNELS = ("auto", "standard", "fused")
-CHECKPOINTING = ("none", "all", "every_n", "auto")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    n_layer: int = option(4, "Number of Transformer blocks.")
-    d_model: int = option(384, "Width of the residual stream.")
-    n_head: int = option(6, "Attention heads; must divide d_model.")
-    dropout: float = option(0.0, "Dropout probability (0 keeps training deterministic and fast).")
-    activation_checkpointing: str = option(
-        "auto", "Recompute block activations in backward instead of keeping them: none | all | "
-                "every_n (blocks 0, n, 2n, ...) | auto (with batch.micro_batch_size = \"auto\" "
-                "the planner turns on checkpointing, then chunked loss, only if nothing fits "
-                "without; otherwise none).")
-    checkpoint_every: int = option(2, "every_n checkpointing: checkpoint every this many blocks.")
-    loss_chunk_tokens: int = option(0, "Compute the loss over slices of this many tokens so the "
-                                       "full tokens x vocab logits never exist; 0 = off.")
-    loss_kernel: str = option("auto", "How the built-in GPT computes its loss: standard (the "
-                                      "logits, then cross-entropy; checkpointed slices with "
-                                      "loss_chunk_tokens) | fused (lm_head and cross-entropy "
-                                      "chunk by chunk, gradients in forward, compiled: the "
-                                      "logits never exist whole) | auto (fused from a 32,768-"
-                                      "token vocabulary up, where it pays; not with FSDP).")
-    attention: str = option("auto", "Attention kernel: sdpa (scaled_dot_product_attention, "
-                                    "flash where the device has it) | explicit (softmax(qk^T)v "
-                                    "as plain ops: faster on CPU, keeps T x T probabilities) | "
-                                    "auto (explicit on CPU in bf16/fp16, sdpa "
-                                    "otherwise).")
-    source: str = option("gpt", "gpt (the built-in GPT; n_layer, d_model, n_head apply) | hf:DIR "
-                                "(a local Hugging Face model directory; hf:package:NAME/SUB is "
-                                "SUB inside the installed Python package NAME) | hf-config:FILE "
-                                "(random initialisation from a config.json).")
-    trust_remote_code: bool = option(False, "Let a Hugging Face model directory run its own "
-                                            "Python code (off: only transformers' own classes).")
-
-    def __post_init__(self) -> None:
-        _require(self.activation_checkpointing in CHECKPOINTING, "model.activation_checkpointing",
-                 self.activation_checkpointing, f"one of {CHECKPOINTING}")
-        _require(self.attention in ATTENTION_CHOICES, "model.attention", self.attention,
-                 f"one of {', '.join(ATTENTION_CHOICES)}")
-        _require(self.loss_kernel in LOSS_KERNELS, "model.loss_kernel", self.loss_kernel,
-                 f"one of {', '.join(LOSS_KERNELS)}")
-        _require(self.checkpoint_every >= 1, "model.checkpoint_every", self.checkpoint_every,
-                 "an integer >= 1")
-        _require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens,
-                 "an integer >= 0 (0 = off)")
-        _require(self.source == "gpt" or self.source.startswith(("hf:", "hf-config:")),
-                 "model.source", self.source, "gpt, hf:DIR or hf-config:FILE")
-        _require(self.n_layer >= 1, "model.n_layer", self.n_layer, "an integer >= 1")
-        _require(self.n_head >= 1, "model.n_head", self.n_head, "an integer >= 1")
-        _require(self.d_model >= 1 and self.d_model % self.n_head == 0, "model.d_model",
-                 self.d_model, f"a positive multiple of model.n_head ({self.n_head})")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+        require(self.seq_len >= 8, "data.seq_len", self.seq_len, "an integer >= 8")
+        require(256 + 1 <= self.vocab_size <= 2**31 - 1, "data.vocab_size", self.vocab_size,
+                "an integer > 256 (the byte alphabet plus merges)")
+        require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
+                "a number in (0, 0.5)")
+        require(self.doc_chars >= 256, "data.doc_chars", self.doc_chars, "an integer >= 256")
+        require(parse_bytes(self.bpe_sample_bytes, "data.bpe_sample_bytes") >= 1 << 20,
+                "data.bpe_sample_bytes", self.bpe_sample_bytes, "at least 1MiB")
+        require(self.seq_len_warmup_tokens >= 0, "data.seq_len_warmup_tokens",
+                self.seq_len_warmup_tokens, "an integer >= 0 (0 = off)")
+        require(self.seq_len_warmup_tokens == 0 or 1 <= self.seq_len_start <= self.seq_len
+                and self.seq_len % self.seq_len_start == 0, "data.seq_len_start",
+                self.seq_len_start, f"a divisor of data.seq_len ({self.seq_len}) when "
+                "data.seq_len_warmup_tokens > 0")
+        require(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
+        require(0 <= self.stride <= self.max_length // 2, "data.stride", self.stride,
+                f"an integer in [0, data.max_length / 2 = {self.max_length // 2}]")
+        require(self.aggregate in AGGREGATES, "data.aggregate", self.aggregate,
+                f"one of {AGGREGATES}")
 
 
 RAMPS = ("linear", "doubling", "auto")
@@ -184,26 +117,26 @@ class BatchConfig:
                                         "micro_batch_size windows; 0 = off.")
 
     def __post_init__(self) -> None:
-        _require(self.global_sequences >= 0, "batch.global_sequences", self.global_sequences,
-                 "an integer >= 0")
-        _require(self.micro_batch_tokens >= 0, "batch.micro_batch_tokens",
-                 self.micro_batch_tokens, "an integer >= 0 (0 = off)")
-        _require(self.global_tokens >= 1, "batch.global_tokens", self.global_tokens,
-                 "a positive integer")
-        _require(self.micro_batch_size == "auto" or isinstance(self.micro_batch_size, int)
-                 and self.micro_batch_size >= 1, "batch.micro_batch_size",
-                 self.micro_batch_size, "a positive integer or \"auto\"")
+        require(self.global_sequences >= 0, "batch.global_sequences", self.global_sequences,
+                "an integer >= 0")
+        require(self.micro_batch_tokens >= 0, "batch.micro_batch_tokens",
+                self.micro_batch_tokens, "an integer >= 0 (0 = off)")
+        require(self.global_tokens >= 1, "batch.global_tokens", self.global_tokens,
+                "a positive integer")
+        require(self.micro_batch_size == "auto" or isinstance(self.micro_batch_size, int)
+                and self.micro_batch_size >= 1, "batch.micro_batch_size",
+                self.micro_batch_size, "a positive integer or \"auto\"")
         parse_bytes(self.memory_budget)
-        _require(self.ramp in RAMPS, "batch.ramp", self.ramp, f"one of {RAMPS}")
-        _require(self.ramp_tokens >= 0, "batch.ramp_tokens", self.ramp_tokens,
-                 "an integer >= 0 (0 = off)")
-        _require(0 <= self.ramp_start_tokens <= self.global_tokens, "batch.ramp_start_tokens",
-                 self.ramp_start_tokens, f"an integer in [0, batch.global_tokens = "
-                 f"{self.global_tokens}]")
-        _require(isinstance(self.ramp_max_growth, int) and self.ramp_max_growth >= 2,
-                 "batch.ramp_max_growth", self.ramp_max_growth, "a whole number >= 2")
-        _require(0 < self.noise_scale_ema < 1, "batch.noise_scale_ema", self.noise_scale_ema,
-                 "a number in (0, 1)")
+        require(self.ramp in RAMPS, "batch.ramp", self.ramp, f"one of {RAMPS}")
+        require(self.ramp_tokens >= 0, "batch.ramp_tokens", self.ramp_tokens,
+                "an integer >= 0 (0 = off)")
+        require(0 <= self.ramp_start_tokens <= self.global_tokens, "batch.ramp_start_tokens",
+                self.ramp_start_tokens, f"an integer in [0, batch.global_tokens = "
+                f"{self.global_tokens}]")
+        require(isinstance(self.ramp_max_growth, int) and self.ramp_max_growth >= 2,
+                "batch.ramp_max_growth", self.ramp_max_growth, "a whole number >= 2")
+        require(0 < self.noise_scale_ema < 1, "batch.noise_scale_ema", self.noise_scale_ema,
+                "a number in (0, 1)")
 
 
 OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
@@ -237,27 +170,27 @@ class OptimConfig:
     min_lr_ratio: float = option(0.1, "Floor of the decay, as a fraction of `lr`.")
 
     def __post_init__(self) -> None:
-        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {OPTIMIZERS}")
-        _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
-        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
-        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
-        _require(self.eps > 0, "optim.eps", self.eps, "a positive number")
-        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
-        _require(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient,
-                 "a positive number")
-        _require(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling", self.lr_scaling,
-                 f"one of {LR_SCALINGS}")
-        _require(self.reference_batch_tokens >= 0, "optim.reference_batch_tokens",
-                 self.reference_batch_tokens, "an integer >= 0 (0 = batch.global_tokens)")
-        _require(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0 (0 = off)")
-        _require(self.clip_value >= 0, "optim.clip_value", self.clip_value,
-                 "a number >= 0 (0 = off)")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
-                 "an integer >= 0")
-        _require(self.decay in DECAYS, "optim.decay", self.decay, f"one of {DECAYS}")
-        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
-                 "a number in [0, 1]")
+        require(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {OPTIMIZERS}")
+        require(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
+        require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
+        require(self.eps > 0, "optim.eps", self.eps, "a positive number")
+        require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
+        require(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient,
+                "a positive number")
+        require(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling", self.lr_scaling,
+                f"one of {LR_SCALINGS}")
+        require(self.reference_batch_tokens >= 0, "optim.reference_batch_tokens",
+                self.reference_batch_tokens, "an integer >= 0 (0 = batch.global_tokens)")
+        require(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0 (0 = off)")
+        require(self.clip_value >= 0, "optim.clip_value", self.clip_value,
+                "a number >= 0 (0 = off)")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
+                "an integer >= 0")
+        require(self.decay in DECAYS, "optim.decay", self.decay, f"one of {DECAYS}")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
+                "a number in [0, 1]")
 
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -275,14 +208,14 @@ class PrecisionConfig:
                               "false keeps them in full fp32 (IEEE).")
 
     def __post_init__(self) -> None:
-        _require(self.dtype in DTYPES, "precision.dtype", self.dtype, f"one of {DTYPES}")
-        _require(self.init_scale > 0, "precision.init_scale", self.init_scale, "a positive number")
-        _require(self.growth_factor > 1, "precision.growth_factor", self.growth_factor,
-                 "a number > 1")
-        _require(0 < self.backoff_factor < 1, "precision.backoff_factor", self.backoff_factor,
-                 "a number in (0, 1)")
-        _require(self.growth_interval >= 1, "precision.growth_interval", self.growth_interval,
-                 "a positive integer")
+        require(self.dtype in DTYPES, "precision.dtype", self.dtype, f"one of {DTYPES}")
+        require(self.init_scale > 0, "precision.init_scale", self.init_scale, "a positive number")
+        require(self.growth_factor > 1, "precision.growth_factor", self.growth_factor,
+                "a number > 1")
+        require(0 < self.backoff_factor < 1, "precision.backoff_factor", self.backoff_factor,
+                "a number in (0, 1)")
+        require(self.growth_interval >= 1, "precision.growth_interval", self.growth_interval,
+                "a positive integer")
 
 
 ALLOCATORS = ("tuned", "system")
@@ -317,25 +250,25 @@ class TrainConfig:
                           "[] for metrics.jsonl only.")
 
     def __post_init__(self) -> None:
-        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "a positive integer")
-        _require(self.target_val_loss >= 0, "train.target_val_loss", self.target_val_loss,
-                 "a number >= 0 (0 = off)")
-        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
-        _require(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens,
-                 "a positive integer")
-        _require(self.log_every >= 1, "train.log_every", self.log_every, "a positive integer")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 "train.device", self.device, "auto, cpu, cuda or cuda:N")
-        _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps,
-                 "a positive integer")
-        _require(self.allocator in ALLOCATORS, "train.allocator", self.allocator,
-                 f"one of {ALLOCATORS}")
-        _require(self.task in TASKS, "train.task", self.task, f"one of {TASKS}")
+        require(self.max_steps >= 1, "train.max_steps", self.max_steps, "a positive integer")
+        require(self.target_val_loss >= 0, "train.target_val_loss", self.target_val_loss,
+                "a number >= 0 (0 = off)")
+        require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        require(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens,
+                "a positive integer")
+        require(self.log_every >= 1, "train.log_every", self.log_every, "a positive integer")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps,
+                "a positive integer")
+        require(self.allocator in ALLOCATORS, "train.allocator", self.allocator,
+                f"one of {ALLOCATORS}")
+        require(self.task in TASKS, "train.task", self.task, f"one of {TASKS}")
         for name in self.trackers:
-            _require(name in TRACKERS, "train.trackers", list(self.trackers),
-                     f"a list of names from {TRACKERS}, e.g. [\"tensorboard\", \"wandb\"]")
-        _require(len(set(self.trackers)) == len(self.trackers), "train.trackers",
-                 list(self.trackers), "each tracker named once")
+            require(name in TRACKERS, "train.trackers", list(self.trackers),
+                    f"a list of names from {TRACKERS}, e.g. [\"tensorboard\", \"wandb\"]")
+        require(len(set(self.trackers)) == len(self.trackers), "train.trackers",
+                list(self.trackers), "each tracker named once")
 
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
@@ -356,10 +289,10 @@ class ParallelConfig:
                 "to fit).")
 
     def __post_init__(self) -> None:
-        _require(self.strategy in PARALLEL_STRATEGIES, "parallel.strategy", self.strategy,
-                 f"one of {PARALLEL_STRATEGIES}")
-        _require(self.fsdp_gradient_sync in FSDP_GRADIENT_SYNCS, "parallel.fsdp_gradient_sync",
-                 self.fsdp_gradient_sync, f"one of {FSDP_GRADIENT_SYNCS}")
+        require(self.strategy in PARALLEL_STRATEGIES, "parallel.strategy", self.strategy,
+                f"one of {PARALLEL_STRATEGIES}")
+        require(self.fsdp_gradient_sync in FSDP_GRADIENT_SYNCS, "parallel.fsdp_gradient_sync",
+                self.fsdp_gradient_sync, f"one of {FSDP_GRADIENT_SYNCS}")
 
 
 @dataclass(frozen=True)
@@ -371,11 +304,11 @@ class CheckpointConfig:
     keep: int = option(2, "Keep the newest this many checkpoints; older ones are deleted.")
 
     def __post_init__(self) -> None:
-        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps,
-                 "an integer >= 0 (0 = off)")
-        _require(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes,
-                 "a number >= 0 (0 = off)")
-        _require(self.keep >= 1, "checkpoint.keep", self.keep, "a positive integer")
+        require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps,
+                "an integer >= 0 (0 = off)")
+        require(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes,
+                "a number >= 0 (0 = off)")
+        require(self.keep >= 1, "checkpoint.keep", self.keep, "a positive integer")
 
 
 @dataclass(frozen=True)

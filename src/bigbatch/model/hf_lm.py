@@ -45,6 +45,10 @@ def build_hf_lm(cfg: Config, source: HFSource, vocab_size: int) -> nn.Module:
     """The causal LM, its embeddings grown if bigbatch added the end-of-text token."""
     model = build_hf_model(source, "lm", trust_remote_code=cfg.model.trust_remote_code)
     if model.get_input_embeddings().num_embeddings < vocab_size:
+        if cfg.model.adapter != "none":  # new rows would be random, frozen and never saved
+            raise UsageError(f"model.adapter = {cfg.model.adapter!r}: the tokenizer's "
+                             f"{vocab_size:,} tokens do not fit the model's embeddings; use a "
+                             "model whose vocabulary holds its tokenizer's end-of-text token")
         model.resize_token_embeddings(vocab_size)
     apply_hf_checkpointing(model, cfg.model.activation_checkpointing,
                            cfg.model.checkpoint_every)

@@ -126,17 +126,19 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                                                                 cpu_offload=True))
 
 
-def load_full_model_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
+def load_full_model_state_dict(model: nn.Module, state: dict[str, Any],
+                               strict: bool = True) -> None:
     """The inverse of `full_model_state_dict`. Under FSDP rank 0's full tensors are broadcast and
     sharded; a DDP replica (or one process) loads them as they are, so every DDP rank must be given
-    the same full `state` (set_model_state_dict's broadcast path misses DDP's `module.` prefix)."""
+    the same full `state` (set_model_state_dict's broadcast path misses DDP's `module.` prefix).
+    `strict=False` loads a subset (an adapted model's trained weights) and leaves the rest."""
     import torch.distributed as torch_dist
 
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if not torch_dist.is_initialized() or inner is not model:
-        inner.load_state_dict(state)
+        inner.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True))
+        full_state_dict=True, broadcast_from_rank0=True, strict=strict))

@@ -34,6 +34,18 @@ def hf_dims(cfg: Config, seq_len: int) -> ModelDims:
                          ) from None
 
 
+def hf_model_from_config(cfg: Config) -> nn.Module:
+    """The model class of the task, built from the config alone (random weights; under a meta
+    device context, shapes only). A classifier gets two labels, as the probe's has."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    classify = cfg.train.task == "classify"
+    config = load_config(parse_source(cfg.model.source), cfg.model.trust_remote_code,
+                         **({"num_labels": 2} if classify else {}))
+    auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    return auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
 def planning_config(cfg: Config) -> Config:
     """For classify: plan `global_sequences` windows of `max_length` tokens (every window full:
     the most memory a micro-batch of that many windows can take)."""

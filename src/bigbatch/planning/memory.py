@@ -6,12 +6,15 @@ element (4 in fp32; 2 under bf16/fp16 autocast, which keeps parameters in fp32 a
 
 Static (alive the whole step, from the second step on, when the optimizer state exists):
     parameters        4 P                     (fp32, the master weights themselves)
-    gradients         4 P                     (fp32, accumulated across micro-steps)
-    optimizer state   AdamW: 2 x 4 P          (exp_avg and exp_avg_sq in fp32)
+    gradients         4 P_t                   (fp32, accumulated across micro-steps)
+    optimizer state   AdamW: 2 x 4 P_t        (exp_avg and exp_avg_sq in fp32)
+                      P_t: the trainable parameters, P itself unless adapters (LoRA) freeze
+                      the base; the same P_t replaces P in the DDP buckets and in FSDP's
+                      gradient terms below
     autocast copies   2 x (Linear params)     (bf16/fp16 only: the casts autocast makes of every
                                                Linear weight and bias, lm_head included, saved
                                                for backward until the micro-step's backward ends)
-    DDP buckets       4 P                     (world size > 1 with DDP: flat gradient buckets)
+    DDP buckets       4 P_t                   (world size > 1 with DDP: flat gradient buckets)
     FSDP (N ranks)    parameters 4 P / N sharded, plus the gathered units: the root's
                       (embeddings, final norm: R = P - L x block, gathered from forward to the
                       end of backward) and two layers' (the one running and the one prefetched),
@@ -36,6 +39,11 @@ Per token (saved for backward, measured with saved-tensor hooks on the real Bloc
     logits + loss     12 V    at the start of backward: the fp32 log-softmax output, its incoming
                               gradient and the gradient it produces (the forward holds less:
                               logits, their fp32 upcast, the log-softmax output)
+With LoRA the activations stay those above: a frozen projection no longer saves its input for
+its weight's gradient, but its adapter's A saves the same input (its dropout's output, a copy,
+when model.lora_dropout > 0), and backward still runs through every frozen layer. The r-wide
+adapter intermediates are small (r << C); the probe, which measures the adapted model itself,
+calibrates what the formula leaves out.
 Checkpointing keeps only each checkpointed block's input (4C) and recomputes one block at a
 time in backward, so the step's peak per token is
     L_plain * block + L_ckpt * 4C + final + max(12 V x chunk share, block if L_ckpt else 0)
@@ -79,6 +87,14 @@ class ModelDims:
     d_model: int
     n_head: int
     attention: str = "sdpa"  # the kernel the model runs (model.ATTENTION_KERNELS)
+    # Parameters the optimizer updates: None = all of them; with adapters (model.adapter) the
+    # adapters' and a head's, counted on the real adapted model (planner.py).
+    trainable_parameters: int | None = None
+
+    @property
+    def num_trainable(self) -> int:
+        return self.num_parameters if self.trainable_parameters is None \
+            else self.trainable_parameters
 
     @property
     def block_parameters(self) -> int:
@@ -213,20 +229,22 @@ def fsdp_gathered_bytes(dims: ModelDims, setup: Setup) -> tuple[int, int]:
     root = p - dims.n_layer * block
     g = 2 if setup.precision == "bf16" else 4
     parameters = g * (root + min(2, dims.n_layer) * block)
+    trainable = dims.num_trainable / p  # frozen parameters get no gradient
     if setup.gradient_sync == "last" and setup.num_micro_steps > 1:
-        return parameters, 4 * p
+        return parameters, 4 * dims.num_trainable
     in_flight = g * root + (g + 4 if g == 2 else 4) * block
-    return parameters, 4 * p // setup.world_size + in_flight
+    return parameters, 4 * dims.num_trainable // setup.world_size + round(trainable * in_flight)
 
 
 def estimate_memory(dims: ModelDims, setup: Setup, calibration: Calibration) -> MemoryEstimate:
-    p = dims.num_parameters
+    p, trainable = dims.num_parameters, dims.num_trainable
     shards = setup.world_size if setup.sharded else 1
-    gathered, gradients = fsdp_gathered_bytes(dims, setup) if setup.sharded else (0, 4 * p)
+    gathered, gradients = fsdp_gathered_bytes(dims, setup) if setup.sharded else (0, 4 * trainable)
+    # Frozen Linear weights are cast too: autocast copies every weight the forward uses.
     autocast = 2 * dims.linear_parameters if AUTOCAST_BYTES[setup.precision] == 2 else 0
     if setup.sharded and setup.precision == "bf16":
         autocast = 0  # FSDP computes with bf16 weights: autocast has nothing to copy
-    buckets = 4 * p if setup.sharding == "ddp" and setup.world_size > 1 else 0
+    buckets = 4 * trainable if setup.sharding == "ddp" and setup.world_size > 1 else 0
     scale = calibration.activation_scale
     # Logits buffers and a recomputed block never coexist: backward frees the first before
     # it reaches the blocks (see the module docstring).
@@ -235,7 +253,7 @@ def estimate_memory(dims: ModelDims, setup: Setup, calibration: Calibration) -> 
     return MemoryEstimate(
         parameters=4 * p // shards + gathered,
         gradients=gradients,
-        optimizer_state=OPTIMIZER_STATES[setup.optimizer] * 4 * p // shards,
+        optimizer_state=OPTIMIZER_STATES[setup.optimizer] * 4 * trainable // shards,
         autocast_copies=autocast,
         ddp_buckets=buckets,
         data=setup.data_bytes,
@@ -269,9 +287,10 @@ def allreduce_bytes_per_step(dims: ModelDims, world_size: int, sharding: str,
     """
     if world_size <= 1:
         return 0
-    share = (world_size - 1) / world_size * dims.num_parameters
+    share = (world_size - 1) / world_size
+    params, grads = share * dims.num_parameters, share * dims.num_trainable
     if sharding == "ddp":
-        return round(2 * share * 4)
+        return round(2 * grads * 4)
     g = 2 if precision == "bf16" else 4
     reduces = num_micro_steps if gradient_sync == "every" else 1
-    return round(share * (2 * num_micro_steps * g + 4 * reduces))
+    return round(params * 2 * num_micro_steps * g + grads * 4 * reduces)

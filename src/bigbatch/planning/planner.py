@@ -51,6 +51,14 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
         dims = ModelDims(vocab_size, cfg.data.seq_len, cfg.model.n_layer, cfg.model.d_model,
                          cfg.model.n_head, resolve_attention(cfg.model.attention, device_type,
                                                            cfg.precision.dtype))
+    if cfg.model.adapter != "none":  # the probes build the adapted model; the terms count P_t
+        dims = dataclasses.replace(dims, trainable_parameters=count_trainable(cfg, dims))
+        adapter = tuple((f.name, getattr(cfg.model, f.name))
+                        for f in dataclasses.fields(cfg.model) if f.name in ADAPTER_KEYS)
+        unadapted_probe = probe
+
+        def probe(request: ProbeRequest) -> ProbeResult:
+            return unadapted_probe(dataclasses.replace(request, adapter=adapter))
     budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None,
                             ranks_per_node)
     loss_kernel = "standard"
@@ -107,6 +115,29 @@ def on_rank_zero(search: Callable[[], MemoryPlan]) -> MemoryPlan:
     if isinstance(box[0], str):
         raise UsageError(box[0])
     return box[0]
+
+
+ADAPTER_KEYS = ("adapter", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def count_trainable(cfg: Config, dims: ModelDims) -> int:
+    """The trainable parameters of `cfg`'s adapted model, counted on a copy built on the meta
+    device (shapes only: no memory, no weights read)."""
+    import torch
+
+    from bigbatch.model.adapters import apply_adapter, parameter_counts
+
+    with torch.device("meta"):
+        if cfg.model.source == "gpt":
+            from bigbatch.model.gpt import GPT, GPTShape
+
+            model = GPT(GPTShape(dims.vocab_size, dims.seq_len, dims.n_layer, dims.n_head,
+                                 dims.d_model))
+        else:
+            from bigbatch.planning.hf_probe import hf_model_from_config
+
+            model = hf_model_from_config(cfg)
+        return parameter_counts(apply_adapter(model, cfg.model, cfg.train.task))[0]
 
 
 def apply_plan(cfg: Config, plan: MemoryPlan) -> Config:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from bigbatch.planning.memory import Calibration, ModelDims, Setup, growing_bytes, static_bytes
 
@@ -58,6 +59,8 @@ class ProbeRequest:
     world_size: int = 1         # > 1: under the wrapper, on that many gloo ranks (torchrun)
     sharding: str = "ddp"
     gradient_sync: str = "last"
+    # The model's adapters, as [model] says them (adapter, lora_rank, ...); empty: none.
+    adapter: tuple[tuple[str, Any], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -65,7 +68,8 @@ class ProbeRequest:
     @classmethod
     def from_json(cls, text: str) -> ProbeRequest:
         raw = json.loads(text)
-        return cls(**{**raw, "dims": ModelDims(**raw["dims"])})
+        adapter = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in raw["adapter"])
+        return cls(**{**raw, "dims": ModelDims(**raw["dims"]), "adapter": adapter})
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,11 @@ def measure(request: ProbeRequest) -> ProbeResult:
         from bigbatch.planning.hf_probe import hf_probe_setup
 
         model, loss_sum_fn, make_batch = hf_probe_setup(request, device)
+    if request.adapter:  # frozen base, trainable adapters: as training builds it
+        from bigbatch.config.sections import ModelConfig
+        from bigbatch.model.adapters import apply_adapter
+
+        model = apply_adapter(model, ModelConfig(**dict(request.adapter)), request.task)
     model = parallelize(model, request.sharding, device, info, precision=request.precision,
                         fsdp_gradient_sync=request.gradient_sync)
     optimizer = build_optimizer(model, OptimConfig(), device)  # after FSDP's sharding

@@ -7,6 +7,7 @@ import math
 from safetensors import safe_open
 
 from bigbatch.engine.throughput import flops_per_token
+from bigbatch.model.adapters import ADAPTER_FILE
 from bigbatch.report.data import RunData
 
 
@@ -66,6 +67,18 @@ def num_parameters(run: RunData) -> int | None:
         with safe_open(str(run.run_dir / "model.safetensors"), framework="numpy") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return None
+
+
+def trainable_text(run: RunData) -> str | None:
+    """", of which N trainable" where adapters froze the rest (model.adapter); None otherwise."""
+    trainable = run.info.get("num_trainable_parameters")
+    adapter = run.config.get("model", {}).get("adapter", "none")
+    if trainable is None and adapter != "none" and (run.run_dir / ADAPTER_FILE).is_file():
+        with safe_open(str(run.run_dir / ADAPTER_FILE), framework="numpy") as f:
+            trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    if trainable is None or trainable == run.info.get("num_parameters"):
+        return None
+    return f"{trainable:,} trainable ({trainable / 1e6:.3f}M: {adapter} adapters)"
 
 
 def model_flops_per_token(run: RunData) -> int | None:
@@ -182,7 +195,8 @@ def summarize(run: RunData) -> dict[str, str]:
         "model": (f"GPT, {model.get('n_layer', '?')} layers, d_model {model.get('d_model', '?')}, "
                   f"{model.get('n_head', '?')} heads" if model.get("source", "gpt") == "gpt"
                   else str(model["source"])),
-        "parameters": f"{params:,} ({params / 1e6:.2f}M)" if params else "—",
+        "parameters": ", ".join(filter(None, [f"{params:,} ({params / 1e6:.2f}M)" if params
+                                              else "—", trainable_text(run)])),
         "data": (f"{data_path or 'the embedded standard-library corpus'}; seq_len "
                  f"{run.setting('data', 'seq_len', '?')}, vocab "
                  f"{(run.model_shape or {}).get('vocab_size', run.setting('data', 'vocab_size', '?'))}"),

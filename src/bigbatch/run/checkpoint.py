@@ -1,7 +1,10 @@
 """Full-state checkpoints: atomic, checksummed, and loadable without executing code.
 
     RUN_DIR/checkpoints/step-00001000/
-        model.safetensors   the unwrapped model's weights (the tied lm_head is saved once, as wte)
+        model.safetensors   the unwrapped model's weights (the tied lm_head is saved once, as wte);
+                            with adapters (model.adapter) only the trained ones: the adapters
+                            and a head trained whole, never the frozen base, which the config's
+                            model.source names and a resume rebuilds
         optimizer.pt        optimizer.state_dict(); read back with torch.load(weights_only=True)
         rng.safetensors     every rank's torch CPU generator state (and CUDA one on a GPU),
                             as `rank{r}.torch_cpu`, ...
@@ -45,6 +48,7 @@ from bigbatch.config.sections import Config
 from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.loop import TrainState
 from bigbatch.errors import UsageError
+from bigbatch.model.adapters import is_adapted
 from bigbatch.model.artifacts import state_dict_for_saving, unwrap
 from bigbatch.parallel.process_group import DistInfo, barrier
 from bigbatch.parallel.wrap import full_model_state_dict, load_full_model_state_dict
@@ -68,6 +72,8 @@ def tied_embedding_key(model: nn.Module) -> str | None:
     """The key of the input embedding that the output matrix (`lm_head.weight`) is tied to:
     always for the GPT, per its config for a Hugging Face model; None when untied."""
     inner = unwrap(model)
+    if is_adapted(inner):  # the output matrix is frozen, so no checkpoint holds it
+        return None
     if hasattr(inner, "shape"):  # the built-in GPT
         return "wte.weight"
     config = getattr(inner, "config", None)
@@ -78,16 +84,32 @@ def tied_embedding_key(model: nn.Module) -> str | None:
     return next(f"{name}.weight" for name, module in inner.named_modules() if module is embedding)
 
 
+def trainable_keys(model: nn.Module) -> set[str] | None:
+    """The state-dict keys an adapted model trains (its adapters, a head trained whole); None
+    for a model without adapters, all of whose weights a checkpoint holds."""
+    inner = unwrap(model)
+    if not is_adapted(inner):
+        return None
+    return {name for name, p in inner.named_parameters() if p.requires_grad}
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full weights on CPU (rank 0; {} elsewhere under FSDP), a tied output matrix dropped:
-    safetensors refuses shared storage."""
+    safetensors refuses shared storage. With adapters only the trained weights: the frozen
+    base is the model that `model.source` names, which a resume rebuilds as the run did."""
     full = full_model_state_dict(model)
+    keep = trainable_keys(model)
+    if keep is not None:
+        return {k: v.detach().cpu().contiguous() for k, v in full.items() if k in keep}
     if tied_embedding_key(model) is None:  # an untied output matrix is a weight of its own
         return {k: v.detach().cpu().contiguous() for k, v in full.items()}
     return state_dict_for_saving(unwrap(model), full)
 
 
 def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    if trainable_keys(model) is not None:  # the adapters over the rebuilt frozen base
+        load_full_model_state_dict(model, tensors, strict=False)
+        return
     key = tied_embedding_key(model)
     if key is not None and key in tensors:
         tensors = {**tensors, "lm_head.weight": tensors[key]}  # tied: one tensor
@@ -276,6 +298,9 @@ class Checkpointer:
                     "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
                     "rng": rng_plain, "model_shape": model_description(self.model),
                     "config": config_to_dict(self.cfg)}
+            if trainable_keys(self.model) is not None:  # what model.safetensors leaves out
+                meta["frozen_base"] = {"source": self.cfg.model.source,
+                                       "note": "not in this checkpoint: rebuilt from source"}
             write_checkpoint(self.directory, state.step, {
                 "model.safetensors": lambda path: save_file(tensors, str(path)),
                 "optimizer.pt": lambda path: torch.save(optim, path),
@@ -343,8 +368,9 @@ class Checkpointer:
                           tensors: dict[str, torch.Tensor]) -> None:
         # Shapes from the module itself (global shapes under FSDP), not a collective gather.
         tied = tied_embedding_key(self.model) is not None
+        keep = trainable_keys(self.model)
         expected = {k: v for k, v in unwrap(self.model).state_dict().items()
-                    if k != "lm_head.weight" or not tied}
+                    if (k != "lm_head.weight" or not tied) and (keep is None or k in keep)}
         mismatched = sorted(k for k in expected.keys() | tensors.keys()
                             if k not in expected or k not in tensors
                             or expected[k].shape != tensors[k].shape)

@@ -38,7 +38,8 @@ def _write(out_dir: Path, info: dict[str, Any]) -> None:
 
 
 def start_run_info(out_dir: Path, *, began: float, resumed: bool, device: torch.device,
-                   world_size: int, dtype_name: str, num_parameters: int, flops: int) -> None:
+                   world_size: int, dtype_name: str, num_parameters: int, flops: int,
+                   num_trainable_parameters: int | None = None) -> None:
     """Record the hardware and open a new session that began at `began` (`time.time()`); a run
     resumed from a checkpoint keeps its earlier sessions, a fresh one starts the file anew."""
     info = read_run_info(out_dir) if resumed else {}
@@ -50,6 +51,7 @@ def start_run_info(out_dir: Path, *, began: float, resumed: bool, device: torch.
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
         "num_parameters": num_parameters,
+        "num_trainable_parameters": num_trainable_parameters or num_parameters,
         "flops_per_token": flops,
         "matmul_peak_flops": quick_matmul_peak(device, dtype_name),
         "matmul_peak_dtype": dtype_name,

@@ -158,7 +158,8 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
         if task.flops_per_token is not None:
             start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
                            world_size=dist.world_size, dtype_name=cfg.precision.dtype,
-                           num_parameters=task.num_parameters, flops=task.flops_per_token)
+                           num_parameters=task.num_parameters, flops=task.flops_per_token,
+                           num_trainable_parameters=task.num_trainable_parameters)
     checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
                                 scaler=precision.scaler, loader=task.loader, dist=dist,
                                 device=device, say=say)

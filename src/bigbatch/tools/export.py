@@ -7,15 +7,24 @@ GPT becomes a GPT-2 (`GPT2LMHeadModel`): the architectures are the same (pre-Lay
 GELU = GPT-2's "gelu_new", learned positions, tied embeddings, LayerNorm eps 1e-5, attention
 scaled by 1/sqrt(head_dim)), so only the parameter names change and GPT-2's Conv1D layers take
 the transposed Linear weights. The tokenizer goes along as a `PreTrainedTokenizerFast`.
+
+A LoRA run (model.adapter = "lora") of a Hugging Face model holds the peft adapter directory
+(adapter_config.json, adapter_model.safetensors: the adapters and a classifier's head) and no
+copy of the frozen base, which its config's model.source names: the export rebuilds the base,
+loads the adapters through peft and writes the adapter directory again (`PeftModel.from_pretrained
+(base, DIR)` loads it), or with `--merge` the plain model with the adapters merged in. A LoRA run
+of the built-in GPT saves its weights merged already, so its export is the GPT-2 one.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from bigbatch.errors import UsageError
+from bigbatch.model.adapters import ADAPTER_CONFIG, quiet_peft
 from bigbatch.model.artifacts import load_model
 from bigbatch.model.gpt import GPT
 
@@ -96,15 +105,58 @@ def export_hf(run_dir: Path, out: Path, trust_remote_code: bool = False) -> str:
     return f"{name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)"
 
 
-def export(run_dir: Path, out: Path, fmt: str = "hf") -> str:
-    """Write the run's model to `out` in format `fmt`; returns what was written."""
+def export_adapter(run_dir: Path, out: Path, merge: bool) -> str:
+    """A Hugging Face model's LoRA run: the base rebuilt from the run's model.source (the run
+    holds only the adapters and the head), the adapters loaded by peft from the run directory,
+    then saved as peft's adapter directory, or merged into the base and saved as a plain model."""
+    from peft import PeftModel
+
+    from bigbatch.config.files import load_config
+    from bigbatch.model.hf import build_hf_model, load_tokenizer, parse_source, quiet_transformers
+
+    cfg = load_config(run_dir / "config.toml")
+    source = parse_source(cfg.model.source)
+    labels = None
+    if cfg.train.task == "classify":
+        labels = [name for _, name in sorted(
+            (int(k), v) for k, v in json.loads((run_dir / "labels.json").read_text()).items())]
+    base = build_hf_model(source, cfg.train.task, trust_remote_code=cfg.model.trust_remote_code,
+                          labels=labels)
+    with quiet_transformers(), quiet_peft():
+        adapted = PeftModel.from_pretrained(base, str(run_dir))
+        tokenizer = load_tokenizer(source, "", cfg.model.trust_remote_code)
+        if (run_dir / "tokenizer.json").is_file():  # the run's own copy, as it trained with
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(run_dir), local_files_only=True)
+        if merge:
+            plain = adapted.merge_and_unload()
+            plain.save_pretrained(str(out))
+            what = f"{type(plain).__name__} with LoRA merged"
+        else:
+            adapted.save_pretrained(str(out))
+            what = f"LoRA adapter for {type(base).__name__}"
+        tokenizer.save_pretrained(str(out))
+    if (run_dir / "labels.json").is_file():
+        (out / "labels.json").write_text((run_dir / "labels.json").read_text())
+    return what
+
+
+def export(run_dir: Path, out: Path, fmt: str = "hf", merge: bool = False) -> str:
+    """Write the run's model to `out` in format `fmt`; returns what was written. A LoRA run of a
+    Hugging Face model gives its peft adapter directory, or with `merge` a plain model."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not supported: one of {', '.join(FORMATS)}")
     if not run_dir.is_dir():
         raise UsageError(f"{str(run_dir)!r} is not a run directory")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {str(out)!r} exists and is not empty: give a new directory")
+    if merge and not (run_dir / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"--merge is for a LoRA run (model.adapter = \"lora\"); "
+                         f"{str(run_dir)!r} has no adapters to merge")
     out.mkdir(parents=True, exist_ok=True)
+    if (run_dir / ADAPTER_CONFIG).is_file() and not (run_dir / "model.json").is_file():
+        return export_adapter(run_dir, out, merge)
     if (run_dir / "config.json").is_file():
         trust = False
         if (run_dir / "config.toml").is_file():

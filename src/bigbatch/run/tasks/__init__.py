@@ -57,6 +57,7 @@ class TaskRun:
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     measure_noise: bool = True      # False where the batch's examples are not independent
     num_parameters: int = 0
+    num_trainable_parameters: int = 0  # all of them, or the adapters' (model.adapter)
     flops_per_token: int | None = None  # run_info.json's FLOPs (MFU); None: not counted
     closing_facts: Callable[[], dict[str, Any]] = field(default=lambda: {})  # for run_info
 

@@ -37,6 +37,13 @@ from bigbatch.engine.classification import (
 from bigbatch.engine.loop import TrainState
 from bigbatch.engine.noise_scale import noise_scale_summary
 from bigbatch.errors import UsageError
+from bigbatch.model.adapters import (
+    apply_adapter,
+    base_model,
+    describe_parameters,
+    is_adapted,
+    parameter_counts,
+)
 from bigbatch.model.hf import (
     apply_hf_checkpointing,
     build_hf_model,
@@ -162,6 +169,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     model.to(device).train()  # from_pretrained returns eval mode: dropout must be on
     seed_rank_streams(cfg.train.seed, dist.rank)
     apply_hf_checkpointing(model, cfg.model.activation_checkpointing, cfg.model.checkpoint_every)
+    model = apply_adapter(model, cfg.model, "classify")  # seeded: LoRA's A is drawn at random
     loader = ClassificationLoader(splits.train, plan.global_sequences, plan.micro_batch_size,
                                   plan.micro_batch_tokens, dist.rank, dist.world_size,
                                   cfg.train.seed)
@@ -180,6 +188,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         return dict(last_metrics)
 
     def save(model: nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
+        # Adapted: peft keeps only the adapters' and the head's weights of `weights`.
         model.save_pretrained(str(out_dir), state_dict=weights)
         tokenizer.save_pretrained(str(out_dir))
 
@@ -190,13 +199,17 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                 f"{cfg.data.aggregate})",
                 noise_applies(splits.train) or noise_scale_summary(
                     plan.global_sequences, state.noise.noise_scale, unit="texts"),
-                f"outputs: {ctx.out_dir}/ (Hugging Face model + tokenizer, labels.json, "
-                "metrics.jsonl, config.toml)"]
+                f"outputs: {ctx.out_dir}/ ("
+                + ("peft adapter (bigbatch export --merge for a plain model)"
+                   if is_adapted(model) else "Hugging Face model")
+                + " + tokenizer, labels.json, metrics.jsonl, config.toml)"]
 
     return TaskRun(
         cfg=cfg, schedule=text_schedule(plan, cfg.train.max_steps), model=model, loader=loader,
-        val_batches=val_batches, start_lines=[describe_hf_model(model, source),
+        val_batches=val_batches, start_lines=[describe_hf_model(base_model(model), source),
+                                              describe_parameters(model),
                                               f"batch: {plan.describe()}"],
         save=save, end_lines=end_lines, loss_sum_fn=classification_loss_sum, evaluate=evaluate,
         measure_noise=noise_applies(splits.train) is None,
-        num_parameters=sum(p.numel() for p in model.parameters()))
+        num_parameters=parameter_counts(model)[1],
+        num_trainable_parameters=parameter_counts(model)[0])

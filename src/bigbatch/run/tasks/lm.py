@@ -22,6 +22,13 @@ from bigbatch.engine.loop import TrainState
 from bigbatch.engine.noise_scale import noise_scale_summary
 from bigbatch.engine.schedule import describe_lr_scaling
 from bigbatch.engine.throughput import flops_per_token
+from bigbatch.model.adapters import (
+    apply_adapter,
+    base_model,
+    describe_parameters,
+    is_adapted,
+    parameter_counts,
+)
 from bigbatch.model.artifacts import save_model
 from bigbatch.model.checkpointing import apply_activation_checkpointing
 from bigbatch.model.gpt import GPT, GPTShape, resolve_attention
@@ -31,17 +38,18 @@ from bigbatch.run.tasks import TaskContext, TaskRun
 
 
 def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> nn.Module:
-    """The built-in GPT, or the Hugging Face causal LM that `model.source` names."""
+    """The built-in GPT, or the Hugging Face causal LM that `model.source` names, with the
+    adapters `model.adapter` asks for (a peft model around it)."""
     from bigbatch.model.hf_lm import build_hf_lm, with_model_tokenizer
 
     cfg, source = with_model_tokenizer(cfg)
     if source is not None:
-        return build_hf_lm(cfg, source, vocab_size)
-    return GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
-                        n_head=cfg.model.n_head, d_model=cfg.model.d_model,
-                        dropout=cfg.model.dropout),
-               attention=resolve_attention(cfg.model.attention, device_type,
-                                             cfg.precision.dtype))
+        return apply_adapter(build_hf_lm(cfg, source, vocab_size), cfg.model, "lm")
+    gpt = GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
+                       n_head=cfg.model.n_head, d_model=cfg.model.d_model,
+                       dropout=cfg.model.dropout),
+              attention=resolve_attention(cfg.model.attention, device_type, cfg.precision.dtype))
+    return apply_adapter(gpt, cfg.model, "lm")
 
 
 def model_width(cfg: Config) -> tuple[int, int]:
@@ -86,12 +94,13 @@ def plan_memory(cfg: Config, corpus: Corpus, ctx: TaskContext) -> Config:
 
 
 def startup_lines(cfg: Config, schedule: BatchSchedule, model: nn.Module) -> list[str]:
-    plan = schedule.plan
+    plan, base, (_, total) = schedule.plan, base_model(model), parameter_counts(model)
     return [
-        f"model: {cfg.model.source} {model.num_parameters() / 1e6:.2f}M parameters"
-        if not isinstance(model, GPT) else
-        f"model: GPT {model.num_parameters() / 1e6:.2f}M parameters ({cfg.model.n_layer} layers,"
-        f" d_model {cfg.model.d_model}, {cfg.model.n_head} heads, vocab {model.shape.vocab_size})",
+        f"model: {cfg.model.source} {total / 1e6:.2f}M parameters"
+        if not isinstance(base, GPT) else
+        f"model: GPT {total / 1e6:.2f}M parameters ({cfg.model.n_layer} layers,"
+        f" d_model {cfg.model.d_model}, {cfg.model.n_head} heads, vocab {base.shape.vocab_size})",
+        describe_parameters(model),
         f"batch: {plan.describe()}",
         f"schedule: {cfg.train.max_steps} steps = {schedule.total_tokens:,} "
         f"tokens, peak lr {cfg.optim.lr:g} after {cfg.optim.warmup_steps} warmup steps, "
@@ -142,10 +151,15 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         return unigram_baseline(corpus, cfg)
 
     def save(model: nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
-        if hf_source is None:
-            save_model(model, corpus.tokenizer, out_dir, weights)
-        else:
+        if hf_source is not None:
             save_hf_model(model, cfg, hf_source, out_dir, weights)
+        elif is_adapted(model):  # merged for everything that reads a GPT; the adapter beside
+            adapted = build_model(cfg, corpus.vocab_size)
+            adapted.load_state_dict(weights)
+            adapted.save_pretrained(str(out_dir))
+            save_model(adapted.merge_and_unload(), corpus.tokenizer, out_dir)
+        else:
+            save_model(model, corpus.tokenizer, out_dir, weights)
 
     def end_lines(state: TrainState) -> list[str]:
         lines = []
@@ -169,6 +183,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         start_lines=[*startup_lines(cfg, schedule, model),
                      f"loss: {describe_loss(loss_kernel, cfg.model.loss_chunk_tokens)}"],
         save=save, end_lines=end_lines, loss_sum_fn=loss_sum_fn,
-        num_parameters=model.num_parameters(),
+        num_parameters=parameter_counts(model)[1],
+        num_trainable_parameters=parameter_counts(model)[0],
         flops_per_token=flops_per_token(*model_width(cfg), corpus.vocab_size, cfg.data.seq_len),
         closing_facts=lambda: {"unigram_val_loss": baseline()})
