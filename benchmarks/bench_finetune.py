@@ -47,10 +47,17 @@ def tokens_per_s(seconds: list[float], tokens: list[int]) -> float:
 
 def test_accuracy(run_dir: Path) -> tuple[float, float, int]:
     """Accuracy and macro-F1 on test.tsv of the model the run saved, by bigbatch's evaluation."""
+    from bigbatch.config.files import load_config
+
+    return classifier_test_metrics(run_dir, load_config(run_dir / "config.toml"))
+
+
+def classifier_test_metrics(model_dir: Path, cfg) -> tuple[float, float, int]:
+    """Accuracy, macro-F1 and texts on test.tsv of the Hugging Face classifier in `model_dir`,
+    windowed as `cfg` says, by bigbatch's evaluation."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from bigbatch.config.files import load_config
     from bigbatch.data.classification import (
         eval_batches,
         label_ids,
@@ -61,9 +68,8 @@ def test_accuracy(run_dir: Path) -> tuple[float, float, int]:
     from bigbatch.engine.precision import make_precision
     from bigbatch.parallel.process_group import SINGLE_PROCESS
 
-    cfg = load_config(run_dir / "config.toml")
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     texts, raw = read_labelled_file(TEST, cfg.data.text_field, cfg.data.label_field)
     windows = tokenize_windows(tokenizer, texts, label_ids(raw, names, TEST), cfg.data.max_length,

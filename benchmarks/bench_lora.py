@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from bench_finetune import TEST, bigbatch_steps, tokens_per_s
+from bench_finetune import bigbatch_steps, classifier_test_metrics, tokens_per_s
 from common import (
     BENCHMARKS_MD,
     ROOT,
@@ -72,34 +72,9 @@ def test_accuracy(model_dir: Path, recipe: str) -> float:
 
 
 def score_on_test(model_dir: Path, recipe: str) -> float:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from bigbatch.config.files import load_config
-    from bigbatch.data.classification import (
-        eval_batches,
-        label_ids,
-        read_labelled_file,
-        tokenize_windows,
-    )
-    from bigbatch.engine.classification import evaluate_classifier
-    from bigbatch.engine.precision import make_precision
-    from bigbatch.parallel.process_group import SINGLE_PROCESS
 
-    cfg = load_config(ROOT / recipe)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    texts, raw = read_labelled_file(TEST, cfg.data.text_field, cfg.data.label_field)
-    windows = tokenize_windows(tokenizer, texts, label_ids(raw, names, TEST), cfg.data.max_length,
-                               cfg.data.stride)
-    batches = eval_batches(windows, 64, cfg.batch.micro_batch_tokens, 0, 1)
-    cpu = torch.device("cpu")
-    metrics = evaluate_classifier(model, batches, doc_labels=torch.from_numpy(windows.labels),
-                                  num_labels=len(names), aggregate=cfg.data.aggregate,
-                                  precision=make_precision(cfg.precision, cpu),
-                                  dist=SINGLE_PROCESS, device=cpu)
-    return metrics["val_accuracy"]
+    return classifier_test_metrics(model_dir, load_config(ROOT / recipe))[0]
 
 
 def parameter_counts(recipe: str) -> tuple[int, int]:
