@@ -38,19 +38,23 @@ TEXT_BYTES_PER_TOKEN = 3.35  # bench_data: 1.00 GB of site-packages text -> 298M
 FIRST_STEPS, LATER_STEPS = 40, 160
 
 
-def token_file(text_gb: float, directory: Path) -> np.memmap:
-    """A uint16 token file as long as `text_gb` GB of text tokenizes to (written once)."""
+def token_file(text_gb: float, directory: Path, eot: int | None = None) -> Path:
+    """A uint16 token file of seeded random ids as long as `text_gb` GB of text tokenizes to,
+    written once; with `eot`, a nanoGPT-style corpus: end-of-text every DOC_TOKENS ids."""
     length = int(text_gb * 1e9 / TEXT_BYTES_PER_TOKEN)
-    path = directory / f"bench_loader_{length}.bin"
+    path = directory / f"bench_loader_{'corpus_' if eot is not None else ''}{length}.bin"
     if not path.exists() or path.stat().st_size != 2 * length:
         rng = np.random.default_rng(0)
         out = np.memmap(path, dtype=np.uint16, mode="w+", shape=(length,))
         for start in range(0, length, 50_000_000):
             end = min(length, start + 50_000_000)
-            out[start:end] = rng.integers(0, 8192, end - start, dtype=np.uint16)
+            ids = rng.integers(0, VOCAB, end - start, dtype=np.uint16)
+            if eot is not None:
+                ids[(np.arange(start, end) % DOC_TOKENS) == DOC_TOKENS - 1] = eot
+            out[start:end] = ids
         out.flush()
         del out
-    return np.memmap(path, dtype=np.uint16, mode="r", shape=(length,))
+    return path
 
 
 def measure(sizes: list[float], directory: Path) -> list[str]:
@@ -58,7 +62,7 @@ def measure(sizes: list[float], directory: Path) -> list[str]:
                       world_size=1)
     loaders, starts = {}, {}
     for size in sizes:
-        tokens = token_file(size, directory)
+        tokens = np.memmap(token_file(size, directory), dtype=np.uint16, mode="r")
         began = time.perf_counter()
         loaders[size] = TokenLoader(tokens, 0, plan, 0, 1)
         starts[size] = time.perf_counter() - began
@@ -92,24 +96,6 @@ def measure(sizes: list[float], directory: Path) -> list[str]:
     return rows + ["", f"Other processes used {others:.2f} cores meanwhile."]
 
 
-def pretokenized_corpus(text_gb: float, directory: Path, eot: int) -> Path:
-    """A nanoGPT-style `.bin` of seeded random ids, a document every DOC_TOKENS (end-of-text
-    ids between them), as long as `text_gb` GB of text tokenizes to."""
-    length = int(text_gb * 1e9 / TEXT_BYTES_PER_TOKEN)
-    path = directory / f"bench_loader_corpus_{length}.bin"
-    if not path.exists() or path.stat().st_size != 2 * length:
-        rng = np.random.default_rng(1)
-        out = np.memmap(path, dtype=np.uint16, mode="w+", shape=(length,))
-        for start in range(0, length, 50_000_000):
-            end = min(length, start + 50_000_000)
-            ids = rng.integers(0, VOCAB, end - start, dtype=np.uint16)
-            ids[(np.arange(start, end) % DOC_TOKENS) == DOC_TOKENS - 1] = eot
-            out[start:end] = ids
-        out.flush()
-        del out
-    return path
-
-
 def warm_start_rows(sizes: list[float], directory: Path) -> list[str]:
     """`bigbatch train` on a warm cache of each size: seconds to its corpus line and first step."""
     from bigbatch.data.tokenizer import eot_id, save_atomically, train_bpe
@@ -123,7 +109,7 @@ def warm_start_rows(sizes: list[float], directory: Path) -> list[str]:
         save_atomically(tokenizer, work / "tokenizer" / "tokenizer.json")
         rows = []
         for size in sizes:
-            corpus = pretokenized_corpus(size, directory, eot_id(tokenizer))
+            corpus = token_file(size, directory, eot=eot_id(tokenizer))
             argv = [sys.executable, "-m", "bigbatch", "train", "configs/tiny.toml",
                     f"--data.path={corpus}", f"--data.tokenizer={work / 'tokenizer'}",
                     f"--data.cache_dir={work / 'cache'}", "--train.eval_every=0",
