@@ -43,8 +43,9 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare
 def old_in_memory_cache(cfg: DataConfig) -> tuple[str, np.ndarray, np.ndarray]:
     """The pre-streaming corpus.py: every document in memory, BPE on all training documents,
     ids as lists. Returns (tokenizer JSON, train tokens, val tokens)."""
-    docs = []
+    docs, root = [], Path(cfg.path)
     for f in [s.path for s in source_files(cfg.path, cfg.pattern)]:
+        name = f.relative_to(root).as_posix() if root.is_dir() else f.name
         try:
             text = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -52,7 +53,7 @@ def old_in_memory_cache(cfg: DataConfig) -> tuple[str, np.ndarray, np.ndarray]:
         text = text.replace(EOT, "")
         if not text.strip():
             continue
-        docs += [(f"{f}#{i}", piece) for i, piece in enumerate(split_text(text, cfg.doc_chars))]
+        docs += [(f"{name}#{i}", piece) for i, piece in enumerate(split_text(text, cfg.doc_chars))]
     train = [d for d in docs if not is_validation(d[0], cfg.val_fraction)]
     val = [d for d in docs if is_validation(d[0], cfg.val_fraction)]
     if len(docs) >= 2 and (not val or not train):
@@ -107,6 +108,25 @@ def test_streamed_cache_equals_the_in_memory_cache(tmp_path, small_pieces):
     assert np.array_equal(streamed.train_counts, counts)  # the stored unigram counts
 
 
+def test_a_moved_corpus_keeps_its_split_its_bpe_sample_and_its_tokens(tmp_path, small_pieces):
+    """Documents are named by their path inside data.path: a corpus copied elsewhere (another
+    machine, or each node of a cluster mounting it at its own path) gives the same cache. Named
+    by absolute path, as before, the hash split held out other documents at each location."""
+    import shutil
+
+    here = mixed_text_dir(tmp_path / "here")
+    there = tmp_path / "elsewhere" / "deeper" / "corpus"
+    shutil.copytree(here, there.parent / "corpus")
+    corpora = [prepare_corpus(DataConfig(path=str(root), vocab_size=400, doc_chars=4096,
+                                         cache_dir=str(tmp_path / f"cache{i}")))
+               for i, root in enumerate((here, there))]
+    assert corpora[0].cache_dir.name != corpora[1].cache_dir.name  # two caches, each prepared
+    assert corpora[0].tokenizer.to_str() == corpora[1].tokenizer.to_str()
+    assert np.array_equal(corpora[0].train_tokens, corpora[1].train_tokens)
+    assert np.array_equal(corpora[0].val_tokens, corpora[1].val_tokens)
+    assert corpora[0].val_tokens.size > 0
+
+
 def test_too_few_documents_hold_out_the_last_one_as_before(tmp_path, small_pieces):
     root = tmp_path / "three"
     root.mkdir()
@@ -114,7 +134,7 @@ def test_too_few_documents_hold_out_the_last_one_as_before(tmp_path, small_piece
     for i in range(3):
         (root / f"doc{i}.txt").write_text(text[2000 * i:2000 * (i + 1)])
     cfg = DataConfig(path=str(root), vocab_size=300, cache_dir=str(tmp_path / "cache"))
-    names = [f"{s.path}#0" for s in source_files(cfg.path, cfg.pattern)]
+    names = [f"{s.path.name}#0" for s in source_files(cfg.path, cfg.pattern)]
     assert not any(is_validation(n, cfg.val_fraction) for n in names)  # the hash holds none out
     streamed = prepare_corpus(cfg)
     assert_same_cache(streamed, old_in_memory_cache(cfg))

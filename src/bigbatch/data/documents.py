@@ -14,7 +14,7 @@ OnBytes = Callable[[int], None]  # told how many source bytes were just consumed
 
 @dataclass(frozen=True)
 class Document:
-    name: str                      # "FILE#N": stable, so the split by its hash is too
+    name: str                      # SourceFile.document_name: the split hashes it
     text: str | None = None        # text to tokenize, or
     ids: np.ndarray | None = None  # the token ids of a pre-tokenized source
     split: str | None = None       # "train" or "val" where the source's layout says
@@ -30,3 +30,10 @@ class SourceFile:
     path: Path
     kind: str                  # "text" | "jsonl" | "parquet" | "arrow" | "tokens"
     split: str | None = None   # "train" or "val" where the layout fixes it (val.bin, DatasetDict)
+    name: str = ""             # its path relative to data.path (source_files sets it)
+
+    def document_name(self, index: int) -> str:
+        """"FILE#N" with FILE relative to data.path. The split and the BPE sample hash this
+        name, so it must not hold where the corpus lies: a corpus moved, or mounted at another
+        path on each node of a cluster, keeps the same validation documents."""
+        return f"{self.name or self.path.name}#{index}"

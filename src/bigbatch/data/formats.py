@@ -30,7 +30,7 @@ def _record(source: SourceFile, index: int, value, field: str, strip: str) -> Do
     text = value.replace(strip, "")
     if not text.strip():
         return None
-    return Document(f"{source.path}#{index}", text, split=source.split)
+    return Document(source.document_name(index), text, split=source.split)
 
 
 def read_jsonl(source: SourceFile, field: str, strip: str, on_bytes: OnBytes

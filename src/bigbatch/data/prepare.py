@@ -45,7 +45,7 @@ from bigbatch.errors import UsageError
 BATCH_CHARS = 4 << 20   # text per encode_batch call: its Encodings (~30 B a character) are the
                         # largest transient, and 4 MiB still gives every core many documents
 SHARD_CHARS = 64 << 20  # text between two commits: what an interrupted preparation redoes
-CACHE_FORMAT = 2        # 1 was train.npy/val.npy written from lists in memory
+CACHE_FORMAT = 3  # 1: train.npy/val.npy from lists in memory; 2: documents named by absolute path
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import os
 import re
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from bigbatch.data import formats, token_files
@@ -78,6 +79,18 @@ def hf_dataset_files(root: Path) -> list[SourceFile]:
 
 
 def source_files(path: str, pattern: str) -> list[SourceFile]:
+    """`found_source_files`, each named by its path relative to `data.path` (or to the
+    standard library): what its documents are named by (SourceFile.document_name)."""
+    if not path:
+        root = Path(sysconfig.get_paths()["stdlib"])
+    else:
+        root = Path(path).expanduser()
+        root = root.parent if root.is_file() else root
+    return [replace(f, name=f.path.relative_to(root).as_posix()) for f in
+            found_source_files(path, pattern)]
+
+
+def found_source_files(path: str, pattern: str) -> list[SourceFile]:
     """The files a `data.path` names, of one kind, sorted so that every run sees the same order.
 
     In a directory the structured files (JSONL, Parquet, token arrays) win over loose text: a
@@ -197,7 +210,7 @@ def text_file_pieces(path: Path, doc_chars: int, strip: str, on_bytes: OnBytes
 def read_text_file(source: SourceFile, doc_chars: int, strip: str, on_bytes: OnBytes
                    ) -> Iterator[Document]:
     for i, piece in enumerate(text_file_pieces(source.path, doc_chars, strip, on_bytes)):
-        yield Document(f"{source.path}#{i}", piece, split=source.split)
+        yield Document(source.document_name(i), piece, split=source.split)
 
 
 def iter_documents(sources: list[SourceFile], doc_chars: int, strip: str, text_field: str,

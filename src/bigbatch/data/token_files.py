@@ -82,16 +82,16 @@ def read_token_file(source: SourceFile, vocab_size: int, eot: int, on_bytes: OnB
             begin = 0
             for end in ends:
                 for piece in _pieces(stream[begin:end]):
-                    yield Document(f"{source.path}#{index}", ids=piece, split=source.split)
+                    yield Document(source.document_name(index), ids=piece, split=source.split)
                     index += 1
                 begin = end + 1
             pending = stream[begin:]
             while len(pending) > MAX_DOC_TOKENS:
-                yield Document(f"{source.path}#{index}", ids=pending[:MAX_DOC_TOKENS].copy(),
+                yield Document(source.document_name(index), ids=pending[:MAX_DOC_TOKENS].copy(),
                                split=source.split)
                 pending, index = pending[MAX_DOC_TOKENS:], index + 1
     for piece in _pieces(pending):
-        yield Document(f"{source.path}#{index}", ids=piece, split=source.split)
+        yield Document(source.document_name(index), ids=piece, split=source.split)
         index += 1
 
 
