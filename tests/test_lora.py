@@ -78,6 +78,66 @@ def test_lora_gradients_over_micro_batches_equal_one_big_batch():
     assert all(float(g.abs().max()) > 0 for g in grads.values())
 
 
+def test_fp16_loss_scaling_with_lora_updates_the_adapters_as_fp32_does_and_skips_overflow():
+    """fp16 autocast with dynamic loss scaling on a LoRA model, through train_step: a scale that
+    overflows (2^40) skips the step (nothing moves, the optimizer never steps) and backs off;
+    at a sane scale the unscaled update of every adapter equals the fp32 step's (plain SGD, so
+    the update is -lr x the gradient: within fp16 rounding, 1e-2), and no frozen weight moves."""
+    from bigbatch.config.sections import OptimConfig, PrecisionConfig
+    from bigbatch.data.loader import MicroBatch
+    from bigbatch.engine.optim import build_optimizer
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.engine.step import train_step
+
+    cpu = torch.device("cpu")
+    generator = torch.Generator().manual_seed(3)
+    tokens = [torch.randint(0, 64, (2, 17), generator=generator) for _ in range(3)]
+    batches = [MicroBatch(t[:, :-1], t[:, 1:]) for t in tokens]
+    sgd = OptimConfig(name="sgd", lr=1e-2, momentum=0.0, weight_decay=0.0)
+
+    def lora_gpt():
+        torch.manual_seed(0)
+        model = apply_adapter(GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=2, n_head=2,
+                                           d_model=32)), ModelConfig(adapter="lora", lora_rank=4),
+                              "lm")
+        randomised_b(model)
+        with torch.no_grad():  # B of std 1 makes activations so large that fp16 rounding alone
+            for name, param in model.named_parameters():  # moves the update ~9% (bf16 ~100%);
+                if "lora_B" in name:                       # at 0.05 fp16 is within 0.3%
+                    param.mul_(0.05)
+        return model, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def step(model, precision, optimizer=None):
+        optimizer = optimizer or build_optimizer(model, sgd, cpu)
+        return optimizer, train_step(model, optimizer, batches, precision=precision)
+
+    reference, start = lora_gpt()
+    step(reference, make_precision(PrecisionConfig(dtype="fp32"), cpu))
+    model, same_start = lora_gpt()
+    assert all(torch.equal(start[n], same_start[n]) for n in start)
+
+    optimizer, stats = step(model, make_precision(PrecisionConfig(dtype="fp16",
+                                                                  init_scale=2.0**40), cpu))
+    assert stats.skipped and stats.loss_scale == 2.0**40 * PrecisionConfig().backoff_factor
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+    _, stats = step(model, make_precision(PrecisionConfig(dtype="fp16", init_scale=2.0**12),
+                                          cpu), optimizer)
+    assert not stats.skipped and stats.loss_scale == 2.0**12
+    adapters = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in n for n in adapters)
+    got = dict(model.named_parameters())
+    want = dict(reference.named_parameters())
+    for name, param in got.items():
+        if name not in adapters:
+            assert torch.equal(param, start[name]), name  # frozen: bitwise where it was
+            continue
+        update, expected = param.detach() - start[name], want[name].detach() - start[name]
+        assert float(expected.abs().max()) > 0, name
+        assert float((update - expected).norm() / expected.norm()) < 1e-2, name
+
+
 def test_lora_settings_are_checked():
     for override, key in (("--model.adapter=dora", "model.adapter"),
                           ("--model.lora_rank=0", "model.lora_rank"),

@@ -131,3 +131,42 @@ def test_non_finite_gradient_skips_the_update_without_scaling(dtype, bad_value):
     stats = train_step(model, optimizer, batches, precision=precision, clip_norm=1.0)
     assert not stats.skipped
     assert_updated(model, before)
+
+
+def test_auto_is_bf16_where_the_cpu_multiplies_it_natively_and_fp32_elsewhere(monkeypatch):
+    """precision.dtype = "auto" (the default) reads the CPU's capability: without AVX-512 BF16
+    or AMX, autocast's bf16 matmuls take a reference loop some 50x slower than fp32, so auto is
+    fp32 there, and an explicit bf16 or fp16 is kept but warned about."""
+    from bigbatch.engine.precision import resolve_dtype
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    assert resolve_dtype("auto", CPU)[0] == "fp32"
+    assert make_precision(PrecisionConfig(), CPU).dtype == "fp32"  # the default is auto
+    for explicit in ("bf16", "fp16"):
+        dtype, note = resolve_dtype(explicit, CPU)
+        assert dtype == explicit and note.startswith("warning: ") and "'fp32'" in note
+    assert resolve_dtype("fp32", CPU) == ("fp32", "")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_dtype("auto", CPU) == ("bf16", "auto")
+    assert resolve_dtype("bf16", CPU) == ("bf16", "")
+    assert make_precision(PrecisionConfig(), CPU).dtype == "bf16"
+
+
+def test_a_run_records_the_dtype_auto_chose(tiny_overrides, tmp_path, monkeypatch):
+    """config.toml holds the resolved dtype (a resume or a report reads what ran, not "auto"),
+    and the start-up line says why."""
+    import contextlib
+    import io
+
+    from bigbatch.config.files import load_config
+    from bigbatch.run.train import train
+    from small_runs import small_config
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train(small_config(tiny_overrides, "--train.max_steps=1"), tmp_path / "run")
+    assert load_config(tmp_path / "run" / "config.toml").precision.dtype == "fp32"
+    assert "precision: fp32 (auto: this CPU (" in out.getvalue()

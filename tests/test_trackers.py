@@ -17,7 +17,7 @@ from bigbatch.config.files import config_to_dict, load_config
 from bigbatch.engine.metrics import MetricsLog
 from bigbatch.engine.trackers import scalars
 from bigbatch.run.train import train
-from small_runs import small_config
+from small_runs import TIMINGS, small_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,7 +74,13 @@ def wandb_records(path: Path) -> Iterator:
 def wandb_offline_run(run_dir: Path) -> dict:
     """History by step, config and artifact file names of the run's one offline W&B run."""
     (log_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return wandb_log(log_file)
+
+
+def wandb_log(log_file: Path) -> dict:
+    """What one offline attempt's transaction log holds: its run id, history, config, files."""
     history: dict[int, dict] = {}
+    run_id = ""
     config: dict = {}
     artifact_files: list[str] = []
     for record in wandb_records(log_file):
@@ -84,13 +90,15 @@ def wandb_offline_run(run_dir: Path) -> dict:
                      for item in record.history.item}
             history.setdefault(items.pop("_step"), {}).update(items)
         elif kind == "run":
+            run_id = run_id or record.run.run_id
             config.update({item.key: json.loads(item.value_json)
                            for item in record.run.config.update})
         elif kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "artifact":
             artifact_files += [entry.path for entry in record.artifact.manifest.contents]
-    return {"history": history, "config": config, "artifact_files": artifact_files}
+    return {"history": history, "config": config, "artifact_files": artifact_files,
+            "id": run_id}
 
 
 def test_wandb_offline_run_holds_every_metric_row(tracked_run):
@@ -144,6 +152,68 @@ def test_no_trackers_leaves_metrics_jsonl_only(tmp_path, tiny_overrides):
           verbose=False)
     assert [row["step"] for row in jsonl_rows(out)] == [0, 1, 2, 2]
     assert not any((out / name).exists() for name in ("tensorboard", "wandb", "mlruns"))
+
+
+# --- A resumed run continues its tracker runs --------------------------------------------------
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Through TensorBoard's own reader, which applies a purge_step as its UI does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"] if tag not in TIMINGS}
+
+
+def test_a_resumed_run_continues_its_tracker_runs_with_each_step_once(tmp_path, tiny_overrides,
+                                                                      monkeypatch):
+    """A run killed after step 5 with its last checkpoint at step 4, then resumed, leaves what
+    an uninterrupted run leaves: one MLflow run whose every metric history equals the straight
+    run's; W&B attempts with one run id whose histories together hold each step once, as the
+    straight run's; TensorBoard scalars (its reader honours the purge) equal the straight
+    run's. Timings aside, the runs are bit-identical on CPU (test_resume.py)."""
+    from test_resume import StopAfter
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "MLFLOW_TRACKING_URI",
+                 "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = small_config(tiny_overrides, "--train.max_steps=6", "--train.eval_every=2",
+                       "--checkpoint.every_steps=2",
+                       '--train.trackers=["tensorboard", "wandb", "mlflow"]')
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(cfg, straight, verbose=False)
+    train(cfg, resumed, verbose=False, preemption=StopAfter(5))
+    checkpoints = sorted((resumed / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints[-2:]] == ["step-00000004", "step-00000005"]
+    import shutil
+
+    shutil.rmtree(checkpoints[-1])  # killed after step 5's rows were sent, before its save
+    train(cfg, resumed, verbose=False, resume="auto")
+
+    def without_timings(history: dict[int, dict]) -> dict[int, dict]:
+        return {step: {k: v for k, v in row.items() if k not in TIMINGS and not k.startswith("_")}
+                for step, row in history.items()}
+
+    attempts = [wandb_log(f) for f in sorted((resumed / "wandb").glob("offline-run-*/run-*.wandb"))]
+    assert len(attempts) == 2 and attempts[0]["id"] == attempts[1]["id"]
+    assert max(attempts[0]["history"]) == 5 and min(attempts[1]["history"]) == 6
+    merged = {**attempts[0]["history"], **attempts[1]["history"]}
+    assert without_timings(merged) == without_timings(wandb_offline_run(straight)["history"])
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    (client_a, run_a), (client_b, run_b) = (mlflow_run(d, monkeypatch) for d in (straight, resumed))
+    assert run_b.info.status == "FINISHED"
+    keys = set(run_a.data.metrics) - TIMINGS
+    assert keys and keys == set(run_b.data.metrics) - TIMINGS
+    for key in keys:
+        histories = [sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                                 key))
+                     for client, run in ((client_a, run_a), (client_b, run_b))]
+        assert histories[0] == histories[1], key
+
+    assert tensorboard_scalars(resumed) == tensorboard_scalars(straight)
 
 
 # --- The fan-out itself ---------------------------------------------------------------------------

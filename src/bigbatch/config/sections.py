@@ -193,12 +193,14 @@ class OptimConfig:
                 "a number in [0, 1]")
 
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    dtype: str = option("bf16", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling).")
+    dtype: str = option("auto", "auto (bf16 where the device multiplies it natively: CUDA from "
+                                "Ampere, a CPU with AVX-512 BF16 or AMX; else fp32) | fp32 | "
+                                "bf16 (autocast) | fp16 (autocast + dynamic loss scaling).")
     init_scale: float = option(2.0**16, "fp16: initial loss scale.")
     growth_factor: float = option(2.0, "fp16: scale multiplier after `growth_interval` good steps.")
     backoff_factor: float = option(0.5, "fp16: scale multiplier after an overflow.")

@@ -5,16 +5,24 @@ its own library and imported only when named (wandb and mlflow are extras). Each
 resolved config when it opens, every row, and at the end the run's files (report.html, plan.json)
 as artifacts. Nothing here needs the network: W&B runs offline in RUN_DIR/wandb/ unless the user
 configured it, MLflow writes a file store in RUN_DIR/mlruns/ unless MLFLOW_TRACKING_URI says where.
+
+A resumed run continues the tracker runs it opened before (their ids are in RUN_DIR/trackers.json)
+rather than opening new ones. The interrupted attempt had sent rows past its last checkpoint,
+which the resumed run computes again: TensorBoard purges them (SummaryWriter's purge_step) and
+takes the new ones; W&B and MLflow keep the rows they have, and are sent only the steps after
+them: W&B refuses a step that goes back, MLflow would keep both values of such a step.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import netrc
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -30,6 +38,30 @@ DISTRIBUTIONS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlfl
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install 'bigbatch[wandb]'",
            "mlflow": "pip install 'bigbatch[mlflow]'"}
 MLFLOW_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+IDS_FILE = "trackers.json"     # in the run directory: the tracker runs a resume continues
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A resumed run: its checkpoint's step, and the last step the interrupted attempt logged."""
+
+    step: int
+    sent_through: int
+
+
+def stored_ids(run_dir: Path) -> dict[str, dict[str, str]]:
+    try:
+        return json.loads((run_dir / IDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def store_id(run_dir: Path, name: str, ids: dict[str, str]) -> None:
+    """Atomically: a crash while writing leaves the previous ids."""
+    path = run_dir / IDS_FILE
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**stored_ids(run_dir), name: ids}, indent=1))
+    os.replace(tmp, path)
 
 
 class Tracker(Protocol):
@@ -77,12 +109,14 @@ def check_trackers_installed(names: Sequence[str]) -> None:
             raise _not_installed(name)                            # holds None for it
 
 
-def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any]) -> list[Tracker]:
-    """Open the named trackers (rank 0 only) and give each the resolved config."""
+def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any],
+                  continued: Continuation | None = None) -> list[Tracker]:
+    """Open the named trackers (rank 0 only) and give each the resolved config; a resumed run
+    (`continued`) reopens the runs its trackers had."""
     opened: list[Tracker] = []
     try:
         for name in names:
-            opened.append(OPENERS[name](run_dir, config))
+            opened.append(OPENERS[name](run_dir, config, continued))
     except BaseException:
         for tracker in opened:
             tracker.close(ok=False)
@@ -91,10 +125,13 @@ def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any]) -
 
 
 class TensorBoardTracker:
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any],
+                 continued: Continuation | None = None) -> None:
         SummaryWriter = import_tracker_library("tensorboard").SummaryWriter
         self.where = str(run_dir / "tensorboard")
-        self.writer = SummaryWriter(log_dir=self.where)
+        # On resume TensorBoard hides the earlier events from the checkpoint's next step on.
+        self.writer = SummaryWriter(log_dir=self.where,
+                                    purge_step=continued.step + 1 if continued else None)
 
     def write(self, row: dict[str, Any]) -> None:
         for key, value in scalars(row).items():
@@ -120,24 +157,32 @@ def wandb_configured() -> bool:
 
 
 class WandbTracker:
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any],
+                 continued: Continuation | None = None) -> None:
         offline = not wandb_configured()
         if offline:  # W&B reports its own crashes to its servers unless told not to
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         wandb = import_tracker_library("wandb")
+        # Resumed: the same run id. Offline, each attempt is its own directory holding that id,
+        # and `wandb sync` sends them all into the one run.
+        run_id = stored_ids(run_dir).get("wandb", {}).get("id") if continued else None
+        self.sent_through = continued.sent_through if run_id else -1
         self.run = wandb.init(
             project=None if os.environ.get("WANDB_PROJECT") else "bigbatch",
             name=run_dir.resolve().name, dir=str(run_dir), config=config,
             mode="offline" if offline else None, reinit="create_new",
+            id=run_id, resume="allow" if run_id else None,
             # bigbatch's own lines stay the output; system metrics would add a sampling process
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        store_id(run_dir, "wandb", {"id": self.run.id})
         self.wandb = wandb
         local = Path(self.run.dir).parent
         self.where = (f"offline in {local} (`wandb sync` that directory to upload)" if offline
                       else f"run {self.run.url or local}")
 
     def write(self, row: dict[str, Any]) -> None:
-        self.run.log(scalars(row), step=row["step"])
+        if row["step"] > self.sent_through:
+            self.run.log(scalars(row), step=row["step"])
 
     def log_artifacts(self, paths: Sequence[Path]) -> None:
         if not paths:
@@ -152,7 +197,8 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any],
+                 continued: Continuation | None = None) -> None:
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             uri = (run_dir / "mlruns").resolve().as_uri()
@@ -168,16 +214,36 @@ class MlflowTracker:
         experiment = self.client.get_experiment_by_name(experiment_name)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else self.client.create_experiment(experiment_name))
-        self.run_id = self.client.create_run(experiment_id,
-                                             run_name=run_dir.resolve().name).info.run_id
-        params = [Param(key, str(value)) for key, value in flatten(config).items()]
-        for start in range(0, len(params), MLFLOW_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id,
-                                  params=params[start:start + MLFLOW_PARAMS_PER_BATCH])
+        self.run_id, self.sent_through = self.continued_run(run_dir, uri, continued), -1
+        if self.run_id:
+            self.sent_through = continued.sent_through
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:  # params once: MLflow refuses a param logged again with another value
+            self.run_id = self.client.create_run(experiment_id,
+                                                 run_name=run_dir.resolve().name).info.run_id
+            params = [Param(key, str(value)) for key, value in flatten(config).items()]
+            for start in range(0, len(params), MLFLOW_PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id,
+                                      params=params[start:start + MLFLOW_PARAMS_PER_BATCH])
+        store_id(run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": uri})
         self.client.log_text(self.run_id, tomli_w.dumps(config), "config.toml")
         self.where = f"run {self.run_id} in {uri}"
 
+    def continued_run(self, run_dir: Path, uri: str, continued: Continuation | None) -> str:
+        """The run id to continue: the stored one, if it is in this tracking store still."""
+        from mlflow.exceptions import MlflowException
+
+        stored = stored_ids(run_dir).get("mlflow", {})
+        if not continued or stored.get("tracking_uri") != uri:
+            return ""
+        try:
+            return self.client.get_run(stored["run_id"]).info.run_id
+        except (MlflowException, KeyError):
+            return ""
+
     def write(self, row: dict[str, Any]) -> None:
+        if row["step"] <= self.sent_through:
+            return
         now_ms = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[
             self.Metric(key, float(value), now_ms, row["step"])

@@ -110,19 +110,20 @@ def check_out_dir(out_dir: Path, resume: str | None, overwrite: bool = False) ->
 
 def drop_metrics_after(path: Path, step: int) -> int:
     """Rewrite metrics.jsonl without the rows of steps after `step` (logged by the attempt that
-    was interrupted, and about to be logged again). Returns how many rows were dropped."""
+    was interrupted, and about to be logged again). Returns the last step the file held before
+    (-1 for none): how far that attempt had sent its rows to the trackers too."""
     if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
+        return -1
+    kept, last = [], -1
+    for line in path.read_text().splitlines(keepends=True):
         try:
             row_step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):
             continue  # a half-written last line from a killed process
+        last = max(last, row_step)
         if row_step <= step:
             kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
-    return len(lines) - len(kept)
+    return last

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +24,8 @@ from bigbatch.engine.loop import evaluate as evaluate_loss
 from bigbatch.engine.metrics import MetricsLog, Progress
 from bigbatch.engine.noise_scale import NoiseScaleEMA
 from bigbatch.engine.optim import build_optimizer
-from bigbatch.engine.precision import make_precision
-from bigbatch.engine.trackers import check_trackers_installed, open_trackers
+from bigbatch.engine.precision import make_precision, resolve_dtype
+from bigbatch.engine.trackers import Continuation, check_trackers_installed, open_trackers
 from bigbatch.errors import UsageError
 from bigbatch.model.artifacts import unwrap
 from bigbatch.parallel.process_group import (
@@ -134,6 +134,8 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     if cfg.train.allocator == "tuned" and tune_glibc_malloc():
         allocator = "tuned (glibc: no per-buffer mmap, no trim)"
     device = resolve_device(cfg.train.device, dist)
+    dtype, dtype_note = resolve_dtype(cfg.precision.dtype, device)  # config.toml keeps the choice
+    cfg = replace(cfg, precision=replace(cfg.precision, dtype=dtype))
     init_process_group(dist, device)
     if dist.is_main:
         prepare_out_dir(out_dir)
@@ -147,7 +149,10 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     cfg, model = task.cfg, task.model
     for line in task.start_lines:
         say(line)
-    say(f"precision: {cfg.precision.dtype} | device: {device} | threads: "
+    if dtype_note.startswith("warning: "):
+        warn(dtype_note.removeprefix("warning: "))
+    chosen = f" ({dtype_note})" if dtype_note and not dtype_note.startswith("warning") else ""
+    say(f"precision: {cfg.precision.dtype}{chosen} | device: {device} | threads: "
         f"{torch.get_num_threads()} | allocator: {allocator}")
     wrapped = parallelize(model, cfg.parallel.strategy, device, dist,
                           precision=cfg.precision.dtype,
@@ -170,11 +175,15 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
         say(f"resumed from {resume_from} at step {state.step}")
     elif resume:
         say(f"no checkpoint in {out_dir / 'checkpoints'}: starting at step 0")
+    continued = None
     if resume and dist.is_main:  # rows past the checkpoint are about to be logged again
-        drop_metrics_after(out_dir / "metrics.jsonl", state.step if resume_from else -1)
+        sent_through = drop_metrics_after(out_dir / "metrics.jsonl",
+                                          state.step if resume_from else -1)
+        if resume_from is not None:
+            continued = Continuation(step=state.step, sent_through=sent_through)
     trackers = []
     if dist.is_main:
-        trackers = open_trackers(cfg.train.trackers, out_dir, config_to_dict(cfg))
+        trackers = open_trackers(cfg.train.trackers, out_dir, config_to_dict(cfg), continued)
         if trackers:
             say("trackers: " + " | ".join(f"{name}: {tracker.where}" for name, tracker
                                           in zip(cfg.train.trackers, trackers, strict=True)))
