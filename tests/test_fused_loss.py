@@ -46,6 +46,34 @@ def test_fused_gradients_equal_the_standard_loss_in_float64(chunk_tokens):
     assert _max_relative_error(fused, grads) <= 1e-12
 
 
+def test_a_frozen_lm_head_gets_no_gradient_and_the_rest_the_standard_ones(monkeypatch):
+    """LoRA freezes the lm_head: the fused kernel then computes no weight gradient at all (no
+    grad.T @ h matmul: counted, it would be one per chunk) and every trainable parameter's
+    gradient still equals the standard loss's (float64)."""
+    model, batch = _model_and_batch()
+    model.lm_head.weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    (lm_loss_sum(model, batch) / 7.0).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    vocab, width = model.lm_head.weight.shape
+    products = []  # the shapes of the kernel's matmuls: (chunk, vocab) logits, (vocab, width) dW
+    real_matmul = torch.Tensor.__matmul__
+
+    def recording_matmul(a, b):
+        out = real_matmul(a, b)
+        products.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recording_matmul)
+    (FusedLinearCrossEntropy(7, compile=False)(model, batch) / 7.0).backward()
+    monkeypatch.undo()
+    assert (7, vocab) in products and (vocab, width) not in products
+    assert model.lm_head.weight.grad is None
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == set(want) and _max_relative_error(got, want) <= 1e-12
+
+
 def test_compiled_kernel_equals_the_eager_one_in_float64():
     """The product path: the chunk function compiled (inductor) gives the standard gradients;
     its compile time is recorded."""

@@ -60,7 +60,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, kernel: FusedLinearCrossEntropy, dtype):
         h_all, w = hidden.to(dtype), weight.to(dtype)
         grad_hidden = torch.empty_like(h_all)
-        grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        # A frozen lm_head (LoRA) needs no weight gradient: a third of each chunk's matmuls
+        # and a vocab x d_model fp32 buffer saved.
+        grad_weight = (torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32),
                             device=hidden.device)
         for start in range(0, h_all.size(0), kernel.chunk_tokens):
@@ -68,7 +71,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             loss, grad = kernel.loss_and_grad(h @ w.T, targets[start:start + kernel.chunk_tokens])
             total += loss
             torch.mm(grad, w, out=grad_hidden[start:start + kernel.chunk_tokens])
-            grad_weight += grad.T @ h  # fp32 accumulation across chunks (the master's dtype)
+            if grad_weight is not None:  # fp32 accumulation across chunks (the master's dtype)
+                grad_weight += grad.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -77,7 +81,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         return ((grad_hidden * grad_total.to(grad_hidden.dtype)).to(ctx.hidden_dtype),
-                grad_weight * grad_total.to(grad_weight.dtype), None, None, None)
+                None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
+                None, None, None)
 
 
 class FusedLinearCrossEntropy:
