@@ -137,19 +137,20 @@ def test_auto_is_bf16_where_the_cpu_multiplies_it_natively_and_fp32_elsewhere(mo
     """precision.dtype = "auto" (the default) reads the CPU's capability: without AVX-512 BF16
     or AMX, autocast's bf16 matmuls take a reference loop some 50x slower than fp32, so auto is
     fp32 there, and an explicit bf16 or fp16 is kept but warned about."""
-    from bigbatch.engine.precision import resolve_dtype
+    from bigbatch.engine.precision import resolve_dtype, slow_autocast_warning
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: False)
     assert resolve_dtype("auto", CPU)[0] == "fp32"
     assert make_precision(PrecisionConfig(), CPU).dtype == "fp32"  # the default is auto
     for explicit in ("bf16", "fp16"):
-        dtype, note = resolve_dtype(explicit, CPU)
-        assert dtype == explicit and note.startswith("warning: ") and "'fp32'" in note
+        assert resolve_dtype(explicit, CPU) == (explicit, "")  # kept as asked, but
+        assert "'fp32'" in slow_autocast_warning(explicit, CPU)  # warned about
     assert resolve_dtype("fp32", CPU) == ("fp32", "")
+    assert slow_autocast_warning("fp32", CPU) == slow_autocast_warning("auto", CPU) == ""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert resolve_dtype("auto", CPU) == ("bf16", "auto")
-    assert resolve_dtype("bf16", CPU) == ("bf16", "")
+    assert resolve_dtype("bf16", CPU) == ("bf16", "") and not slow_autocast_warning("bf16", CPU)
     assert make_precision(PrecisionConfig(), CPU).dtype == "bf16"
 
 

@@ -12,11 +12,11 @@ or fp16 against 97 in fp32), so bf16 there would make a run some 50 times slower
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from bigbatch.config.sections import PrecisionConfig
+from bigbatch.config.sections import Config, PrecisionConfig
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,18 +66,34 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[str, str]:
-    """`precision.dtype` for a run on `device`, and a note for its start-up line: why "auto"
-    chose what it did, or a warning where an explicit choice will be slow ("" otherwise)."""
-    native = native_bf16(device)
-    where = f"this CPU ({torch.backends.cpu.get_cpu_capability()})" if device.type == "cpu" \
-        else str(device)
-    if name == "auto":
-        return ("bf16", "auto") if native else ("fp32", f"auto: {where} has no native bf16")
-    if name in AUTOCAST_DTYPES and device.type == "cpu" and not native:
-        return name, (f"warning: {where} has no native {name} matmul: autocast runs them tens "
-                      "of times slower than fp32 here; precision.dtype = 'auto' or 'fp32' is "
-                      "faster")
-    return name, ""
+    """`precision.dtype` for a run on `device`, and why (for the start-up line) when "auto"
+    chose it ("" for an explicit choice)."""
+    if name != "auto":
+        return name, ""
+    if native_bf16(device):
+        return "bf16", "auto"
+    return "fp32", f"auto: {device_description(device)} has no native bf16"
+
+
+def slow_autocast_warning(name: str, device: torch.device) -> str:
+    """A warning for an explicit bf16/fp16 on a CPU without native bf16 ("" otherwise)."""
+    if name not in AUTOCAST_DTYPES or device.type != "cpu" or native_bf16(device):
+        return ""
+    return (f"{device_description(device)} has no native {name} matmul: autocast runs them "
+            "tens of times slower than fp32 here; precision.dtype = 'auto' or 'fp32' is faster")
+
+
+def with_resolved_dtype(cfg: Config, device: torch.device) -> tuple[Config, str]:
+    """`cfg` with "auto" replaced by what it means on `device` (what config.toml records and
+    the planner plans for), and resolve_dtype's reason."""
+    dtype, why = resolve_dtype(cfg.precision.dtype, device)
+    return replace(cfg, precision=replace(cfg.precision, dtype=dtype)), why
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cpu":
+        return f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    return str(device)
 
 
 def set_tf32(enabled: bool) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from bigbatch.config.sections import Config
 from bigbatch.config.units import format_bytes
-from bigbatch.engine.precision import resolve_dtype
+from bigbatch.engine.precision import with_resolved_dtype
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import resolve_attention
 from bigbatch.planning.budget import resolve_budget
@@ -39,8 +39,7 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     device_type, _, index = device.partition(":")
-    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(
-        cfg.precision, dtype=resolve_dtype(cfg.precision.dtype, torch.device(device))[0]))
+    cfg = with_resolved_dtype(cfg, torch.device(device))[0]
     if cfg.model.source != "gpt":  # a Hugging Face model: its own dimensions, probed as itself
         from bigbatch.planning.hf_probe import hf_dims, planning_config
 

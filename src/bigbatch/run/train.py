@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from bigbatch.engine.loop import evaluate as evaluate_loss
 from bigbatch.engine.metrics import MetricsLog, Progress
 from bigbatch.engine.noise_scale import NoiseScaleEMA
 from bigbatch.engine.optim import build_optimizer
-from bigbatch.engine.precision import make_precision, resolve_dtype
+from bigbatch.engine.precision import make_precision, slow_autocast_warning, with_resolved_dtype
 from bigbatch.engine.trackers import Continuation, check_trackers_installed, open_trackers
 from bigbatch.errors import UsageError
 from bigbatch.model.artifacts import unwrap
@@ -134,8 +134,8 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     if cfg.train.allocator == "tuned" and tune_glibc_malloc():
         allocator = "tuned (glibc: no per-buffer mmap, no trim)"
     device = resolve_device(cfg.train.device, dist)
-    dtype, dtype_note = resolve_dtype(cfg.precision.dtype, device)  # config.toml keeps the choice
-    cfg = replace(cfg, precision=replace(cfg.precision, dtype=dtype))
+    slow_dtype = slow_autocast_warning(cfg.precision.dtype, device)
+    cfg, dtype_chosen = with_resolved_dtype(cfg, device)  # config.toml keeps the choice
     init_process_group(dist, device)
     if dist.is_main:
         prepare_out_dir(out_dir)
@@ -149,9 +149,9 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     cfg, model = task.cfg, task.model
     for line in task.start_lines:
         say(line)
-    if dtype_note.startswith("warning: "):
-        warn(dtype_note.removeprefix("warning: "))
-    chosen = f" ({dtype_note})" if dtype_note and not dtype_note.startswith("warning") else ""
+    if slow_dtype:
+        warn(slow_dtype)
+    chosen = f" ({dtype_chosen})" if dtype_chosen else ""
     say(f"precision: {cfg.precision.dtype}{chosen} | device: {device} | threads: "
         f"{torch.get_num_threads()} | allocator: {allocator}")
     wrapped = parallelize(model, cfg.parallel.strategy, device, dist,
