@@ -11,7 +11,11 @@ peak. Table into BENCHMARKS.md (section bench_lora).
    model is scored on test.tsv (the GLUE dev set) by bigbatch's own evaluation; the LoRA run's
    through `bigbatch export --merge`, so the score is also a check that the export is the model
    the run trained.
-2. The planner: a short LoRA run with `batch.micro_batch_size = "auto"` (full 64-token windows,
+2. The step's cost: one micro-batch's forward and backward (64 sentences of 64 tokens, the
+   recipes' 4,096 tokens) for full fine-tuning, LoRA, and LoRA without its dropout, interleaved
+   in one process (`--step-rounds`), as ratios to full fine-tuning: what the adapters save in
+   weight gradients against what their dropouts and thin matmuls add.
+3. The planner: a short LoRA run with `batch.micro_batch_size = "auto"` (full 64-token windows,
    as the planner assumes); its plan.json's predicted peak against the run's measured peak RSS.
 
 Runs live in `--work DIR` (kept), so phase 1 may run on its own in the background:
@@ -37,6 +41,7 @@ from common import (
     ROOT,
     ChildRun,
     machine_description,
+    others_during,
     run_child,
     today,
     write_section,
@@ -89,6 +94,55 @@ def parameter_counts(recipe: str) -> tuple[int, int]:
     return parameter_counts(apply_adapter(model, cfg.model, "classify"))
 
 
+def step_costs(rounds: int) -> dict[str, float]:
+    """Median seconds of one micro-batch's forward and backward per arm, the arms interleaved in
+    each round so that they share the machine's load alike."""
+    import statistics
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    from bigbatch.config.files import load_config
+    from bigbatch.engine.precision import make_precision, resolve_dtype
+    from bigbatch.model.adapters import apply_adapter
+    from bigbatch.model.hf import build_hf_model, parse_source
+
+    def build(recipe: str, **model_overrides) -> torch.nn.Module:
+        cfg = load_config(ROOT / recipe)
+        model = build_hf_model(parse_source(cfg.model.source), "classify",
+                               trust_remote_code=False, labels=["0", "1"])
+        return apply_adapter(model, replace(cfg.model, **model_overrides), "classify").train()
+
+    torch.manual_seed(0)
+    arms = {"full fine-tuning": build(FULL), "LoRA": build(LORA),
+            "LoRA, lora_dropout = 0": build(LORA, lora_dropout=0.0)}
+    cpu = torch.device("cpu")
+    dtype, _ = resolve_dtype(load_config(ROOT / LORA).precision.dtype, cpu)
+    precision = make_precision(replace(load_config(ROOT / LORA).precision, dtype=dtype), cpu)
+    input_ids = torch.randint(1000, 20000, (64, 64))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "labels": torch.randint(0, 2, (64,))}
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    for round_index in range(rounds + 1):  # round 0 warms up (allocator, kernel choice)
+        for name, model in arms.items():
+            began = time.perf_counter()
+            with precision.autocast():
+                loss = model(**batch).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if round_index:
+                seconds[name].append(time.perf_counter() - began)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def ran_dtype(run_dir: Path) -> str:
+    """The dtype a run trained in: its config.toml records what `precision.dtype = "auto"` chose."""
+    import tomllib
+
+    return tomllib.loads((run_dir / "config.toml").read_text())["precision"]["dtype"]
+
+
 def recorded_full_ft() -> dict[str, float]:
     """bench_finetune's recorded full fine-tuning: test accuracy, tokens/s, peak RSS, steps."""
     text = BENCHMARKS_MD.read_text()
@@ -112,6 +166,7 @@ def main(argv: list[str]) -> int:
                         help="sentences per optimizer step, both arms (the recipes say 256)")
     parser.add_argument("--eval-tokens", type=int, default=16384,
                         help="the runs' own validation set (the recipes say 16,384 tokens)")
+    parser.add_argument("--step-rounds", type=int, default=5, help="0: no step-cost check")
     parser.add_argument("--plan-steps", type=int, default=4, help="0: no planner check")
     parser.add_argument("--reuse-full-ft", action="store_true",
                         help="take full fine-tuning's numbers from bench_finetune's section")
@@ -167,7 +222,19 @@ def main(argv: list[str]) -> int:
             f"predicted peak {predicted:,.0f} MiB against the run's measured peak RSS "
             f"{planned.peak_rss_mib:,.0f} MiB: **{100 * error:+.1f} %** (target: within 10 %)."]
 
+    costs = ["Step cost: not measured (--step-rounds 0)."]
+    if opts.step_rounds:
+        medians, others = others_during(lambda: step_costs(opts.step_rounds))
+        reference = medians["full fine-tuning"]
+        costs = [f"Step cost: one micro-batch of 64 x 64 tokens, forward and backward, median "
+                 f"of {opts.step_rounds} interleaved rounds in one process (other processes: "
+                 f"{others:.2f} cores):", "",
+                 "| arm | seconds | against full fine-tuning |", "|---|---:|---:|",
+                 *(f"| {name} | {median:.2f} s | {median / reference:.2f}x |"
+                   for name, median in medians.items())]
+
     full_name = next(name for name in arms if name != "LoRA")
+    dtype = ran_dtype(lora_dir)
     rows = []
     for name, arm in arms.items():
         trainable, total = counts["LoRA" if name == "LoRA" else "full"]
@@ -183,7 +250,7 @@ def main(argv: list[str]) -> int:
         f"Command: `{command}` ({today()})  ",
         f"Machine: {machine_description()}  ",
         f"Both arms: {opts.steps} optimizer steps of {opts.global_sequences} sentences "
-        "(micro-batches of up to 4,096 padded tokens), bf16, AdamW with linear decay, the runs' "
+        f"(micro-batches of up to 4,096 padded tokens), {dtype}, AdamW with linear decay, the runs' "
         f"validation set {opts.eval_tokens:,} tokens of dev.tsv; full fine-tuning at lr 3e-4 "
         f"(`{FULL}`), LoRA at the lr its recipe gives. Accuracy on test.tsv (872 sentences, "
         "the GLUE dev set), the LoRA model scored as `bigbatch export --merge` wrote it.",
@@ -194,6 +261,8 @@ def main(argv: list[str]) -> int:
         *rows,
         "",
         f"LoRA's accuracy minus full fine-tuning's: **{gap:+.2f} points** (target: within 1.5).",
+        "",
+        *costs,
         "",
         *planner,
         "",
