@@ -107,7 +107,7 @@ def step_costs(rounds: int) -> dict[str, float]:
     import torch
 
     from bigbatch.config.files import load_config
-    from bigbatch.engine.precision import make_precision, resolve_dtype
+    from bigbatch.engine.precision import make_precision
     from bigbatch.model.adapters import apply_adapter
     from bigbatch.model.hf import build_hf_model, parse_source
 
@@ -120,9 +120,8 @@ def step_costs(rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
     arms = {"full fine-tuning": build(FULL), "LoRA": build(LORA),
             "LoRA, lora_dropout = 0": build(LORA, lora_dropout=0.0)}
-    cpu = torch.device("cpu")
-    dtype, _ = resolve_dtype(load_config(ROOT / LORA).precision.dtype, cpu)
-    precision = make_precision(replace(load_config(ROOT / LORA).precision, dtype=dtype), cpu)
+    # The recipes' precision ("auto": bf16 where native), as their runs trained.
+    precision = make_precision(load_config(ROOT / LORA).precision, torch.device("cpu"))
     input_ids = torch.randint(1000, 20000, (64, 64))
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
              "labels": torch.randint(0, 2, (64,))}
@@ -152,7 +151,7 @@ def full_window_texts(path: Path, recipe: str, count: int) -> Path:
     content = cfg.data.max_length - tokenizer.num_special_tokens_to_add()
     rows = [line.split("\t") for line in
             (ROOT / cfg.data.path).read_text().splitlines()[1:] if line.strip()]
-    texts, pending, label = [], [], "0"
+    texts, pending = [], []
     for sentence, label in rows:
         pending += tokenizer(sentence, add_special_tokens=False)["input_ids"]
         if len(pending) < content:
