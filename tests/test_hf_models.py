@@ -73,6 +73,36 @@ def test_classification_run_writes_its_report_with_accuracy_and_f1(trained_run):
     assert "Validation accuracy and F1" in page and "data:image/png;base64," in page
 
 
+def test_a_classification_report_counts_texts_where_it_counts_texts(trained_run):
+    """A classification run's schedule counts texts (`tokens` in metrics.jsonl), its rate real
+    tokens. The report says texts seen, and its mean tokens/s is the time-weighted mean of the
+    logged per-step rates (the first step left out), far above texts per second: it used to
+    divide the texts by the seconds."""
+    from bigbatch.report.data import load_run
+    from bigbatch.report.summary import summarize
+
+    run = load_run(trained_run.out_dir)
+    summary = summarize(run)
+    # run_info.json is written for every task (it was for language models only, so a
+    # classifier's page had no hardware, duration or session end)
+    assert summary["status"] == "finished: 100 of 100 steps"
+    assert run.info["sessions"][-1]["ended"] == "finished" and "hardware" in run.info
+    assert summary["duration"].endswith("in optimizer steps") and "not recorded" not in \
+        summary["duration"]
+    assert summary["tokens seen"] == f"{100 * 64:,} texts in 100 steps"
+    assert summary["global batch"].startswith("64 texts (all their windows), micro-batches of "
+                                              "up to 512 padded tokens")
+    timed = [row for row in run.train_rows if row.get("step_seconds")][1:]
+    seconds = sum(row["step_seconds"] for row in timed)
+    rate = sum(row["tokens_per_s"] * row["step_seconds"] for row in timed) / seconds
+    assert summary["mean tokens/s"] == f"{rate:,.0f}"
+    assert rate > 5 * 64 * len(timed) / seconds  # SST-2 sentences: ~10-20 tokens each
+    page = (trained_run.out_dir / "report.html").read_text()
+    assert summary["final validation loss"].startswith(
+        f"{trained_run.metrics['val_loss']:.4f} nats/text at step 100")
+    assert "against texts seen" in page and "exact text mean" in page
+
+
 def test_exported_classifier_reproduces_the_runs_own_evaluation(trained_run, tmp_path):
     """The export, loaded with from_pretrained, scores the held-back texts with bigbatch's own
     evaluation to the same loss and accuracy the run logged at its end."""
@@ -244,12 +274,17 @@ def test_a_classification_run_that_reaches_its_target_is_finished_and_saves_its_
     printed = capsys.readouterr().out
     assert result.exit_code == 0 and result.state.step == 2 and result.state.reached_target
     assert "stopped by" not in printed
+    assert "done in" in printed and "2 steps, 64 texts, 0 skipped steps" in printed
     assert "gradient noise scale: not measured:" in printed and "span several windows" in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert not any(key.startswith("gns_") for row in rows for key in row)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).is_file(), name
     AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True)
+    from bigbatch.report.data import load_run
+    from bigbatch.report.summary import status
+    assert status(load_run(out)) == ("ok", "finished at step 2 of 6: the validation loss "
+                                           "reached train.target_val_loss = 10.0")
 
     saved = (out / "model.safetensors").read_bytes()
     for name in ("config.json", "model.safetensors"):

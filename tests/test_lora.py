@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from bigbatch.config.files import load_config
 from bigbatch.config.sections import ModelConfig
 from bigbatch.errors import UsageError
-from bigbatch.model.adapters import apply_adapter, parameter_counts
+from bigbatch.model.adapters import ADAPTER_FILE, apply_adapter, parameter_counts
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.run.train import train
 from conftest import ROOT
@@ -247,6 +247,13 @@ def test_exported_adapter_reloads_in_peft_and_merges_to_the_same_logits(tiny_pre
         "--checkpoint.every_minutes=0"])
     run = train(cfg, tmp_path / "run", verbose=False)
     assert not (run.out_dir / "model.safetensors").exists()  # the base is not copied
+    from bigbatch.report.data import load_run
+    from bigbatch.report.summary import status, summarize
+    report = load_run(run.out_dir)
+    assert status(report) == ("ok", "finished: 4 of 4 steps")  # the adapters are its weights
+    in_file = sum(t.numel() for t in load_file(str(run.out_dir / ADAPTER_FILE)).values())
+    assert report.info["num_trainable_parameters"] == in_file < report.info["num_parameters"]
+    assert f"{in_file:,} trainable" in summarize(report)["parameters"]
 
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     assert main(["export", str(run.out_dir), "--format", "hf", "--out", str(adapter_dir)]) == 0

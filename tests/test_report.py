@@ -116,7 +116,7 @@ def test_report_holds_every_section_and_one_plot_per_logged_metric(finished_run)
     assert f"{last_val['val_loss']:.4f} nats/token at step 6 (a unigram model: {unigram:.4f})" \
         in page
     assert "finished: 6 of 6 steps" in page
-    assert f"{6 * 2048:,} in 6 steps" in page  # tokens seen
+    assert f"{6 * 2048:,} tokens in 6 steps" in page  # tokens seen
     assert "MFU" in page and "% of a quick" in page
 
 
@@ -163,7 +163,7 @@ def test_a_line_cut_by_a_kill_is_left_out_and_noted(tmp_path, finished_run):
         f.write('{"step": 7, "tok')
     page = write_report(run_dir).read_text()
     assert "line 10 was cut short" in page
-    assert f"{6 * 2048:,} in 6 steps" in page  # every whole row before it is kept
+    assert f"{6 * 2048:,} tokens in 6 steps" in page  # every whole row before it is kept
 
 
 @pytest.mark.parametrize("make_dir, expected", [
@@ -195,7 +195,7 @@ def test_compare_draws_both_runs_in_every_plot(tmp_path, finished_run, stopped_r
     for label, colour in zip(labels, ("#1f77b4", "#ff7f0e"), strict=True):
         # a row of the summary table per run, its swatch in the run's plot colour
         assert f'<span style="color:{colour}">&#9632;</span> {label}</th>' in page, label
-    assert f"{6 * 2048:,} in 6 steps" in page and f"{3 * 1024:,} in 3 steps" in page
+    assert f"{6 * 2048:,} tokens in 6 steps" in page and f"{3 * 1024:,} tokens in 3 steps" in page
     images = figures_in(page)
     assert set(images) == {"loss", "val_loss_steps", "lr", "grad_norm", "gns", "tokens_per_s",
                            "peak_memory_bytes"}

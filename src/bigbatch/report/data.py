@@ -13,6 +13,7 @@ from typing import Any
 import tomllib
 
 from bigbatch.errors import UsageError
+from bigbatch.model.adapters import ADAPTER_FILE
 from bigbatch.run.run_info import read_run_info
 
 
@@ -28,11 +29,17 @@ class RunData:
     info: dict[str, Any]
     plan: dict[str, Any] | None
     model_shape: dict[str, Any] | None
-    has_model: bool
+    has_model: bool                 # its final weights: model.safetensors, or LoRA's adapters
     notes: list[str] = field(default_factory=list)
 
     def setting(self, section: str, key: str, default: Any = None) -> Any:
         return self.config.get(section, {}).get(key, default)
+
+    @property
+    def unit(self) -> str:
+        """What the rows' `tokens` (and `global_tokens`, `gns_tokens`) count: texts for a
+        classification run, whose schedule counts texts (run/tasks/classify.py), else tokens."""
+        return "texts" if self.setting("train", "task") == "classify" else "tokens"
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """(tokens, values) of every row that logged `key` with a finite number."""
@@ -117,7 +124,15 @@ def load_run(run_dir: Path | str, label: str | None = None) -> RunData:
                    config_text=config_text, rows=_read_rows(metrics_path, notes),
                    info=read_run_info(run_dir), plan=_read_json(run_dir / "plan.json", notes),
                    model_shape=_read_json(run_dir / "model.json", notes),
-                   has_model=(run_dir / "model.safetensors").is_file(), notes=notes)
+                   has_model=any((run_dir / name).is_file() for name in weights_files(config)),
+                   notes=notes)
+
+
+def weights_files(config: dict[str, Any]) -> tuple[str, ...]:
+    """Where a finished run's weights can be: a language model with adapters saves them merged
+    (model.safetensors), a classifier with adapters the peft adapter directory."""
+    adapted = config.get("model", {}).get("adapter", "none") != "none"
+    return ("model.safetensors", ADAPTER_FILE) if adapted else ("model.safetensors",)
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:

@@ -3,8 +3,9 @@
 Every plot takes a list of runs: one for `bigbatch report`, several for `bigbatch compare`, where
 each run keeps one colour and each quantity one line style. A plot whose metric no run logged is
 left out, so a report holds exactly one figure per available metric. The x-axis is tokens seen
-(runs of different batch sizes line up by data consumed), except for the compare page's
-validation loss against optimizer steps.
+(runs of different batch sizes line up by data consumed), texts seen for classification runs
+(whose schedule counts texts: RunData.unit), except for the compare page's validation loss
+against optimizer steps.
 
 matplotlib's object API (`Figure`, no pyplot) keeps no global figure state between reports.
 """
@@ -34,7 +35,19 @@ class Figure:
     png_base64: str
 
 
-def _new_figure(rows: int = 1, sharex: bool = True) -> tuple[MplFigure, list[Axes]]:
+def _unit(runs: list[RunData]) -> str:
+    """What the runs' `tokens` count ("tokens", "texts"), or both where a comparison mixes them."""
+    units = sorted({run.unit for run in runs}, reverse=True)
+    return " or ".join(units)
+
+
+def _per_unit(runs: list[RunData]) -> str:
+    """The loss's denominator: nats per token, or per text for classification."""
+    return " or ".join(unit.removesuffix("s") for unit in _unit(runs).split(" or "))
+
+
+def _new_figure(runs: list[RunData], rows: int = 1, sharex: bool = True
+                ) -> tuple[MplFigure, list[Axes]]:
     fig = MplFigure(figsize=(FIG_SIZE[0], FIG_SIZE[1] * (1 if rows == 1 else 0.75 * rows)),
                     dpi=DPI, layout="constrained")
     axes = list(fig.subplots(rows, 1, sharex=sharex, squeeze=False)[:, 0])
@@ -42,7 +55,7 @@ def _new_figure(rows: int = 1, sharex: bool = True) -> tuple[MplFigure, list[Axe
         ax.grid(True, alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    axes[-1].set_xlabel("tokens seen")
+    axes[-1].set_xlabel(f"{_unit(runs)} seen")
     return fig, axes
 
 
@@ -79,7 +92,7 @@ def _simple(runs: list[RunData], key: str, title: str, ylabel: str, caption: str
             scale: float = 1.0, from_zero: bool = False) -> Figure | None:
     if not any(run.has(key) for run in runs):
         return None
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = _new_figure(runs)
     highest = 0.0
     for i, run in enumerate(runs):
         xs, ys = run.series(key)
@@ -94,14 +107,14 @@ def _simple(runs: list[RunData], key: str, title: str, ylabel: str, caption: str
 def plot_loss(runs: list[RunData]) -> Figure | None:
     if not any(run.has("loss") or run.has("val_loss") for run in runs):
         return None
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = _new_figure(runs)
     for i, run in enumerate(runs):
         _line(ax, runs, i, *run.series("loss"), "train", {"color": "C0", "alpha": 0.85})
         _line(ax, runs, i, *run.series("val_loss"), "validation",
               {"color": "C1", "linestyle": "--", "markers": True})
-    ax.set_ylabel("loss (nats/token)")
-    caption = ("Training loss (the exact token mean over each global batch) and validation loss "
-               "on the fixed held-out set, against tokens seen.")
+    ax.set_ylabel(f"loss (nats/{_per_unit(runs)})")
+    caption = (f"Training loss (the exact {_per_unit(runs)} mean over each global batch) and "
+               f"validation loss on the fixed held-out set, against {_unit(runs)} seen.")
     if not all(run.has("val_loss") for run in runs):
         missing = [run.label for run in runs if not run.has("val_loss")]
         caption += f" No validation rows were logged for: {', '.join(missing)}."
@@ -114,14 +127,14 @@ def plot_val_loss_by_step(runs: list[RunData]) -> Figure | None:
     the batch in parallel, steps are what wall time follows."""
     if len(runs) < 2 or not any(run.has("val_loss") for run in runs):
         return None
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = _new_figure(runs)
     for i, run in enumerate(runs):
         points = [(row["step"], row["val_loss"]) for row in run.rows
                   if isinstance(row.get("val_loss"), int | float) and "step" in row]
         _line(ax, runs, i, [p[0] for p in points], [p[1] for p in points], "",
               {"color": "C1", "markers": True})
     ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel(f"validation loss (nats/{_per_unit(runs)})")
     return _finish(fig, [ax], "val_loss_steps", "Validation loss against steps",
                    "The validation loss at each evaluation, against optimizer steps taken: "
                    "runs of different batch schedules line up by updates, not by data.")
@@ -131,7 +144,7 @@ def plot_val_metrics(runs: list[RunData]) -> Figure | None:
     keys = [("val_accuracy", "accuracy", "-"), ("val_macro_f1", "macro-F1", "--")]
     if not any(run.has(key) for run in runs for key, _, _ in keys):
         return None
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = _new_figure(runs)
     for i, run in enumerate(runs):
         for (key, name, dash), colour in zip(keys, ("C2", "C3"), strict=True):
             _line(ax, runs, i, *run.series(key), name, {"color": colour, "linestyle": dash,
@@ -144,7 +157,7 @@ def plot_val_metrics(runs: list[RunData]) -> Figure | None:
 def plot_grad_norm(runs: list[RunData]) -> Figure | None:
     if not any(run.has("grad_norm") for run in runs):
         return None
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = _new_figure(runs)
     derived, by_value = [], []
     for i, run in enumerate(runs):
         xs, before = run.series("grad_norm")
@@ -180,7 +193,7 @@ def plot_fp16(runs: list[RunData]) -> Figure | None:
     scaled = any(run.has("loss_scale") for run in runs)
     if not scaled and not skipped_any:
         return None
-    fig, axes = _new_figure(rows=2 if scaled else 1)  # bf16/fp32 skip steps too, unscaled
+    fig, axes = _new_figure(runs, rows=2 if scaled else 1)  # bf16/fp32 skip steps too, unscaled
     for i, run in enumerate(runs):
         if scaled:
             _line(axes[0], runs, i, *run.series("loss_scale"), "", {"color": "C0"})
@@ -201,7 +214,7 @@ def plot_fp16(runs: list[RunData]) -> Figure | None:
 def plot_noise_scale(runs: list[RunData]) -> Figure | None:
     if not any(run.has("gns_tokens") for run in runs):
         return None
-    fig, (time_ax, batch_ax) = _new_figure(rows=2, sharex=False)  # tokens seen; batch size
+    fig, (time_ax, batch_ax) = _new_figure(runs, rows=2, sharex=False)  # tokens seen; batch size
     for i, run in enumerate(runs):
         rows = [row for row in run.rows if isinstance(row.get("gns_tokens"), int | float)]
         xs = [row.get("tokens", 0) for row in rows]
@@ -214,13 +227,14 @@ def plot_noise_scale(runs: list[RunData]) -> Figure | None:
                          label=run.label if len(runs) > 1 else None)
     lo, hi = batch_ax.get_xlim()
     batch_ax.plot([lo, hi], [lo, hi], color="0.5", linewidth=0.8, label="noise scale = batch")
-    time_ax.set_ylabel("tokens")
-    batch_ax.set_ylabel("noise scale\n(tokens)")
-    batch_ax.set_xlabel("current global batch (tokens)")
-    time_ax.set_xlabel("tokens seen")
+    unit = _unit(runs)
+    time_ax.set_ylabel(unit)
+    batch_ax.set_ylabel(f"noise scale\n({unit})")
+    batch_ax.set_xlabel(f"current global batch ({unit})")
+    time_ax.set_xlabel(f"{unit} seen")
     return _finish(fig, [time_ax, batch_ax], "gns", "Gradient noise scale",
-                   "Top: the measured gradient noise scale (the critical batch, in tokens) and "
-                   "the global batch in use, against tokens seen. Bottom: noise scale against "
+                   f"Top: the measured gradient noise scale (the critical batch, in {unit}) and "
+                   f"the global batch in use, against {unit} seen. Bottom: noise scale against "
                    "the current global batch; points above the grey line mean a larger batch "
                    "would still use its data efficiently.")
 
@@ -232,12 +246,12 @@ def plot_batch_schedule(runs: list[RunData]) -> Figure | None:
     if not any(varies(run, "global_tokens") or varies(run, "seq_len") for run in runs):
         return None
     show_len = any(varies(run, "seq_len") for run in runs)
-    fig, axes = _new_figure(rows=2 if show_len else 1)
+    fig, axes = _new_figure(runs, rows=2 if show_len else 1)
     for i, run in enumerate(runs):
         _line(axes[0], runs, i, *run.series("global_tokens"), "", {"color": "C0"})
         if show_len:
             _line(axes[1], runs, i, *run.series("seq_len"), "", {"color": "C1"})
-    axes[0].set_ylabel("global batch (tokens)")
+    axes[0].set_ylabel(f"global batch ({_unit(runs)})")
     axes[0].yaxis.set_major_formatter(EngFormatter(sep=""))
     if show_len:
         axes[1].set_ylabel("sequence length")

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from bigbatch.engine.throughput import flops_per_token
 from bigbatch.model.adapters import ADAPTER_FILE
-from bigbatch.report.data import RunData
+from bigbatch.report.data import RunData, weights_files
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -33,12 +33,16 @@ def status(run: RunData) -> tuple[str, str]:
     ended = sessions[-1].get("ended")
     if run.finished:
         return "ok", f"finished: {run.last_step} of {run.max_steps} steps"
+    if ended == "finished" and run.has_model:  # before max_steps: train.target_val_loss reached
+        return "ok", (f"finished at step {run.last_step} of {run.max_steps}: the validation loss "
+                      f"reached train.target_val_loss = {run.setting('train', 'target_val_loss')}")
     if not run.train_rows:
         return "warn", "no training step logged: the run stopped (or is still starting) " \
                        "before its first step"
     if run.max_steps is not None and run.last_step >= run.max_steps:
-        return "warn", (f"all {run.last_step} steps ran, but model.safetensors is missing "
-                        "(stopped while saving the model, or moved away)")
+        missing = " or ".join(weights_files(run.config))
+        return "warn", (f"all {run.last_step} steps ran, but {missing} is missing (stopped "
+                        "while saving the model, or moved away)")
     why = {None: "no clean stop recorded: killed, or still running",
            "finished": "finished"}.get(ended, f"stopped by {ended}")
     return "warn", (f"stopped early at step {run.last_step} of {run.max_steps or '?'} ({why}); "
@@ -54,16 +58,21 @@ def mean_tokens_per_s(run: RunData) -> float | None:
     seconds = sum(row["step_seconds"] for row in timed)
     if not seconds:
         return None
-    # tokens per step: the row's global batch when logged (a ramp), else the config's
-    tokens = sum(row.get("global_tokens") or row.get("tokens_per_s", 0.0) * row["step_seconds"]
-                 for row in timed)
+    # tokens per step: the row's global batch when logged (a ramp), else its rate x seconds. A
+    # classification run counts texts in `global_tokens` (RunData.unit); its rate counts the
+    # texts' real tokens, so only the rate gives its tokens.
+    def step_tokens(row: dict) -> float:
+        exact = row.get("global_tokens") if run.unit == "tokens" else None
+        return exact or row.get("tokens_per_s", 0.0) * row["step_seconds"]
+
+    tokens = sum(step_tokens(row) for row in timed)
     return tokens / seconds
 
 
 def num_parameters(run: RunData) -> int | None:
     if "num_parameters" in run.info:
         return run.info["num_parameters"]
-    if run.has_model:
+    if (run.run_dir / "model.safetensors").is_file():
         with safe_open(str(run.run_dir / "model.safetensors"), framework="numpy") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return None
@@ -115,7 +124,22 @@ def throughput_text(run: RunData) -> tuple[str, str]:
     return f"{speed:,.0f}", text
 
 
+def text_batch_text(run: RunData) -> str:
+    """A classification run's batch: texts, cut into micro-batches by length (data/classification.py)."""
+    texts = run.setting("batch", "global_sequences")
+    if not texts:
+        return "—"
+    budget = run.setting("batch", "micro_batch_tokens", 0)
+    last = run.train_rows[-1] if run.train_rows else {}
+    cut = (f"micro-batches of up to {budget:,} padded tokens" if budget
+           else f"micro-batches of {run.setting('batch', 'micro_batch_size', '?')} windows")
+    steps = f" ({last['num_micro_steps']} at the last step)" if "num_micro_steps" in last else ""
+    return f"{texts:,} texts (all their windows), {cut}{steps}"
+
+
 def batch_text(run: RunData) -> str:
+    if run.unit == "texts":
+        return text_batch_text(run)
     tokens = run.setting("batch", "global_tokens")
     seq_len = run.setting("data", "seq_len")
     last = run.train_rows[-1] if run.train_rows else {}
@@ -169,7 +193,8 @@ def validation_text(run: RunData) -> tuple[str, str]:
     best = min(evals, key=lambda row: row["val_loss"])
     unigram = run.info.get("unigram_val_loss")
     baseline = f" (a unigram model: {unigram:.4f})" if unigram is not None else ""
-    return (f"{values[-1]:.4f} nats/token at step {evals[-1]['step']}{baseline}",
+    per = run.unit.removesuffix("s")  # a classifier's loss is a mean over texts
+    return (f"{values[-1]:.4f} nats/{per} at step {evals[-1]['step']}{baseline}",
             f"{best['val_loss']:.4f} at step {best['step']}")
 
 
@@ -178,15 +203,24 @@ def noise_scale_text(run: RunData) -> str | None:
     if not rows:
         return None
     batch = rows[-1].get("global_tokens", run.setting("batch", "global_tokens"))
-    return (f"{rows[-1]['gns_tokens']:,.0f} tokens at step {rows[-1].get('step', '?')} "
-            f"(global batch then: {batch:,} tokens)")
+    return (f"{rows[-1]['gns_tokens']:,.0f} {run.unit} at step {rows[-1].get('step', '?')} "
+            f"(global batch then: {batch:,} {run.unit})")
+
+
+def data_text(run: RunData) -> str:
+    path = run.setting("data", "path", "")
+    if run.unit == "texts":
+        return (f"{path}; windows of {run.setting('data', 'max_length', '?')} tokens, "
+                f"stride {run.setting('data', 'stride', '?')}")
+    vocab = (run.model_shape or {}).get("vocab_size", run.setting("data", "vocab_size", "?"))
+    return (f"{path or 'the embedded standard-library corpus'}; seq_len "
+            f"{run.setting('data', 'seq_len', '?')}, vocab {vocab}")
 
 
 def summarize(run: RunData) -> dict[str, str]:
     """The summary table of one run, label -> text, in reading order."""
     model = run.config.get("model", {})
     params = num_parameters(run)
-    data_path = run.setting("data", "path", "")
     final_val, best_val = validation_text(run)
     speed, flops = throughput_text(run)
     last = run.train_rows[-1] if run.train_rows else {}
@@ -197,9 +231,7 @@ def summarize(run: RunData) -> dict[str, str]:
                   else str(model["source"])),
         "parameters": ", ".join(filter(None, [f"{params:,} ({params / 1e6:.2f}M)" if params
                                               else "—", trainable_text(run)])),
-        "data": (f"{data_path or 'the embedded standard-library corpus'}; seq_len "
-                 f"{run.setting('data', 'seq_len', '?')}, vocab "
-                 f"{(run.model_shape or {}).get('vocab_size', run.setting('data', 'vocab_size', '?'))}"),
+        "data": data_text(run),
         "global batch": batch_text(run),
         "plan": plan_text(run),
         "precision": str(run.setting("precision", "dtype", "—")),
@@ -209,7 +241,7 @@ def summarize(run: RunData) -> dict[str, str]:
         "final validation loss": final_val,
         "best validation loss": best_val,
         "final training loss": f"{last['loss']:.4f}" if last else "—",
-        "tokens seen": f"{last.get('tokens', 0):,} in {run.last_step} steps",
+        "tokens seen": f"{last.get('tokens', 0):,} {run.unit} in {run.last_step} steps",
         "mean tokens/s": speed,
         "model FLOP/s, MFU": flops,
     }

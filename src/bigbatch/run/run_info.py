@@ -38,10 +38,11 @@ def _write(out_dir: Path, info: dict[str, Any]) -> None:
 
 
 def start_run_info(out_dir: Path, *, began: float, resumed: bool, device: torch.device,
-                   world_size: int, dtype_name: str, num_parameters: int, flops: int,
+                   world_size: int, dtype_name: str, num_parameters: int, flops: int | None,
                    num_trainable_parameters: int | None = None) -> None:
     """Record the hardware and open a new session that began at `began` (`time.time()`); a run
-    resumed from a checkpoint keeps its earlier sessions, a fresh one starts the file anew."""
+    resumed from a checkpoint keeps its earlier sessions, a fresh one starts the file anew.
+    `flops` per token, where the task counts them, also gets the matmul peak measured (MFU)."""
     info = read_run_info(out_dir) if resumed else {}
     info.update({
         "hardware": describe_hardware(device, world_size),
@@ -52,10 +53,11 @@ def start_run_info(out_dir: Path, *, began: float, resumed: bool, device: torch.
         "command": " ".join(sys.argv),
         "num_parameters": num_parameters,
         "num_trainable_parameters": num_trainable_parameters or num_parameters,
-        "flops_per_token": flops,
-        "matmul_peak_flops": quick_matmul_peak(device, dtype_name),
-        "matmul_peak_dtype": dtype_name,
     })
+    if flops is not None:  # the peak is only wanted for MFU, which needs the model's FLOPs
+        info.update({"flops_per_token": flops,
+                     "matmul_peak_flops": quick_matmul_peak(device, dtype_name),
+                     "matmul_peak_dtype": dtype_name})
     sessions = info.setdefault("sessions", [])
     started = datetime.datetime.fromtimestamp(began, datetime.timezone.utc)
     sessions.append({"started": started.isoformat(timespec="seconds"), "started_unix": began,

@@ -160,11 +160,10 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     optimizer = build_optimizer(model, cfg.optim, device)
     if dist.is_main:
         (out_dir / "config.toml").write_text(config_to_toml(cfg))
-        if task.flops_per_token is not None:
-            start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
-                           world_size=dist.world_size, dtype_name=cfg.precision.dtype,
-                           num_parameters=task.num_parameters, flops=task.flops_per_token,
-                           num_trainable_parameters=task.num_trainable_parameters)
+        start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
+                       world_size=dist.world_size, dtype_name=cfg.precision.dtype,
+                       num_parameters=task.num_parameters, flops=task.flops_per_token,
+                       num_trainable_parameters=task.num_trainable_parameters)
     checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
                                 scaler=precision.scaler, loader=task.loader, dist=dist,
                                 device=device, say=say)
@@ -227,7 +226,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
         if dist.is_main:
             task.save(unwrap(wrapped), weights, out_dir)
             say(f"done in {time.perf_counter() - started:.0f}s: {state.step} steps, "
-                f"{state.tokens_seen:,} tokens, {state.skipped_steps} skipped steps")
+                f"{state.tokens_seen:,} {task.unit}, {state.skipped_steps} skipped steps")
             for line in task.end_lines(state):
                 say(line)
             close_run(out_dir, "finished", say, report, **facts)

@@ -56,6 +56,7 @@ class TaskRun:
     # Validation metrics ("val_loss" and any others); None: the token-mean loss of val_batches.
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     measure_noise: bool = True      # False where the batch's examples are not independent
+    unit: str = "tokens"            # what the schedule and fit()'s `tokens` count ("texts")
     num_parameters: int = 0
     num_trainable_parameters: int = 0  # all of them, or the adapters' (model.adapter)
     flops_per_token: int | None = None  # run_info.json's FLOPs (MFU); None: not counted

@@ -210,6 +210,6 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                                               describe_parameters(model),
                                               f"batch: {plan.describe()}"],
         save=save, end_lines=end_lines, loss_sum_fn=classification_loss_sum, evaluate=evaluate,
-        measure_noise=noise_applies(splits.train) is None,
+        measure_noise=noise_applies(splits.train) is None, unit="texts",
         num_parameters=parameter_counts(model)[1],
         num_trainable_parameters=parameter_counts(model)[0])
