@@ -125,7 +125,8 @@ def throughput_text(run: RunData) -> tuple[str, str]:
 
 
 def text_batch_text(run: RunData) -> str:
-    """A classification run's batch: texts, cut into micro-batches by length (data/classification.py)."""
+    """A classification run's batch: texts, their windows cut into micro-batches by length
+    (data/classification.py)."""
     texts = run.setting("batch", "global_sequences")
     if not texts:
         return "—"
@@ -133,7 +134,8 @@ def text_batch_text(run: RunData) -> str:
     last = run.train_rows[-1] if run.train_rows else {}
     cut = (f"micro-batches of up to {budget:,} padded tokens" if budget
            else f"micro-batches of {run.setting('batch', 'micro_batch_size', '?')} windows")
-    steps = f" ({last['num_micro_steps']} at the last step)" if "num_micro_steps" in last else ""
+    steps = (f" ({last['num_micro_steps']} of them at the last step)"
+             if "num_micro_steps" in last else "")
     return f"{texts:,} texts (all their windows), {cut}{steps}"
 
 
