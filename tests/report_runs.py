@@ -34,7 +34,7 @@ def synthetic_rows(clip_logged: bool) -> list[dict]:
         batch = 1024 if step <= 10 else 2048
         tokens += batch
         row = {"step": step, "tokens": tokens, "loss": 7 - step / 10, "lr": 1e-3 * step / 20,
-               "grad_norm": 2.0 / step ** 0.5, "tokens_per_s": 1000.0 + step,
+               "grad_norm": 2.0 / step ** 0.5, "tokens_per_s": batch / 1.0,
                "micro_batch_size": 4, "num_micro_steps": batch // 256, "step_seconds": 1.0,
                "skipped_steps": step // 7, "loss_scale": 2.0 ** (16 - step // 7),
                "peak_memory_bytes": 2**30 + step, "global_tokens": batch,

@@ -41,6 +41,11 @@ class RunData:
         classification run, whose schedule counts texts (run/tasks/classify.py), else tokens."""
         return "texts" if self.setting("train", "task") == "classify" else "tokens"
 
+    @property
+    def unit_singular(self) -> str:
+        """What a loss is a mean over: "token", or "text" for a classifier."""
+        return self.unit.removesuffix("s")
+
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """(tokens, values) of every row that logged `key` with a finite number."""
         xs, ys = [], []

@@ -37,13 +37,12 @@ class Figure:
 
 def _unit(runs: list[RunData]) -> str:
     """What the runs' `tokens` count ("tokens", "texts"), or both where a comparison mixes them."""
-    units = sorted({run.unit for run in runs}, reverse=True)
-    return " or ".join(units)
+    return " or ".join(sorted({run.unit for run in runs}, reverse=True))
 
 
 def _per_unit(runs: list[RunData]) -> str:
     """The loss's denominator: nats per token, or per text for classification."""
-    return " or ".join(unit.removesuffix("s") for unit in _unit(runs).split(" or "))
+    return " or ".join(sorted({run.unit_singular for run in runs}, reverse=True))
 
 
 def _new_figure(runs: list[RunData], rows: int = 1, sharex: bool = True

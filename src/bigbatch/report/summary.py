@@ -58,14 +58,9 @@ def mean_tokens_per_s(run: RunData) -> float | None:
     seconds = sum(row["step_seconds"] for row in timed)
     if not seconds:
         return None
-    # tokens per step: the row's global batch when logged (a ramp), else its rate x seconds. A
-    # classification run counts texts in `global_tokens` (RunData.unit); its rate counts the
-    # texts' real tokens, so only the rate gives its tokens.
-    def step_tokens(row: dict) -> float:
-        exact = row.get("global_tokens") if run.unit == "tokens" else None
-        return exact or row.get("tokens_per_s", 0.0) * row["step_seconds"]
-
-    tokens = sum(step_tokens(row) for row in timed)
+    # A step's tokens are its logged rate x its seconds (engine/loop.py logs step tokens /
+    # step_seconds), for every task: `global_tokens` counts texts in a classification run.
+    tokens = sum(row.get("tokens_per_s", 0.0) * row["step_seconds"] for row in timed)
     return tokens / seconds
 
 
@@ -195,8 +190,7 @@ def validation_text(run: RunData) -> tuple[str, str]:
     best = min(evals, key=lambda row: row["val_loss"])
     unigram = run.info.get("unigram_val_loss")
     baseline = f" (a unigram model: {unigram:.4f})" if unigram is not None else ""
-    per = run.unit.removesuffix("s")  # a classifier's loss is a mean over texts
-    return (f"{values[-1]:.4f} nats/{per} at step {evals[-1]['step']}{baseline}",
+    return (f"{values[-1]:.4f} nats/{run.unit_singular} at step {evals[-1]['step']}{baseline}",
             f"{best['val_loss']:.4f} at step {best['step']}")
 
 
