@@ -93,7 +93,7 @@ print("LOAD_S", loaded - began, "MAP_S", time.perf_counter() - loaded, "ROWS", l
 LOADER = """
 import json, sys, time
 import numpy as np
-from bigbatch.engine.batching import plan_batch
+from bigbatch.batch import plan_batch
 from bigbatch.config.sections import DataConfig
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.loader import TokenLoader

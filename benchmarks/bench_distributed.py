@@ -51,8 +51,8 @@ def worker(out_path: str) -> None:
     import torch.distributed as dist
 
     import bigbatch.engine.step as step_module
+    from bigbatch.batch import MicroBatch
     from bigbatch.config.sections import Config, PrecisionConfig
-    from bigbatch.data.loader import MicroBatch
     from bigbatch.engine.precision import make_precision
     from bigbatch.parallel.process_group import dist_info_from_env
     from bigbatch.parallel.wrap import parallelize

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bigbatch.data.loader import MicroBatch
+from bigbatch.batch import MicroBatch
 from bigbatch.engine.allocator import tune_glibc_malloc
 from bigbatch.engine.fused_loss import FusedLinearCrossEntropy
 from bigbatch.engine.precision import Precision

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bigbatch.batch import plan_batch
 from bigbatch.data.loader import TokenLoader
-from bigbatch.engine.batching import plan_batch
 from common import machine_description, others_during, timed_lines, today, write_section
 
 VOCAB = 8192

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bigbatch.data.loader import MicroBatch
+from bigbatch.batch import MicroBatch
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.model.checkpointing import apply_activation_checkpointing
 from bigbatch.model.gpt import GPT, GPTShape

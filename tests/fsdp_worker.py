@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
+from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import PrecisionConfig
-from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
 from bigbatch.model.gpt import GPT, GPTShape

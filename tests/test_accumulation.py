@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bigbatch.batch import IGNORE_INDEX, MicroBatch
 from bigbatch.config.sections import PrecisionConfig
-from bigbatch.data.loader import MicroBatch
-from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.model.gpt import GPT, GPTShape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.data.loader import MicroBatch
+from bigbatch.batch import MicroBatch
 from bigbatch.engine.step import lm_loss_sum
 from bigbatch.model.checkpointing import apply_activation_checkpointing, blocks_to_checkpoint
 from bigbatch.model.gpt import GPT, GPTShape

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from bigbatch.batch import IGNORE_INDEX, plan_batch
 from bigbatch.config.files import load_config
 from bigbatch.data.loader import TokenLoader
-from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.batch_schedule import (
     auto_micro_steps,
     build_batch_schedule,
@@ -28,7 +28,6 @@ from bigbatch.engine.batch_schedule import (
     ramp_micro_steps,
     warmup_seq_len,
 )
-from bigbatch.engine.batching import plan_batch
 from bigbatch.engine.schedule import learning_rate, step_learning_rate
 from bigbatch.errors import UsageError
 from small_runs import RECIPE

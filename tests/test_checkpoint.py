@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from bigbatch.batch import plan_batch
 from bigbatch.config.sections import CheckpointConfig, Config
 from bigbatch.data.loader import TokenLoader
-from bigbatch.engine.batching import plan_batch
 from bigbatch.engine.loop import TrainState
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision

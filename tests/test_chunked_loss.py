@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.data.loader import MicroBatch
-from bigbatch.data.packing import IGNORE_INDEX
+from bigbatch.batch import IGNORE_INDEX, MicroBatch
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.engine.step import lm_loss_sum
 from bigbatch.model.gpt import GPT, GPTShape

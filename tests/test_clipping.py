@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
+from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import PrecisionConfig
-from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
 from bigbatch.model.gpt import GPT, GPTShape

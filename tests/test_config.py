@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from bigbatch.batch import plan_batch
 from bigbatch.cli import main
 from bigbatch.config.files import config_from_dict, config_to_toml, load_config
 from bigbatch.config.sections import Config
-from bigbatch.engine.batching import plan_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.toml")

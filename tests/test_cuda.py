@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import OptimConfig, PrecisionConfig
-from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.fused_loss import FusedLinearCrossEntropy, loss_and_grad
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision

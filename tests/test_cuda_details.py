@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import PrecisionConfig
-from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.fused_loss import FusedLinearCrossEntropy, loss_and_grad
 from bigbatch.engine.precision import make_precision
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.data.packing import IGNORE_INDEX
+from bigbatch.batch import IGNORE_INDEX
 from bigbatch.engine.chunked_loss import make_loss_sum_fn
 from bigbatch.engine.fused_loss import (
     FUSED_MIN_VOCAB,

@@ -12,7 +12,7 @@ import bigbatch
 PACKAGE = Path(bigbatch.__file__).parent
 
 # Lowest first. A module may import modules of its own room and of rooms before it, never after.
-ROOMS = ["errors", "config", "model", "parallel", "engine", "data", "planning", "run", "report",
+ROOMS = ["errors", "batch", "config", "model", "parallel", "engine", "data", "planning", "run", "report",
          "tools", "cli", "__main__", "__init__"]
 
 
@@ -80,7 +80,7 @@ def test_rooms_import_only_rooms_below_them():
 
 def test_the_top_level_is_rooms_only():
     entries = sorted(p.name for p in PACKAGE.iterdir() if p.name != "__pycache__")
-    assert entries == sorted(["__init__.py", "__main__.py", "cli.py", "errors.py", "config",
+    assert entries == sorted(["__init__.py", "__main__.py", "batch.py", "cli.py", "errors.py", "config",
                               "data", "model", "engine", "parallel", "planning", "run", "report",
                               "tools"])
 

@@ -50,8 +50,7 @@ def test_lora_gradients_over_micro_batches_equal_one_big_batch():
     """train_step's accumulated gradients over 3 micro-batches with different numbers of
     targets equal one forward/backward over all of them (float64, max relative error 1e-12);
     every LoRA A and B gets a non-zero gradient and no frozen weight gets any."""
-    from bigbatch.data.loader import MicroBatch
-    from bigbatch.data.packing import IGNORE_INDEX
+    from bigbatch.batch import IGNORE_INDEX, MicroBatch
     from bigbatch.tools.verify import verify
 
     torch.manual_seed(0)
@@ -83,8 +82,8 @@ def test_fp16_loss_scaling_with_lora_updates_the_adapters_as_fp32_does_and_skips
     overflows (2^40) skips the step (nothing moves, the optimizer never steps) and backs off;
     at a sane scale the unscaled update of every adapter equals the fp32 step's (plain SGD, so
     the update is -lr x the gradient: within fp16 rounding, 1e-2), and no frozen weight moves."""
+    from bigbatch.batch import MicroBatch
     from bigbatch.config.sections import OptimConfig, PrecisionConfig
-    from bigbatch.data.loader import MicroBatch
     from bigbatch.engine.optim import build_optimizer
     from bigbatch.engine.precision import make_precision
     from bigbatch.engine.step import train_step

@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bigbatch.batch import plan_batch
 from bigbatch.engine.batch_schedule import build_batch_schedule
-from bigbatch.engine.batching import plan_batch
 from bigbatch.engine.loop import TrainState, previous_micro_steps
 from bigbatch.model.artifacts import load_model
 from bigbatch.model.gpt import GPT, GPTShape

@@ -25,6 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bigbatch.batch import plan_batch
 from bigbatch.data.loader import (
     GlobalBatchSampler,
     TokenLoader,
@@ -32,7 +33,6 @@ from bigbatch.data.loader import (
     shard_micro_batches,
 )
 from bigbatch.data.packing import IGNORE_INDEX, gather_windows, num_windows
-from bigbatch.engine.batching import plan_batch
 from bigbatch.errors import UsageError
 
 EOT = 0

@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
+from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import OptimConfig, PrecisionConfig
-from bigbatch.data.loader import MicroBatch
 from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import lm_loss_sum, train_step

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bigbatch.data.loader import MicroBatch
+from bigbatch.batch import MicroBatch
 from bigbatch.engine.precision import Precision
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.model.gpt import GPT, GPTShape

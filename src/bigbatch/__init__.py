@@ -13,7 +13,8 @@ The public API (stable; everything else is internal and may move):
     dist_info_from_env() -> DistInfo                    this rank under torchrun, for train_step
 
 A batch for `train_step` is any object with `num_targets()` (its count of target tokens, or of
-texts); `loss_sum_fn(model, batch)` returns the *sum* of its losses. train_step divides by the
+texts); `loss_sum_fn(model, batch)` returns the *sum* of its losses (the default, `lm_loss_sum`,
+calls `model(**batch.model_inputs())`: a MicroBatch gives `input_ids`). train_step divides by the
 step's global count, so uneven micro-batches give exactly the full batch's gradient.
 
 Names load on first use, so `import bigbatch` (and the command line) stays quick.
@@ -36,9 +37,9 @@ _EXPORTS = {  # public name -> the module that defines it
     "train_step": "bigbatch.engine.step",
     "StepStats": "bigbatch.engine.step",
     "lm_loss_sum": "bigbatch.engine.step",
-    "IGNORE_INDEX": "bigbatch.engine.step",
+    "IGNORE_INDEX": "bigbatch.batch",
     "Precision": "bigbatch.engine.precision",
-    "MicroBatch": "bigbatch.data.loader",
+    "MicroBatch": "bigbatch.batch",
     "DistInfo": "bigbatch.parallel.process_group",
     "dist_info_from_env": "bigbatch.parallel.process_group",
     "verify": "bigbatch.tools.verify",
@@ -49,11 +50,11 @@ __all__ = ["IGNORE_INDEX", "Config", "DistInfo", "MemoryPlan", "MicroBatch", "Pr
            "load_config", "plan", "train", "train_step", "verify"]
 
 if TYPE_CHECKING:
+    from bigbatch.batch import IGNORE_INDEX, MicroBatch
     from bigbatch.config.files import load_config
     from bigbatch.config.sections import Config
-    from bigbatch.data.loader import MicroBatch
     from bigbatch.engine.precision import Precision
-    from bigbatch.engine.step import IGNORE_INDEX, StepStats, lm_loss_sum, train_step
+    from bigbatch.engine.step import StepStats, lm_loss_sum, train_step
     from bigbatch.parallel.process_group import DistInfo, dist_info_from_env
     from bigbatch.planning.planner import plan
     from bigbatch.planning.search import MemoryPlan

@@ -179,9 +179,9 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_config(args: list[str]) -> int:
+    from bigbatch.batch import plan_batch
     from bigbatch.config.files import config_to_toml, field_docs, load_config
     from bigbatch.engine.batch_schedule import build_batch_schedule, describe_schedule
-    from bigbatch.engine.batching import plan_batch
     from bigbatch.engine.schedule import describe_lr_scaling
 
     opts, overrides = parse_recipe_args(config_parser(), args)

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigbatch.data.loader import GlobalBatchSampler, to_device
+from bigbatch.batch import to_device
+from bigbatch.data.loader import GlobalBatchSampler
 from bigbatch.errors import UsageError
 
 
@@ -40,6 +41,9 @@ class ClassificationBatch:
     def num_targets(self) -> torch.Tensor:
         """Texts in this micro-batch (fractions where a text's windows are spread)."""
         return self.weights.sum()
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
     def to(self, device: torch.device) -> ClassificationBatch:
         return ClassificationBatch(*(to_device(t, device) for t in (

@@ -8,39 +8,15 @@ sees, and the union over ranks and micro-steps is always the whole global batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from bigbatch.data.packing import IGNORE_INDEX, gather_windows, num_windows
+from bigbatch.batch import IGNORE_INDEX, BatchPlan, MicroBatch, StepShape
+from bigbatch.data.packing import gather_windows, num_windows
 from bigbatch.data.window_order import WindowOrder
-from bigbatch.engine.batch_schedule import StepShape
-from bigbatch.engine.batching import BatchPlan
 from bigbatch.errors import UsageError
-
-
-@dataclass
-class MicroBatch:
-    """Token ids and their next-token targets; `num_targets()` counts the ones with a loss."""
-
-    inputs: torch.Tensor   # (micro_batch_size, seq_len) token ids
-    targets: torch.Tensor  # same shape; IGNORE_INDEX where no loss is taken
-
-    def num_targets(self) -> torch.Tensor:
-        return (self.targets != IGNORE_INDEX).sum()
-
-    def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(to_device(self.inputs, device), to_device(self.targets, device))
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`. To a GPU it goes through pinned (page-locked) memory, so the
-    copy is truly asynchronous: from pageable memory `non_blocking=True` is a blocking copy."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 class GlobalBatchSampler:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bigbatch.engine.step import IGNORE_INDEX  # noqa: F401 - the loaders use it from here
+from bigbatch.batch import IGNORE_INDEX
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:

@@ -31,19 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bigbatch.batch import BatchPlan, StepShape
 from bigbatch.config.sections import Config
-from bigbatch.engine.batching import BatchPlan
 from bigbatch.errors import UsageError
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """What one optimizer step looks like."""
-
-    global_tokens: int      # the step's global batch
-    num_micro_steps: int    # per rank
-    micro_batch_size: int   # sequences per micro-batch, at this step's length
-    seq_len: int
 
 
 def ramp_micro_steps(tokens_seen: int, start: int, full: int, ramp_tokens: int) -> int:

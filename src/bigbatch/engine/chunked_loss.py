@@ -25,7 +25,7 @@ def _slice_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 def chunked_lm_loss_sum(model: nn.Module, batch, chunk_tokens: int) -> torch.Tensor:
     """Summed next-token cross-entropy, as `lm_loss_sum`, `chunk_tokens` tokens at a time."""
     # Through the (possibly DDP-wrapped) model's forward, so its gradient hooks see the call.
-    hidden = model(batch.inputs, return_hidden=True).flatten(0, 1)
+    hidden = model(**batch.model_inputs(), return_hidden=True).flatten(0, 1)
     targets = batch.targets.flatten()
     head = unwrap(model).lm_head
     total = None

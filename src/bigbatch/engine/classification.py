@@ -61,7 +61,7 @@ def sequence_plan(global_sequences: int, micro_batch_size: int | str, micro_batc
 
 
 def classifier_logits(model: nn.Module, batch: ClassificationBatch) -> torch.Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return model(**batch.model_inputs()).logits
 
 
 def classification_loss_sum(model: nn.Module, batch: ClassificationBatch) -> torch.Tensor:

@@ -30,7 +30,7 @@ import time
 import torch
 from torch import nn
 
-from bigbatch.engine.step import IGNORE_INDEX
+from bigbatch.batch import IGNORE_INDEX
 from bigbatch.model.artifacts import unwrap
 
 FUSED_MIN_VOCAB = 32768       # auto: fused from here up (neutral at 8K, ~2x the loss at 50K)
@@ -118,7 +118,7 @@ class FusedLinearCrossEntropy:
 
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
         # Through the (possibly DDP-wrapped) model's forward, so its gradient hooks see the call.
-        hidden = model(batch.inputs, return_hidden=True).flatten(0, 1)
+        hidden = model(**batch.model_inputs(), return_hidden=True).flatten(0, 1)
         weight = unwrap(model).lm_head.weight
         device_type = hidden.device.type
         dtype = (torch.get_autocast_dtype(device_type)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import Config
 from bigbatch.engine.batch_schedule import BatchSchedule
 from bigbatch.engine.metrics import MetricsLog, Progress, peak_memory_bytes
@@ -21,7 +22,7 @@ from bigbatch.errors import UsageError
 from bigbatch.parallel.process_group import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:  # types only: the data room sits above the engine
-    from bigbatch.data.loader import MicroBatch, TokenLoader
+    from bigbatch.data.loader import TokenLoader
 
 
 @dataclass

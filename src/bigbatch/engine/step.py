@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch.batch import IGNORE_INDEX, Batch
 from bigbatch.engine.noise_scale import unbiased_grad_sq_and_trace
 from bigbatch.engine.precision import Precision
 from bigbatch.parallel.process_group import (
@@ -37,15 +37,6 @@ from bigbatch.parallel.process_group import (
     maybe_no_sync,
     total_grad_norm,
 )
-
-# Targets that carry no loss (a document's first token predicted across a boundary, padding):
-# PyTorch's own default ignore_index, so a user's batches made for F.cross_entropy work as they are.
-IGNORE_INDEX = -100
-
-
-class Batch(Protocol):
-    def num_targets(self) -> torch.Tensor: ...
-
 
 LossSumFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -60,7 +51,7 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def lm_loss_sum(model: nn.Module, batch) -> torch.Tensor:
     """Summed next-token cross-entropy over the unmasked targets (softmax in fp32 or wider)."""
-    output = model(batch.inputs)
+    output = model(**batch.model_inputs())
     logits = getattr(output, "logits", output)  # a Hugging Face model returns a ModelOutput
     return token_loss_sum(logits, batch.targets)
 

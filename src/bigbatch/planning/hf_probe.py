@@ -59,8 +59,8 @@ def planning_config(cfg: Config) -> Config:
 
 def hf_probe_setup(request, device: torch.device):
     """(model, loss_sum_fn, make_batch) for a probe of a Hugging Face model."""
+    from bigbatch.batch import MicroBatch
     from bigbatch.data.classification import ClassificationBatch
-    from bigbatch.data.loader import MicroBatch
     from bigbatch.engine.classification import classification_loss_sum
     from bigbatch.engine.step import lm_loss_sum
 

@@ -103,8 +103,8 @@ def measure(request: ProbeRequest) -> ProbeResult:
         tune_glibc_malloc()  # before the first big tensor, as train() does
     import torch
 
+    from bigbatch.batch import MicroBatch
     from bigbatch.config.sections import OptimConfig, PrecisionConfig
-    from bigbatch.data.loader import MicroBatch
     from bigbatch.engine.chunked_loss import make_loss_sum_fn
     from bigbatch.engine.loop import evaluate
     from bigbatch.engine.optim import build_optimizer

@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+from bigbatch.batch import divisors, sequences_per_rank
 from bigbatch.config.units import format_bytes
 from bigbatch.errors import UsageError
 from bigbatch.planning.memory import (
@@ -248,13 +249,8 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
     """The plan for one rank; `base` carries precision, optimizer, world size, sharding, data;
     `gradient_sync` is `parallel.fsdp_gradient_sync`; `wrapped_probe` probes under the wrapper
     on `base.world_size` ranks (module docstring)."""
-    tokens_per_rank_row = dims.seq_len * base.world_size
-    if global_tokens % tokens_per_rank_row:
-        raise UsageError(f"batch.global_tokens = {global_tokens} is not a multiple of data.seq_len "
-                         f"x world size = {tokens_per_rank_row}: the per-rank batch must be whole "
-                         "sequences")
-    per_rank = global_tokens // tokens_per_rank_row
-    sizes = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+    per_rank = sequences_per_rank(global_tokens, dims.seq_len, base.world_size)
+    sizes = divisors(per_rank, per_rank)
     sharded = base.sharding == "fsdp" and base.world_size > 1
     syncs = sync_choices(base.sharding, base.world_size, gradient_sync)
     tried, failed = [], []

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigbatch.batch import divisors, plan_batch, sequences_per_rank
 from bigbatch.config.sections import Config, PrecisionConfig
 from bigbatch.data.corpus import prepare_corpus
-from bigbatch.data.loader import MicroBatch, TokenLoader
-from bigbatch.engine.batching import plan_batch
+from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
@@ -107,8 +107,8 @@ def checkable_micro_batch(cfg: Config, world_size: int, max_micro_batch: int) ->
     a size that divides the per-rank batch, so take the largest one up to `max_micro_batch`."""
     if cfg.batch.micro_batch_size != "auto":
         return cfg
-    per_rank = max(1, cfg.batch.global_tokens // (cfg.data.seq_len * world_size))
-    size = max(d for d in range(1, max_micro_batch + 1) if per_rank % d == 0)
+    per_rank = sequences_per_rank(cfg.batch.global_tokens, cfg.data.seq_len, world_size)
+    size = max(divisors(per_rank, max_micro_batch))
     return dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, micro_batch_size=size))
 
 
@@ -153,8 +153,7 @@ def verify_recipe(cfg: Config, max_micro_steps: int = 4, max_micro_batch: int = 
     corpus = prepare_corpus(cfg.data)
     plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size)
     loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, rank=0, seed=cfg.train.seed)
-    micro_batches = [MicroBatch(mb.inputs[:max_micro_batch], mb.targets[:max_micro_batch])
-                     for mb in loader.next_step()[:max_micro_steps]]
+    micro_batches = [mb.first_rows(max_micro_batch) for mb in loader.next_step()[:max_micro_steps]]
     seed_everything(cfg.train.seed)
     dtype = torch.float64 if float64 else torch.float32
     model = build_model(cfg, corpus.vocab_size).to(dtype)

@@ -24,10 +24,10 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
+from bigbatch.batch import MicroBatch, plan_batch
 from bigbatch.config.sections import Config, PrecisionConfig
 from bigbatch.data.corpus import prepare_corpus
-from bigbatch.data.loader import MicroBatch, TokenLoader
-from bigbatch.engine.batching import plan_batch
+from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.parallel.process_group import DistInfo, barrier
@@ -133,7 +133,7 @@ def rank_micro_batches(cfg: Config, tokens, eot_id: int, rank: int, world_size: 
     plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                       world_size)
     loader = TokenLoader(tokens, eot_id, plan, rank=rank, seed=cfg.train.seed)
-    return [MicroBatch(mb.inputs[:max_micro_batch], mb.targets[:max_micro_batch])
+    return [mb.first_rows(max_micro_batch)
             for mb in loader.next_step()[:max_micro_steps]]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bigbatch.batch import plan_batch
 from bigbatch.config.sections import Config
 from bigbatch.data.classification import (
     ClassificationLoader,
@@ -28,7 +29,6 @@ from bigbatch.data.classification import (
     tokenize_windows,
 )
 from bigbatch.engine.batch_schedule import BatchSchedule
-from bigbatch.engine.batching import plan_batch
 from bigbatch.engine.classification import (
     classification_loss_sum,
     evaluate_classifier,

@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bigbatch.batch import IGNORE_INDEX, plan_batch
 from bigbatch.config.sections import Config
 from bigbatch.data.corpus import Corpus, prepare_corpus_in_child
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
-from bigbatch.data.packing import IGNORE_INDEX
 from bigbatch.engine.batch_schedule import BatchSchedule, build_batch_schedule, describe_schedule
-from bigbatch.engine.batching import plan_batch
 from bigbatch.engine.chunked_loss import describe_loss, make_loss_sum_fn
 from bigbatch.engine.fused_loss import resolve_loss_kernel
 from bigbatch.engine.loop import TrainState
