@@ -56,7 +56,7 @@ def worker(out_path: str) -> None:
     from bigbatch.engine.precision import make_precision
     from bigbatch.parallel.process_group import dist_info_from_env
     from bigbatch.parallel.wrap import parallelize
-    from bigbatch.run.tasks.lm import build_model
+    from bigbatch.tasks.lm.wiring import build_model
     from bigbatch.tools.verify_distributed import ReductionCounter
 
     dist.init_process_group("gloo")

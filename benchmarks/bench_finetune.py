@@ -58,15 +58,15 @@ def classifier_test_metrics(model_dir: Path, cfg) -> tuple[float, float, int]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from bigbatch.data.classification import (
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.parallel.process_group import SINGLE_PROCESS
+    from bigbatch.tasks.classify.data import (
         eval_batches,
         label_ids,
         read_labelled_file,
         tokenize_windows,
     )
-    from bigbatch.engine.classification import evaluate_classifier
-    from bigbatch.engine.precision import make_precision
-    from bigbatch.parallel.process_group import SINGLE_PROCESS
+    from bigbatch.tasks.classify.loss import evaluate_classifier
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -92,9 +92,9 @@ def parameter_counts(recipe: str) -> tuple[int, int]:
     from bigbatch.model.hf import build_hf_model, parse_source
 
     cfg = load_config(ROOT / recipe)
-    model = build_hf_model(parse_source(cfg.model.source), "classify", trust_remote_code=False,
+    model = build_hf_model(parse_source(cfg.model.source), "sequence-classification", trust_remote_code=False,
                            labels=["0", "1"])
-    return parameter_counts(apply_adapter(model, cfg.model, "classify"))
+    return parameter_counts(apply_adapter(model, cfg.model, "sequence-classification"))
 
 
 def step_costs(rounds: int) -> dict[str, float]:
@@ -113,9 +113,9 @@ def step_costs(rounds: int) -> dict[str, float]:
 
     def build(recipe: str, **model_overrides) -> torch.nn.Module:
         cfg = load_config(ROOT / recipe)
-        model = build_hf_model(parse_source(cfg.model.source), "classify",
+        model = build_hf_model(parse_source(cfg.model.source), "sequence-classification",
                                trust_remote_code=False, labels=["0", "1"])
-        return apply_adapter(model, replace(cfg.model, **model_overrides), "classify").train()
+        return apply_adapter(model, replace(cfg.model, **model_overrides), "sequence-classification").train()
 
     torch.manual_seed(0)
     arms = {"full fine-tuning": build(FULL), "LoRA": build(LORA),

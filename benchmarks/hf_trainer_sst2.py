@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from bigbatch.config.files import load_config
-from bigbatch.data.classification import read_labelled_file
+from bigbatch.tasks.classify.data import read_labelled_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO_BATCH = 64

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from bigbatch.config.sections import Config, DataConfig
 from bigbatch.parallel.process_group import dist_info_from_env
-from bigbatch.run.tasks.lm import load_corpus
+from bigbatch.tasks.lm.wiring import load_corpus
 
 
 def corpus_digest(corpus) -> str:

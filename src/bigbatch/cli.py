@@ -179,10 +179,8 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_config(args: list[str]) -> int:
-    from bigbatch.batch import plan_batch
     from bigbatch.config.files import config_to_toml, field_docs, load_config
-    from bigbatch.engine.batch_schedule import build_batch_schedule, describe_schedule
-    from bigbatch.engine.schedule import describe_lr_scaling
+    from bigbatch.tasks import task_of
 
     opts, overrides = parse_recipe_args(config_parser(), args)
     if opts.fields:
@@ -192,26 +190,7 @@ def cmd_config(args: list[str]) -> int:
     cfg = load_config(opts.recipe, overrides)
     world_size = _positive_int(opts.world_size, "--world-size")
     print(config_to_toml(cfg))
-    if cfg.train.task == "classify":
-        from bigbatch.engine.classification import sequence_plan
-
-        plan = sequence_plan(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
-                             cfg.batch.micro_batch_tokens, cfg.data.max_length, world_size)
-        print(f"# {plan.describe()}")
-        return 0
-    if cfg.batch.micro_batch_size == "auto":
-        print("# micro_batch_size = \"auto\": `bigbatch plan` shows what training will choose")
-        return 0
-    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
-                      world_size)
-    print(f"# {plan.describe()}")
-    print(f"# num_micro_steps = global_tokens / (micro_batch_size * seq_len * world_size) = "
-          f"{plan.global_tokens} / ({plan.micro_batch_size} * {plan.seq_len} * "
-          f"{plan.world_size}) = {plan.num_micro_steps}")
-    reference = cfg.optim.reference_batch_tokens or plan.global_tokens
-    print("# " + describe_lr_scaling(cfg.optim.lr, cfg.optim.lr_scaling, plan.global_tokens,
-                                     reference))
-    for line in describe_schedule(build_batch_schedule(cfg, plan)):
+    for line in task_of(cfg).describe_batch(cfg, world_size):
         print(f"# {line}")
     return 0
 

@@ -91,36 +91,48 @@ def evaluate(model: nn.Module, batches: Sequence[MicroBatch], precision: Precisi
     return float(totals[0] / totals[1].clamp(min=1))  # host sync: evaluation is a logging point
 
 
+@dataclass(frozen=True)
+class StepSetup:
+    """How every optimizer step is taken: what fit() hands to train_step() and evaluation."""
+
+    precision: Precision
+    dist: DistInfo
+    device: torch.device
+    loss_sum_fn: LossSumFn
+    measure_noise: bool = True  # False when the batch's examples are not independent samples
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """What fit() calls out to: the validation metrics (with "val_loss") of the model, the
+    metrics log and progress line, and after each step the checkpointer and the stop check."""
+
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    log: MetricsLog
+    progress: Progress
+    on_step_end: Callable[[TrainState], None] = lambda state: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
-        val_batches: Sequence[MicroBatch], *, cfg: Config, schedule: BatchSchedule,
-        precision: Precision, dist: DistInfo, device: torch.device, state: TrainState,
-        log: MetricsLog, progress: Progress, should_stop: Callable[[], bool] = lambda: False,
-        on_step_end: Callable[[TrainState], None] = lambda state: None,
-        loss_sum_fn: LossSumFn = lm_loss_sum,
-        evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-        measure_noise: bool = True) -> TrainState:
+        state: TrainState, *, cfg: Config, schedule: BatchSchedule, setup: StepSetup,
+        hooks: LoopHooks) -> TrainState:
     """Train for `train.max_steps` full batches of tokens, or until `train.target_val_loss`:
 
+        evaluate the untrained model (a fresh run)
         for each optimizer step:
             its shape: global batch (ramp), sequence length (warmup); see batch_schedule.py
             its learning rate: scaled to its batch, at its last token on the schedule
             take this rank's micro-batches of the step
             train_step(): accumulate exact gradients, clip, update; noise-scale estimates
             update the noise-scale averages; log loss, lr, grad norm, gns_*, tokens/s (rank 0)
-            every `eval_every` steps and at the end: validation loss (stop at the target)
-            on_step_end(state): checkpoints; stop early if asked to
-
-    `evaluate_fn(model)` returns the validation metrics (with "val_loss"); by default the
-    token-mean loss over `val_batches`. `measure_noise=False` when the batch's examples are not
-    independent samples (the noise scale would not apply).
+            every `eval_every` steps and at the end: hooks.evaluate (stop at the target)
+            hooks.on_step_end(state): checkpoints; stop early if hooks.should_stop()
     """
     full_tokens, target = schedule.plan.global_tokens, cfg.train.target_val_loss
-    if evaluate_fn is None:
-        def evaluate_fn(model: nn.Module) -> dict[str, float]:
-            return {"val_loss": evaluate(model, val_batches, precision, dist, device,
-                                         loss_sum_fn)}
+    log, progress = hooks.log, hooks.progress
     if state.step == 0:  # the untrained model's loss: the baseline every curve starts from
-        metrics = evaluate_fn(model)
+        metrics = hooks.evaluate(model)
         state.last_val_loss = metrics["val_loss"]
         log.write({"step": 0, "tokens": 0, **metrics})
     while not finished(state, schedule):
@@ -132,10 +144,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                                 full_batch_tokens=full_tokens, max_steps=cfg.train.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [mb.to(device) for mb in loader.next_step(shape)]
-        stats = train_step(model, optimizer, micro_batches, precision=precision,
+        micro_batches = [mb.to(setup.device) for mb in loader.next_step(shape)]
+        stats = train_step(model, optimizer, micro_batches, precision=setup.precision,
                            clip_norm=cfg.optim.clip_norm, clip_value=cfg.optim.clip_value,
-                           dist=dist, loss_sum_fn=loss_sum_fn, measure_noise=measure_noise)
+                           dist=setup.dist, loss_sum_fn=setup.loss_sum_fn,
+                           measure_noise=setup.measure_noise)
         state.step += 1
         state.tokens_seen += shape.global_tokens
         state.steps_at_batch = (state.steps_at_batch + 1
@@ -157,8 +170,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                "micro_batch_size": shape.micro_batch_size,
                "num_micro_steps": len(micro_batches), "step_seconds": seconds,
                "skipped_steps": state.skipped_steps,
-               "peak_memory_bytes": peak_memory_bytes(device), **noise_metrics(state.noise)}
-        if precision.scaling:
+               "peak_memory_bytes": peak_memory_bytes(setup.device), **noise_metrics(state.noise)}
+        if setup.precision.scaling:
             row["loss_scale"] = stats.loss_scale
         log.write(row)
         progress.update(state.step, loss, row["tokens_per_s"], lr)
@@ -168,13 +181,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                              "lower optim.lr, use bf16, or check the data")
         every = cfg.train.eval_every
         if (every and state.step % every == 0) or finished(state, schedule):
-            metrics = evaluate_fn(model)
+            metrics = hooks.evaluate(model)
             state.last_val_loss = metrics["val_loss"]
             log.write({"step": state.step, "tokens": state.tokens_seen, **metrics})
             progress.message(f"step {state.step}: " + " | ".join(
                 f"{key} {value:.4f}" for key, value in metrics.items()))
             state.reached_target = bool(target) and state.last_val_loss <= target
-        on_step_end(state)
-        if should_stop():
+        hooks.on_step_end(state)
+        if hooks.should_stop():
             break
     return state

@@ -30,9 +30,9 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
-# peft's task types for our tasks: they choose the PeftModel class (its forward and saving) and,
-# for classification, keep the head fully trained.
-PEFT_TASKS = {"lm": "CAUSAL_LM", "classify": "SEQ_CLS"}
+# peft's task type for each model head (model/hf.py HEADS): it chooses the PeftModel class (its
+# forward and saving) and, for classification, keeps the head fully trained.
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 # What peft's save_pretrained writes into a directory, and from_pretrained reads.
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -67,9 +67,9 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
-def apply_adapter(model: nn.Module, cfg: ModelConfig, task: str) -> nn.Module:
+def apply_adapter(model: nn.Module, cfg: ModelConfig, head: str) -> nn.Module:
     """`model` itself for adapter = "none"; else the peft model with LoRA on the targets (the
-    base frozen). Call it on the device, before DDP/FSDP and before building the optimizer."""
+    base frozen); `head` is the model's head (model/hf.py HEADS). Call it on the device, before DDP/FSDP and before building the optimizer."""
     if cfg.adapter == "none":
         return model
     try:
@@ -81,7 +81,7 @@ def apply_adapter(model: nn.Module, cfg: ModelConfig, task: str) -> nn.Module:
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                         lora_dropout=cfg.lora_dropout,
                         target_modules=lora_targets(model, cfg.lora_targets),
-                        task_type=PEFT_TASKS[task] if is_hf else None)
+                        task_type=PEFT_TASK_TYPES[head] if is_hf else None)
     with quiet_peft():
         return get_peft_model(model, config)
 

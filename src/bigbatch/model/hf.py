@@ -23,6 +23,10 @@ from torch import nn
 
 from bigbatch.errors import UsageError
 
+# The model heads bigbatch trains, by transformers' Auto class: a task names its head (tasks/).
+HEADS = {"causal-lm": "AutoModelForCausalLM",
+         "sequence-classification": "AutoModelForSequenceClassification"}
+
 
 @dataclass(frozen=True)
 class HFSource:
@@ -99,6 +103,14 @@ def load_tokenizer(source: HFSource, data_tokenizer: str, trust_remote_code: boo
     return tokenizer
 
 
+def text_dims(source: HFSource, trust_remote_code: bool) -> dict[str, int]:
+    """The text model's vocabulary, layers, width and heads, read from its config."""
+    config = load_config(source, trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"vocab_size": text.vocab_size, "n_layer": text.num_hidden_layers,
+            "d_model": text.hidden_size, "n_head": text.num_attention_heads}
+
+
 def load_config(source: HFSource, trust_remote_code: bool, **overrides):
     from transformers import AutoConfig
 
@@ -112,22 +124,26 @@ def load_config(source: HFSource, trust_remote_code: bool, **overrides):
                          f"{str(err).splitlines()[0]}") from None
 
 
-def build_hf_model(source: HFSource, task: str, *, trust_remote_code: bool,
+def auto_model_class(head: str):
+    """transformers' Auto class for a model head (HEADS)."""
+    import transformers
+
+    return getattr(transformers, HEADS[head])
+
+
+def build_hf_model(source: HFSource, head: str, *, trust_remote_code: bool,
                    labels: list[str] | None = None, dtype: torch.dtype = torch.float32,
                    say: Callable[[str], None] | None = None) -> nn.Module:
-    """The model for `task`, pretrained (hf:) or freshly initialised (hf-config:), in fp32
-    (autocast does the lower precision). For classify, the head gets one output per label and the
-    label names (so an exported model reports them). `say` gets one line naming the weights
-    that the checkpoint did not have (newly initialised, e.g. a classification head)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    """The model with `head` (HEADS), pretrained (hf:) or freshly initialised (hf-config:), in
+    fp32 (autocast does the lower precision). With `labels`, the head gets one output per label
+    and the label names (so an exported model reports them). `say` gets one line naming the
+    weights that the checkpoint did not have (newly initialised, e.g. a classification head)."""
     overrides = {}
-    if task == "classify":
-        assert labels is not None
+    if labels is not None:
         overrides = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                      "label2id": {name: i for i, name in enumerate(labels)}}
     config = load_config(source, trust_remote_code, **overrides)
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    auto = auto_model_class(head)
     try:
         with quiet_transformers():
             if source.kind == "hf-config":
@@ -136,8 +152,8 @@ def build_hf_model(source: HFSource, task: str, *, trust_remote_code: bool,
                                                local_files_only=True, output_loading_info=True,
                                                trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as err:  # e.g. an architecture without a head for this task
-        raise UsageError(f"model.source = {str(source.path)!r} has no {auto.__name__} for "
-                         f"train.task = {task!r}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"model.source = {str(source.path)!r} has no {auto.__name__} "
+                         f"({head} head): {str(err).splitlines()[0]}") from None
     if say is not None and info.get("missing_keys"):
         say(f"model: newly initialised (not in the checkpoint): "
             f"{', '.join(sorted(info['missing_keys']))}")

@@ -43,7 +43,7 @@ def with_model_tokenizer(cfg: Config) -> tuple[Config, HFSource | None]:
 
 def build_hf_lm(cfg: Config, source: HFSource, vocab_size: int) -> nn.Module:
     """The causal LM, its embeddings grown if bigbatch added the end-of-text token."""
-    model = build_hf_model(source, "lm", trust_remote_code=cfg.model.trust_remote_code)
+    model = build_hf_model(source, "causal-lm", trust_remote_code=cfg.model.trust_remote_code)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         if cfg.model.adapter != "none":  # new rows would be random, frozen and never saved
             raise UsageError(f"model.adapter = {cfg.model.adapter!r}: the tokenizer's "

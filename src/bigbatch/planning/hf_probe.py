@@ -9,80 +9,59 @@ for these models, so a plan that needs it is refused.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from bigbatch.config.sections import Config
 from bigbatch.errors import UsageError
-from bigbatch.model.hf import apply_hf_checkpointing, build_hf_model, load_config, parse_source
+from bigbatch.model.hf import (
+    apply_hf_checkpointing,
+    auto_model_class,
+    build_hf_model,
+    load_config,
+    parse_source,
+    text_dims,
+)
 from bigbatch.planning.memory import ModelDims
+from bigbatch.tasks import task_named, task_of
 
 
 def hf_dims(cfg: Config, seq_len: int) -> ModelDims:
-    source = parse_source(cfg.model.source)
-    config = load_config(source, cfg.model.trust_remote_code)
-    get = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
-        return ModelDims(vocab_size=get.vocab_size, seq_len=seq_len,
-                         n_layer=get.num_hidden_layers, d_model=get.hidden_size,
-                         n_head=get.num_attention_heads)
+        dims = text_dims(parse_source(cfg.model.source), cfg.model.trust_remote_code)
     except AttributeError as err:
         raise UsageError(f"batch.micro_batch_size = \"auto\": the planner cannot read the "
                          f"model's dimensions from its config ({err}): give a micro-batch size"
                          ) from None
+    return ModelDims(seq_len=seq_len, **dims)
 
 
 def hf_model_from_config(cfg: Config) -> nn.Module:
-    """The model class of the task, built from the config alone (random weights; under a meta
-    device context, shapes only). A classifier gets two labels, as the probe's has."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    classify = cfg.train.task == "classify"
+    """The model with the task's head, built from the config alone (random weights; under a
+    meta device context, shapes only), with the probe's labels (tasks/base.py)."""
+    task = task_of(cfg)
+    labels = task.probe_labels
     config = load_config(parse_source(cfg.model.source), cfg.model.trust_remote_code,
-                         **({"num_labels": 2} if classify else {}))
-    auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
-    return auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-
-
-def planning_config(cfg: Config) -> Config:
-    """For classify: plan `global_sequences` windows of `max_length` tokens (every window full:
-    the most memory a micro-batch of that many windows can take)."""
-    if cfg.train.task != "classify":
-        return cfg
-    return dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, seq_len=cfg.data.max_length),
-        batch=dataclasses.replace(cfg.batch, global_tokens=cfg.batch.global_sequences
-                                  * cfg.data.max_length))
+                         **({"num_labels": len(labels)} if labels else {}))
+    return auto_model_class(task.model_head).from_config(
+        config, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def hf_probe_setup(request, device: torch.device):
-    """(model, loss_sum_fn, make_batch) for a probe of a Hugging Face model."""
-    from bigbatch.batch import MicroBatch
-    from bigbatch.data.classification import ClassificationBatch
-    from bigbatch.engine.classification import classification_loss_sum
-    from bigbatch.engine.step import lm_loss_sum
-
+    """(model, loss_sum_fn, make_batch) for a probe of a Hugging Face model: the task's head,
+    loss and random batches (tasks/base.py)."""
     if request.loss_chunk_tokens:
         raise UsageError("chunked loss is not available for Hugging Face models")
+    task = task_named(request.task)
     source = parse_source(request.model_source)
-    task = request.task
-    model: nn.Module = build_hf_model(source, task, trust_remote_code=request.trust_remote_code,
-                                      labels=["0", "1"] if task == "classify" else None)
+    model: nn.Module = build_hf_model(source, task.model_head,
+                                      trust_remote_code=request.trust_remote_code,
+                                      labels=task.probe_labels)
     apply_hf_checkpointing(model, request.checkpointing, request.checkpoint_every)
     model.to(device).train()
     vocab = model.get_input_embeddings().num_embeddings
-    shape = (request.micro_batch_size, request.dims.seq_len)
 
     def make_batch():
-        ids = torch.randint(0, vocab, shape, device=device)
-        if task == "lm":
-            return MicroBatch(ids, torch.randint(0, vocab, shape, device=device))
-        count = shape[0]
-        return ClassificationBatch(ids, torch.ones_like(ids),
-                                   torch.randint(0, 2, (count,), device=device),
-                                   torch.ones(count, dtype=torch.float64, device=device),
-                                   torch.arange(count, device=device))
+        return task.probe_batch(vocab, request.micro_batch_size, request.dims.seq_len, device)
 
-    return model, classification_loss_sum if task == "classify" else lm_loss_sum, make_batch
+    return model, task.probe_loss_sum(), make_batch

@@ -27,6 +27,7 @@ from bigbatch.planning.search import (
     sync_choices,
     tactics_for,
 )
+from bigbatch.tasks import task_of
 
 
 def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device: str = "cpu",
@@ -41,9 +42,9 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
     device_type, _, index = device.partition(":")
     cfg = with_resolved_dtype(cfg, torch.device(device))[0]
     if cfg.model.source != "gpt":  # a Hugging Face model: its own dimensions, probed as itself
-        from bigbatch.planning.hf_probe import hf_dims, planning_config
+        from bigbatch.planning.hf_probe import hf_dims
 
-        cfg = planning_config(cfg)
+        cfg = task_of(cfg).planning_config(cfg)
         dims = hf_dims(cfg, cfg.data.seq_len)
         gpt_probe = probe
 
@@ -141,7 +142,7 @@ def count_trainable(cfg: Config, dims: ModelDims) -> int:
             from bigbatch.planning.hf_probe import hf_model_from_config
 
             model = hf_model_from_config(cfg)
-        return parameter_counts(apply_adapter(model, cfg.model, cfg.train.task))[0]
+        return parameter_counts(apply_adapter(model, cfg.model, task_of(cfg).model_head))[0]
 
 
 def apply_plan(cfg: Config, plan: MemoryPlan) -> Config:

@@ -148,8 +148,10 @@ def measure(request: ProbeRequest) -> ProbeResult:
     if request.adapter:  # frozen base, trainable adapters: as training builds it
         from bigbatch.config.sections import ModelConfig
         from bigbatch.model.adapters import apply_adapter
+        from bigbatch.tasks import task_named
 
-        model = apply_adapter(model, ModelConfig(**dict(request.adapter)), request.task)
+        model = apply_adapter(model, ModelConfig(**dict(request.adapter)),
+                              task_named(request.task).model_head)
     model = parallelize(model, request.sharding, device, info, precision=request.precision,
                         fsdp_gradient_sync=request.gradient_sync)
     optimizer = build_optimizer(model, OptimConfig(), device)  # after FSDP's sharding

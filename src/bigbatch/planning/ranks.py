@@ -17,6 +17,7 @@ from pathlib import Path
 from bigbatch.batch import plan_batch
 from bigbatch.config.files import load_config
 from bigbatch.errors import UsageError
+from bigbatch.tasks import task_of
 
 
 @dataclass
@@ -109,7 +110,7 @@ def rank_advice(run_dir: Path, world_size: int) -> RankAdvice:
         raise UsageError(f"--from {str(run_dir)!r} is not a finished run directory (it needs "
                          "config.toml and metrics.jsonl)")
     cfg = load_config(run_dir / "config.toml")
-    if not isinstance(cfg.batch.micro_batch_size, int) or cfg.train.task != "lm":
+    if not isinstance(cfg.batch.micro_batch_size, int) or not task_of(cfg).measures_critical_batch:
         raise UsageError(f"--from {str(run_dir)!r}: rank advice needs a language-model run with "
                          "a resolved batch.micro_batch_size")
     info = run_dir / "run_info.json"

@@ -15,6 +15,7 @@ import tomllib
 from bigbatch.errors import UsageError
 from bigbatch.model.adapters import ADAPTER_FILE
 from bigbatch.run.run_info import read_run_info
+from bigbatch.tasks import task_named
 
 
 @dataclass
@@ -37,9 +38,9 @@ class RunData:
 
     @property
     def unit(self) -> str:
-        """What the rows' `tokens` (and `global_tokens`, `gns_tokens`) count: texts for a
-        classification run, whose schedule counts texts (run/tasks/classify.py), else tokens."""
-        return "texts" if self.setting("train", "task") == "classify" else "tokens"
+        """What the rows' `tokens` (and `global_tokens`, `gns_tokens`) count: the unit of the
+        run's task (texts for a classifier, tokens for a language model)."""
+        return task_named(self.setting("train", "task", "lm")).unit
 
     @property
     def unit_singular(self) -> str:

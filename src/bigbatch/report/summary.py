@@ -121,7 +121,7 @@ def throughput_text(run: RunData) -> tuple[str, str]:
 
 def text_batch_text(run: RunData) -> str:
     """A classification run's batch: texts, their windows cut into micro-batches by length
-    (data/classification.py)."""
+    (tasks/classify/data.py)."""
     texts = run.setting("batch", "global_sequences")
     if not texts:
         return "—"

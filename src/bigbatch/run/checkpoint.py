@@ -47,6 +47,7 @@ from bigbatch.config.files import config_to_dict
 from bigbatch.config.sections import Config
 from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.loop import TrainState
+from bigbatch.engine.seeding import derived_seed, seed_everything
 from bigbatch.errors import UsageError
 from bigbatch.model.adapters import is_adapted
 from bigbatch.model.artifacts import state_dict_for_saving, unwrap
@@ -54,7 +55,6 @@ from bigbatch.parallel.process_group import DistInfo, barrier
 from bigbatch.parallel.wrap import full_model_state_dict, load_full_model_state_dict
 from bigbatch.run.preemption import any_rank
 from bigbatch.run.rng_state import gather_rng, rank_rng, restore_rng
-from bigbatch.run.seeding import derived_seed, seed_everything
 
 FORMAT = 1
 MANIFEST = "manifest.json"

@@ -1,4 +1,4 @@
-"""`train()`: one wiring for every task. A task (run/tasks/: lm, classify) prepares what is
+"""`train()`: one wiring for every task. A task (tasks/: lm, classify) prepares what is
 its own (data, loaders, model, loss, evaluation, what to save and say); this module does the rest
 the same way for all of them (devices, process group, DDP/FSDP, optimizer, checkpoints, resume,
 signals, metrics, the report) and calls `fit()`. No training arithmetic lives here; it is all in
@@ -19,8 +19,7 @@ import torch
 from bigbatch.config.files import config_to_dict, config_to_toml
 from bigbatch.config.sections import Config
 from bigbatch.engine.allocator import tune_glibc_malloc
-from bigbatch.engine.loop import TrainState, finished, fit
-from bigbatch.engine.loop import evaluate as evaluate_loss
+from bigbatch.engine.loop import LoopHooks, StepSetup, TrainState, finished, fit
 from bigbatch.engine.metrics import MetricsLog, Progress
 from bigbatch.engine.noise_scale import NoiseScaleEMA
 from bigbatch.engine.optim import build_optimizer
@@ -39,7 +38,8 @@ from bigbatch.run.checkpoint import Checkpointer
 from bigbatch.run.preemption import Preemption, any_rank
 from bigbatch.run.resume import agree_on_resume_checkpoint, check_out_dir, drop_metrics_after
 from bigbatch.run.run_info import end_run_info, start_run_info
-from bigbatch.run.tasks import TaskContext, prepare_task
+from bigbatch.tasks import task_of
+from bigbatch.tasks.base import TaskContext
 
 
 @dataclass
@@ -119,6 +119,24 @@ def final_artifacts(out_dir: Path) -> list[Path]:
     return [out_dir / "report.html", out_dir / "plan.json"]
 
 
+def micro_batch_planner(dist: DistInfo, device: torch.device, out_dir: Path, say):
+    """`plan_micro_batch(cfg, vocab_size, data_bytes)` for the tasks: resolve
+    `batch.micro_batch_size = "auto"` (and checkpointing, chunked loss, FSDP gradient sync) by
+    the memory planner, say the plan, and write it to `plan.json` in the run directory."""
+    def plan_micro_batch(cfg: Config, vocab_size: int, data_bytes: int) -> Config:
+        from bigbatch.planning.planner import apply_plan, describe_plan, plan_for_config, write_plan
+
+        memory_plan = plan_for_config(cfg, vocab_size, world_size=dist.world_size,
+                                      device=str(device), data_bytes=data_bytes)
+        for line in describe_plan(memory_plan):
+            say(f"plan: {line}")
+        if dist.is_main:
+            write_plan(memory_plan, out_dir)
+        return apply_plan(cfg, memory_plan)
+
+    return plan_micro_batch
+
+
 def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
           resume: str | None = None, overwrite: bool = False,
           preemption: Preemption | None = None, report: bool = True) -> TrainResult:
@@ -145,9 +163,11 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
 
     started, began = time.perf_counter(), time.time()
     precision = make_precision(cfg.precision, device)
-    task = prepare_task(cfg, TaskContext(dist, device, precision, out_dir, say))
-    cfg, model = task.cfg, task.model
-    for line in task.start_lines:
+    task = task_of(cfg)
+    run = task.prepare(cfg, TaskContext(dist, device, precision, out_dir, say,
+                                        micro_batch_planner(dist, device, out_dir, say)))
+    cfg, model = run.cfg, run.model
+    for line in run.start_lines:
         say(line)
     if slow_dtype:
         warn(slow_dtype)
@@ -162,10 +182,10 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
         (out_dir / "config.toml").write_text(config_to_toml(cfg))
         start_run_info(out_dir, began=began, resumed=resume_from is not None, device=device,
                        world_size=dist.world_size, dtype_name=cfg.precision.dtype,
-                       num_parameters=task.num_parameters, flops=task.flops_per_token,
-                       num_trainable_parameters=task.num_trainable_parameters)
+                       num_parameters=run.num_parameters, flops=run.flops_per_token,
+                       num_trainable_parameters=run.num_trainable_parameters)
     checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
-                                scaler=precision.scaler, loader=task.loader, dist=dist,
+                                scaler=precision.scaler, loader=run.loader, dist=dist,
                                 device=device, say=say)
     checkpointer.remove_partial_saves()
     state = TrainState(noise=NoiseScaleEMA(cfg.batch.noise_scale_ema))
@@ -187,49 +207,48 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
             say("trackers: " + " | ".join(f"{name}: {tracker.where}" for name, tracker
                                           in zip(cfg.train.trackers, trackers, strict=True)))
     log = MetricsLog(out_dir, enabled=dist.is_main, trackers=trackers)
-    progress = Progress(task.schedule.num_steps(), state.step, cfg.train.log_every,
+    progress = Progress(run.schedule.num_steps(), state.step, cfg.train.log_every,
                         enabled=verbose and dist.is_main)
     preemption = preemption or Preemption()
     metrics: dict[str, float] = {}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        metrics.update(task.evaluate(model) if task.evaluate else {"val_loss": evaluate_loss(
-            model, task.val_batches, precision, dist, device, task.loss_sum_fn)})
+        metrics.update(run.evaluate(model))
         return dict(metrics)
 
+    setup = StepSetup(precision, dist, device, run.loss_sum_fn, run.measure_noise)
+    hooks = LoopHooks(evaluate, log, progress, on_step_end=checkpointer.maybe_save,
+                      should_stop=lambda: any_rank(preemption.requested, dist, device))
+    exit_code = 0
     try:
         with preemption.handling_signals():  # also covers the checkpoint written on a signal
-            state = fit(wrapped, optimizer, task.loader, task.val_batches, cfg=cfg,
-                        schedule=task.schedule, precision=precision, dist=dist, device=device,
-                        state=state, log=log, progress=progress,
-                        on_step_end=checkpointer.maybe_save, loss_sum_fn=task.loss_sum_fn,
-                        evaluate_fn=evaluate, measure_noise=task.measure_noise,
-                        should_stop=lambda: any_rank(preemption.requested, dist, device))
+            state = fit(wrapped, optimizer, run.loader, state, cfg=cfg, schedule=run.schedule,
+                        setup=setup, hooks=hooks)
             # Reaching train.target_val_loss ends the loop early too: that run is finished.
-            if not finished(state, task.schedule):  # a signal stopped the loop early
+            stopped = not finished(state, run.schedule)  # a signal stopped the loop early
+            if stopped:
                 path = checkpointer.save_unless_saved(state)
-                say(f"stopped by {preemption.signal_name} after step {state.step}/"
-                    f"{task.schedule.num_steps()}: checkpoint {path}")
-                say(f"to continue, run the same command with --resume auto --out {out_dir}")
-                facts = task.closing_facts()
-                if dist.is_main:
-                    close_run(out_dir, preemption.signal_name, say, report, **facts)
-                log.close(artifacts=final_artifacts(out_dir))
-                return TrainResult(out_dir, state, task.num_parameters, preemption.exit_code,
-                                   dict(metrics), facts.get("unigram_val_loss"))
+                exit_code = preemption.exit_code
         progress.close()
-        if not metrics:  # resumed from a finished run's checkpoint: fit() evaluated nothing
-            evaluate(wrapped)
-        facts = task.closing_facts()
-        # Under FSDP gathering the full weights is a collective: all ranks take part, rank 0 writes.
-        weights = full_model_state_dict(wrapped)
+        if stopped:
+            say(f"stopped by {preemption.signal_name} after step {state.step}/"
+                f"{run.schedule.num_steps()}: checkpoint {path}")
+            say(f"to continue, run the same command with --resume auto --out {out_dir}")
+        else:
+            if not metrics:  # resumed from a finished run's checkpoint: fit() evaluated nothing
+                evaluate(wrapped)
+            # Under FSDP gathering the full weights is a collective: all ranks take part.
+            weights = full_model_state_dict(wrapped)
+            if dist.is_main:
+                run.save(unwrap(wrapped), weights, out_dir)
+                say(f"done in {time.perf_counter() - started:.0f}s: {state.step} steps, "
+                    f"{state.tokens_seen:,} {task.unit}, {state.skipped_steps} skipped steps")
+                for line in run.end_lines(state):
+                    say(line)
+        facts = run.closing_facts()
         if dist.is_main:
-            task.save(unwrap(wrapped), weights, out_dir)
-            say(f"done in {time.perf_counter() - started:.0f}s: {state.step} steps, "
-                f"{state.tokens_seen:,} {task.unit}, {state.skipped_steps} skipped steps")
-            for line in task.end_lines(state):
-                say(line)
-            close_run(out_dir, "finished", say, report, **facts)
+            close_run(out_dir, preemption.signal_name if stopped else "finished", say, report,
+                      **facts)
         log.close(artifacts=final_artifacts(out_dir))
     except UsageError as err:
         raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
@@ -237,5 +256,5 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
         progress.close()
         log.close(ok=False)  # only where an error skipped the close above: the trackers' run failed
     shutdown(dist)
-    return TrainResult(out_dir, state, task.num_parameters, 0, dict(metrics),
+    return TrainResult(out_dir, state, run.num_parameters, exit_code, dict(metrics),
                        facts.get("unigram_val_loss"))

@@ -29,6 +29,7 @@ from bigbatch.config.sections import Config
 from bigbatch.engine.schedule import scaled_peak_lr, step_learning_rate
 from bigbatch.errors import UsageError
 from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.tasks import task_of
 from bigbatch.tools.cbs_search import TARGET_FRACTION, TOLERANCE, search
 
 SCRATCH_MARK = ".bigbatch-cbs"  # a scratch directory cbs made, and may therefore empty
@@ -131,9 +132,9 @@ def find_starts(run_dir: Path, max_checkpoints: int) -> list[Start]:
                  for i in range(max_checkpoints)}
         found = [found[i] for i in sorted(picks)]
     starts = [read_start(p) for p in found]
-    if starts[0].config.train.task != "lm":
-        raise UsageError("cbs measures language-model runs (train.task = \"lm\"); this run is "
-                         f"train.task = {starts[0].config.train.task!r}")
+    if not task_of(starts[0].config).measures_critical_batch:
+        raise UsageError("cbs measures runs whose batch is a number of tokens (train.task = "
+                         f"\"lm\"); this run is train.task = {starts[0].config.train.task!r}")
     return starts
 
 

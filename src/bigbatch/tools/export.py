@@ -113,15 +113,16 @@ def export_adapter(run_dir: Path, out: Path, merge: bool) -> str:
 
     from bigbatch.config.files import load_config
     from bigbatch.model.hf import build_hf_model, load_tokenizer, parse_source, quiet_transformers
+    from bigbatch.tasks import task_of
 
     cfg = load_config(run_dir / "config.toml")
     source = parse_source(cfg.model.source)
     labels = None
-    if cfg.train.task == "classify":
+    if (run_dir / "labels.json").is_file():  # a classifier's head: one output per label
         labels = [name for _, name in sorted(
             (int(k), v) for k, v in json.loads((run_dir / "labels.json").read_text()).items())]
-    base = build_hf_model(source, cfg.train.task, trust_remote_code=cfg.model.trust_remote_code,
-                          labels=labels)
+    base = build_hf_model(source, task_of(cfg).model_head,
+                          trust_remote_code=cfg.model.trust_remote_code, labels=labels)
     with quiet_transformers(), quiet_peft():
         adapted = PeftModel.from_pretrained(base, str(run_dir))
         tokenizer = load_tokenizer(source, "", cfg.model.trust_remote_code)

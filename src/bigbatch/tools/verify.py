@@ -21,10 +21,11 @@ from bigbatch.config.sections import Config, PrecisionConfig
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.precision import make_precision
+from bigbatch.engine.seeding import seed_everything
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
-from bigbatch.run.seeding import seed_everything
-from bigbatch.run.tasks.lm import build_model
+from bigbatch.tasks import task_of
+from bigbatch.tasks.lm.wiring import build_model
 
 
 class GradientRecorder(torch.optim.Optimizer):
@@ -145,7 +146,7 @@ def verify_recipe(cfg: Config, max_micro_steps: int = 4, max_micro_batch: int = 
                   float64: bool = False) -> VerifyResult:
     """Take the first optimizer step's micro-batches of the recipe (at most `max_micro_steps` of
     at most `max_micro_batch` sequences, small enough to fit at once) and compare."""
-    if cfg.model.source != "gpt" or cfg.train.task != "lm":
+    if cfg.model.source != "gpt" or not task_of(cfg).verifiable:
         raise UsageError(f"bigbatch verify checks the built-in GPT on language modelling, not "
                          f"model.source = {cfg.model.source!r} / train.task = "
                          f"{cfg.train.task!r}: use model.source = \"gpt\", train.task = \"lm\"")

@@ -29,11 +29,11 @@ from bigbatch.config.sections import Config, PrecisionConfig
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.precision import make_precision
+from bigbatch.engine.seeding import seed_everything
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.parallel.process_group import DistInfo, barrier
 from bigbatch.parallel.wrap import parallelize
-from bigbatch.run.seeding import seed_everything
-from bigbatch.run.tasks.lm import build_model
+from bigbatch.tasks.lm.wiring import build_model
 from bigbatch.tools.verify import checkable_micro_batch, max_relative_error, reference_gradients
 
 

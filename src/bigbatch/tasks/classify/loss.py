@@ -1,5 +1,5 @@
-"""Sequence classification: the loss, the evaluation (window logits -> one prediction per text,
-accuracy, macro-F1) and the batch arithmetic of `train.task = "classify"`.
+"""Sequence classification: the loss and the evaluation (window logits -> one prediction per
+text, accuracy, macro-F1) of `train.task = "classify"`.
 
 The gradient arithmetic is train_step's, unchanged: the loss sum here is the weight-weighted sum
 of per-window cross-entropies and a batch's `num_targets()` is its weight sum, so the step's loss
@@ -9,8 +9,6 @@ is the exact mean over its texts whatever the micro-batches hold.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,45 +17,7 @@ from torch import nn
 from bigbatch.engine.precision import Precision
 from bigbatch.errors import UsageError
 from bigbatch.parallel.process_group import DistInfo, all_reduce_sum
-
-if TYPE_CHECKING:  # types only: the data room sits above the engine
-    from bigbatch.data.classification import ClassificationBatch
-
-
-@dataclass(frozen=True)
-class SequencePlan:
-    """The global batch in texts; micro-batches in windows or padded tokens (they vary per step)."""
-
-    global_sequences: int
-    micro_batch_size: int      # windows per micro-batch (0 when micro_batch_tokens is set)
-    micro_batch_tokens: int    # padded tokens per micro-batch; 0 = off
-    world_size: int
-    global_tokens: int = 0     # varies per step: fit() reads the loader's count instead
-
-    def describe(self) -> str:
-        size = (f"up to {self.micro_batch_tokens} padded tokens" if self.micro_batch_tokens
-                else f"{self.micro_batch_size} windows")
-        return (f"global batch {self.global_sequences} texts (all their windows) = "
-                f"{self.global_sequences // self.world_size} per rank x {self.world_size} "
-                f"rank(s); micro-batches of {size}, grouped by length, padded per micro-batch")
-
-
-def sequence_plan(global_sequences: int, micro_batch_size: int | str, micro_batch_tokens: int,
-                  max_length: int, world_size: int) -> SequencePlan:
-    if global_sequences < 1:
-        raise UsageError("train.task = \"classify\" needs batch.global_sequences (texts per "
-                         "optimizer step), e.g. 256")
-    if global_sequences % world_size:
-        raise UsageError(f"batch.global_sequences = {global_sequences} is not divisible by the "
-                         f"{world_size} ranks")
-    if micro_batch_tokens and micro_batch_tokens < max_length:
-        raise UsageError(f"batch.micro_batch_tokens = {micro_batch_tokens} is smaller than one "
-                         f"window (data.max_length = {max_length}): give at least {max_length}")
-    if not micro_batch_tokens and not isinstance(micro_batch_size, int):
-        raise UsageError(f"batch.micro_batch_size = {micro_batch_size!r}: classification takes a "
-                         "number of windows, or batch.micro_batch_tokens")
-    return SequencePlan(global_sequences, 0 if micro_batch_tokens else int(micro_batch_size),
-                        micro_batch_tokens, world_size)
+from bigbatch.tasks.classify.batch import ClassificationBatch
 
 
 def classifier_logits(model: nn.Module, batch: ClassificationBatch) -> torch.Tensor:

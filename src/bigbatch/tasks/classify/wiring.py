@@ -1,5 +1,5 @@
-"""`train.task = "classify"`: labelled texts and a Hugging Face classifier, wired by the same
-`train()` into the same `fit()` and `train_step()` as language modelling.
+"""The wiring of `train.task = "classify"`: labelled texts and a Hugging Face classifier, wired
+by the same `train()` into the same `fit()` and `train_step()` as language modelling.
 
 Outputs beside the usual metrics.jsonl/config.toml/checkpoints: `labels.json` (label id -> name,
 written before training) and, at the end, the model in Hugging Face's own format (config.json,
@@ -19,23 +19,10 @@ from torch import nn
 
 from bigbatch.batch import plan_batch
 from bigbatch.config.sections import Config
-from bigbatch.data.classification import (
-    ClassificationLoader,
-    Windows,
-    eval_batches,
-    label_ids,
-    label_names,
-    read_labelled_file,
-    tokenize_windows,
-)
 from bigbatch.engine.batch_schedule import BatchSchedule
-from bigbatch.engine.classification import (
-    classification_loss_sum,
-    evaluate_classifier,
-    sequence_plan,
-)
 from bigbatch.engine.loop import TrainState
 from bigbatch.engine.noise_scale import noise_scale_summary
+from bigbatch.engine.seeding import seed_everything, seed_rank_streams
 from bigbatch.errors import UsageError
 from bigbatch.model.adapters import (
     apply_adapter,
@@ -51,8 +38,21 @@ from bigbatch.model.hf import (
     load_tokenizer,
     parse_source,
 )
-from bigbatch.run.seeding import seed_everything, seed_rank_streams
-from bigbatch.run.tasks import TaskContext, TaskRun
+from bigbatch.tasks.base import TaskContext, TaskRun
+from bigbatch.tasks.classify.batch import sequence_plan
+from bigbatch.tasks.classify.data import (
+    ClassificationLoader,
+    Windows,
+    eval_batches,
+    label_ids,
+    label_names,
+    read_labelled_file,
+    tokenize_windows,
+)
+from bigbatch.tasks.classify.loss import classification_loss_sum, evaluate_classifier
+
+# The Task's model_head (tasks/classify/__init__.py), said here too: that module imports this one.
+MODEL_HEAD = "sequence-classification"
 
 
 @dataclass
@@ -126,20 +126,6 @@ def text_schedule(plan, max_steps: int) -> BatchSchedule:
                          seq_len_start=1, seq_len_warmup_tokens=0, max_steps=max_steps)
 
 
-def plan_windows_per_micro_batch(cfg: Config, dist, device: torch.device, out_dir: Path,
-                                 say) -> Config:
-    """`batch.micro_batch_size = "auto"`: the memory planner probes the model on micro-batches of
-    full-length windows; the plan goes to `plan.json` as for language modelling."""
-    from bigbatch.planning.planner import apply_plan, describe_plan, plan_for_config, write_plan
-
-    memory_plan = plan_for_config(cfg, 0, world_size=dist.world_size, device=str(device))
-    for line in describe_plan(memory_plan):
-        say(f"plan: {line}")
-    if dist.is_main:
-        write_plan(memory_plan, out_dir)
-    return apply_plan(cfg, memory_plan)
-
-
 def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     source = parse_source(cfg.model.source)
     if source is None:
@@ -152,7 +138,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                          "built-in GPT; use 'auto' or 'standard'")
     dist, device, say = ctx.dist, ctx.device, ctx.say
     if cfg.batch.micro_batch_size == "auto" and not cfg.batch.micro_batch_tokens:
-        cfg = plan_windows_per_micro_batch(cfg, dist, device, ctx.out_dir, say)
+        cfg = ctx.plan_micro_batch(cfg, 0, 0)
     plan = sequence_plan(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
                          cfg.batch.micro_batch_tokens, cfg.data.max_length, dist.world_size)
     started = time.perf_counter()
@@ -162,14 +148,14 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         f"{splits.val.num_docs:,} validation texts; labels {splits.labels} "
         f"({time.perf_counter() - started:.1f}s)")
     seed_everything(cfg.train.seed)
-    model = build_hf_model(source, "classify", trust_remote_code=cfg.model.trust_remote_code,
+    model = build_hf_model(source, MODEL_HEAD, trust_remote_code=cfg.model.trust_remote_code,
                            labels=splits.labels, say=say)
     if model.config.pad_token_id is None:  # e.g. GPT-2: the head finds the last real token by it
         model.config.pad_token_id = splits.train.pad_id
     model.to(device).train()  # from_pretrained returns eval mode: dropout must be on
     seed_rank_streams(cfg.train.seed, dist.rank)
     apply_hf_checkpointing(model, cfg.model.activation_checkpointing, cfg.model.checkpoint_every)
-    model = apply_adapter(model, cfg.model, "classify")  # seeded: LoRA's A is drawn at random
+    model = apply_adapter(model, cfg.model, MODEL_HEAD)  # seeded: LoRA's A is drawn at random
     loader = ClassificationLoader(splits.train, plan.global_sequences, plan.micro_batch_size,
                                   plan.micro_batch_tokens, dist.rank, dist.world_size,
                                   cfg.train.seed)
@@ -206,10 +192,10 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
 
     return TaskRun(
         cfg=cfg, schedule=text_schedule(plan, cfg.train.max_steps), model=model, loader=loader,
-        val_batches=val_batches, start_lines=[describe_hf_model(base_model(model), source),
+        start_lines=[describe_hf_model(base_model(model), source),
                                               describe_parameters(model),
                                               f"batch: {plan.describe()}"],
         save=save, end_lines=end_lines, loss_sum_fn=classification_loss_sum, evaluate=evaluate,
-        measure_noise=noise_applies(splits.train) is None, unit="texts",
+        measure_noise=noise_applies(splits.train) is None,
         num_parameters=parameter_counts(model)[1],
         num_trainable_parameters=parameter_counts(model)[0])

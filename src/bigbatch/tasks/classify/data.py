@@ -25,30 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigbatch.batch import to_device
 from bigbatch.data.loader import GlobalBatchSampler
 from bigbatch.errors import UsageError
-
-
-@dataclass
-class ClassificationBatch:
-    input_ids: torch.Tensor       # (windows, longest window) token ids, padded
-    attention_mask: torch.Tensor  # same shape; 0 on padding
-    labels: torch.Tensor          # (windows,) label ids
-    weights: torch.Tensor         # (windows,) float64: 1 / windows of the window's text; 0 = filler
-    doc_ids: torch.Tensor         # (windows,) the window's text (index into the split)
-
-    def num_targets(self) -> torch.Tensor:
-        """Texts in this micro-batch (fractions where a text's windows are spread)."""
-        return self.weights.sum()
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-
-    def to(self, device: torch.device) -> ClassificationBatch:
-        return ClassificationBatch(*(to_device(t, device) for t in (
-            self.input_ids, self.attention_mask, self.labels, self.weights, self.doc_ids)))
-
+from bigbatch.tasks.classify.batch import ClassificationBatch
 
 # --- Reading files ----------------------------------------------------------------------------
 

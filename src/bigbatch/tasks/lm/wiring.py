@@ -1,5 +1,6 @@
-"""`train.task = "lm"`: next-token prediction on a text corpus, with the built-in GPT or a
-Hugging Face causal LM. Ends by comparing the validation loss with a unigram model's."""
+"""The wiring of `train.task = "lm"`: the corpus, the model (the built-in GPT or a Hugging Face
+causal LM), the loss and the evaluation; ends by comparing the validation loss with a unigram
+model's."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from bigbatch.data.loader import TokenLoader, eval_micro_batches
 from bigbatch.engine.batch_schedule import BatchSchedule, build_batch_schedule, describe_schedule
 from bigbatch.engine.chunked_loss import describe_loss, make_loss_sum_fn
 from bigbatch.engine.fused_loss import resolve_loss_kernel
-from bigbatch.engine.loop import TrainState
+from bigbatch.engine.loop import TrainState, evaluate
 from bigbatch.engine.noise_scale import noise_scale_summary
 from bigbatch.engine.schedule import describe_lr_scaling
+from bigbatch.engine.seeding import seed_everything, seed_rank_streams
 from bigbatch.engine.throughput import flops_per_token
 from bigbatch.model.adapters import (
     apply_adapter,
@@ -32,8 +34,10 @@ from bigbatch.model.artifacts import save_model
 from bigbatch.model.checkpointing import apply_activation_checkpointing
 from bigbatch.model.gpt import GPT, GPTShape, resolve_attention
 from bigbatch.parallel.process_group import DistInfo
-from bigbatch.run.seeding import seed_everything, seed_rank_streams
-from bigbatch.run.tasks import TaskContext, TaskRun
+from bigbatch.tasks.base import TaskContext, TaskRun
+
+# The Task's model_head (tasks/lm/__init__.py), said here too: that module imports this one.
+MODEL_HEAD = "causal-lm"
 
 
 def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> nn.Module:
@@ -43,22 +47,22 @@ def build_model(cfg: Config, vocab_size: int, device_type: str = "cpu") -> nn.Mo
 
     cfg, source = with_model_tokenizer(cfg)
     if source is not None:
-        return apply_adapter(build_hf_lm(cfg, source, vocab_size), cfg.model, "lm")
+        return apply_adapter(build_hf_lm(cfg, source, vocab_size), cfg.model, MODEL_HEAD)
     gpt = GPT(GPTShape(vocab_size=vocab_size, seq_len=cfg.data.seq_len, n_layer=cfg.model.n_layer,
                        n_head=cfg.model.n_head, d_model=cfg.model.d_model,
                        dropout=cfg.model.dropout),
               attention=resolve_attention(cfg.model.attention, device_type, cfg.precision.dtype))
-    return apply_adapter(gpt, cfg.model, "lm")
+    return apply_adapter(gpt, cfg.model, MODEL_HEAD)
 
 
 def model_width(cfg: Config) -> tuple[int, int]:
     """(layers, width) of the built-in GPT, or of the Hugging Face model from its config."""
     if cfg.model.source == "gpt":
         return cfg.model.n_layer, cfg.model.d_model
-    from bigbatch.planning.hf_probe import hf_dims
+    from bigbatch.model.hf import parse_source, text_dims
 
-    dims = hf_dims(cfg, cfg.data.seq_len)
-    return dims.n_layer, dims.d_model
+    dims = text_dims(parse_source(cfg.model.source), cfg.model.trust_remote_code)
+    return dims["n_layer"], dims["d_model"]
 
 
 def unigram_baseline(corpus: Corpus, cfg: Config) -> float:
@@ -75,21 +79,6 @@ def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
     process prepares per cache directory: once per node on node-local disks, once in all on a
     shared one. No barrier: a long preparation would outlast the process group's timeout."""
     return prepare_corpus_in_child(cfg.data)
-
-
-def plan_memory(cfg: Config, corpus: Corpus, ctx: TaskContext) -> Config:
-    """Resolve `batch.micro_batch_size = "auto"` (and checkpointing/chunked loss) by the memory
-    planner; the plan goes to `plan.json` in the run directory."""
-    from bigbatch.planning.planner import apply_plan, describe_plan, plan_for_config, write_plan
-
-    data_bytes = corpus.train_tokens.nbytes + corpus.val_tokens.nbytes
-    memory_plan = plan_for_config(cfg, corpus.vocab_size, world_size=ctx.dist.world_size,
-                                  device=str(ctx.device), data_bytes=data_bytes)
-    for line in describe_plan(memory_plan):
-        ctx.say(f"plan: {line}")
-    if ctx.dist.is_main:
-        write_plan(memory_plan, ctx.out_dir)
-    return apply_plan(cfg, memory_plan)
 
 
 def startup_lines(cfg: Config, schedule: BatchSchedule, model: nn.Module) -> list[str]:
@@ -126,7 +115,8 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     say(f"data: {len(corpus.train_tokens):,} training and {len(corpus.val_tokens):,} validation "
         f"tokens ({time.perf_counter() - started:.1f}s; cache {corpus.cache_dir})")
     if auto_micro_batch:
-        cfg = plan_memory(cfg, corpus, ctx)
+        data_bytes = corpus.train_tokens.nbytes + corpus.val_tokens.nbytes
+        cfg = ctx.plan_micro_batch(cfg, corpus.vocab_size, data_bytes)
     plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                       dist.world_size)
     schedule = build_batch_schedule(cfg, plan)
@@ -177,8 +167,12 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                 f"outputs: {ctx.out_dir}/ (model.safetensors, metrics.jsonl, config.toml"
                 + (", tensorboard/" if "tensorboard" in cfg.train.trackers else "") + ")"]
 
+    def validation_loss(model: nn.Module) -> dict[str, float]:
+        return {"val_loss": evaluate(model, val_batches, ctx.precision, dist, device,
+                                     loss_sum_fn)}
+
     return TaskRun(
-        cfg=cfg, schedule=schedule, model=model, loader=loader, val_batches=val_batches,
+        cfg=cfg, schedule=schedule, model=model, loader=loader, evaluate=validation_loss,
         start_lines=[*startup_lines(cfg, schedule, model),
                      f"loss: {describe_loss(loss_kernel, cfg.model.loss_chunk_tokens)}"],
         save=save, end_lines=end_lines, loss_sum_fn=loss_sum_fn,
