@@ -26,7 +26,7 @@ from bigbatch.cli import main
 from bigbatch.config.files import field_docs
 from bigbatch.config.sections import SECTIONS
 from bigbatch.run import checkpoint
-from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint
 from bigbatch.run.train import train
 from small_runs import ROOT, cli_command, small_args, small_config
 

@@ -22,12 +22,8 @@ from bigbatch.engine.precision import make_precision
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.parallel.process_group import SINGLE_PROCESS
-from bigbatch.run.checkpoint import (
-    Checkpointer,
-    list_checkpoints,
-    verify_checkpoint,
-    write_checkpoint,
-)
+from bigbatch.run.checkpoint import Checkpointer
+from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint, write_checkpoint
 from bigbatch.run.resume import find_resume_checkpoint
 
 CPU = torch.device("cpu")

@@ -32,7 +32,7 @@ from bigbatch.engine.seeding import seed_everything
 from bigbatch.model.artifacts import load_model
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.parallel.launch import SignalForwarder, child_pids
-from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint, write_checkpoint
+from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint, write_checkpoint
 from bigbatch.run.train import train
 from small_runs import ROOT, metric_rows, small_args, small_config
 from test_preemption import Process, assert_same_run

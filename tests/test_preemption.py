@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint
 from bigbatch.run.preemption import Preemption
 from bigbatch.run.train import train
 from small_runs import ROOT, metric_rows, small_args, small_config

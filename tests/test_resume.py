@@ -8,7 +8,7 @@ import pytest
 
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT
-from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
+from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint
 from bigbatch.run.preemption import Preemption
 from bigbatch.run.train import train
 from small_runs import metric_rows, small_config

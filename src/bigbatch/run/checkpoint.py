@@ -1,45 +1,30 @@
-"""Full-state checkpoints: atomic, checksummed, and loadable without executing code.
+"""Full-state checkpoints: the `Checkpointer` that saves and restores everything a run carries.
 
     RUN_DIR/checkpoints/step-00001000/
-        model.safetensors   the unwrapped model's weights (the tied lm_head is saved once, as wte);
-                            with adapters (model.adapter) only the trained ones: the adapters
-                            and a head trained whole, never the frozen base, which the config's
-                            model.source names and a resume rebuilds
-        optimizer.pt        optimizer.state_dict(); read back with torch.load(weights_only=True)
+        model.safetensors   the unwrapped model's weights (checkpoint_state.py)
+        optimizer.pt        the optimizer's full state; read back with torch.load(weights_only=True)
         rng.safetensors     every rank's torch CPU generator state (and CUDA one on a GPU),
                             as `rank{r}.torch_cpu`, ...
         state.json          TrainState, loader position, GradScaler, every rank's Python and
                             NumPy RNG, the model's shape and the resolved config
-        manifest.json       size and sha256 of every file above; written last
+        manifest.json       size and sha256 of every file above; written last (checkpoint_files.py)
 
-A checkpoint is written into `.tmp-step-...`, every file and the directory are fsynced, and the
-directory is renamed into place: a `step-*` directory is therefore always complete, and a crash
-mid-save leaves only a temporary directory, which the next run removes. Loading checks every
-file against the manifest first. The LR schedule has no state of its own: it is a pure function
-of `TrainState.step`.
-
-`model_state`/`load_model_state` and `optimizer_state`/`load_optimizer_state` are the only places
-that touch the model's and optimizer's state; under torch.distributed they gather full state
-dicts (every rank calls them; rank 0 writes, every rank reads), so a checkpoint loads at any
-world size. (This module's tests run one process; the multi-rank path is parallel.py's.)
+The files are written atomically and checked before loading (checkpoint_files.py). The learning
+rate has no state of its own: the schedule is a pure function of `TrainState.tokens_seen` (and the
+config), so restoring the state restores it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
-import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,188 +34,27 @@ from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.loop import TrainState
 from bigbatch.engine.seeding import derived_seed, seed_everything
 from bigbatch.errors import UsageError
-from bigbatch.model.adapters import is_adapted
-from bigbatch.model.artifacts import state_dict_for_saving, unwrap
+from bigbatch.model.artifacts import unwrap
 from bigbatch.parallel.process_group import DistInfo, barrier
-from bigbatch.parallel.wrap import full_model_state_dict, load_full_model_state_dict
+from bigbatch.run.checkpoint_files import (
+    FORMAT,
+    PARTIAL_PREFIXES,
+    checkpoint_name,
+    checkpoint_step,
+    list_checkpoints,
+    write_checkpoint,
+)
+from bigbatch.run.checkpoint_state import (
+    load_model_state,
+    load_optimizer_state,
+    model_description,
+    model_state,
+    optimizer_state,
+    tied_embedding_key,
+    trainable_keys,
+)
 from bigbatch.run.preemption import any_rank
 from bigbatch.run.rng_state import gather_rng, rank_rng, restore_rng
-
-FORMAT = 1
-MANIFEST = "manifest.json"
-NAME = re.compile(r"step-(\d{8})")
-PARTIAL_PREFIXES = (".tmp-step-", ".old-step-")  # left behind by a save that was killed
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-# --- The model's and optimizer's state: swap these four for FSDP full state dicts. ---------------
-
-def tied_embedding_key(model: nn.Module) -> str | None:
-    """The key of the input embedding that the output matrix (`lm_head.weight`) is tied to:
-    always for the GPT, per its config for a Hugging Face model; None when untied."""
-    inner = unwrap(model)
-    if is_adapted(inner):  # the output matrix is frozen, so no checkpoint holds it
-        return None
-    if hasattr(inner, "shape"):  # the built-in GPT
-        return "wte.weight"
-    config = getattr(inner, "config", None)
-    if not getattr(config, "tie_word_embeddings", False) or \
-            "lm_head.weight" not in inner.state_dict():
-        return None
-    embedding = inner.get_input_embeddings()
-    return next(f"{name}.weight" for name, module in inner.named_modules() if module is embedding)
-
-
-def trainable_keys(model: nn.Module) -> set[str] | None:
-    """The state-dict keys an adapted model trains (its adapters, a head trained whole); None
-    for a model without adapters, all of whose weights a checkpoint holds."""
-    inner = unwrap(model)
-    if not is_adapted(inner):
-        return None
-    return {name for name, p in inner.named_parameters() if p.requires_grad}
-
-
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full weights on CPU (rank 0; {} elsewhere under FSDP), a tied output matrix dropped:
-    safetensors refuses shared storage. With adapters only the trained weights: the frozen
-    base is the model that `model.source` names, which a resume rebuilds as the run did."""
-    full = full_model_state_dict(model)
-    keep = trainable_keys(model)
-    if keep is not None:
-        return {k: v.detach().cpu().contiguous() for k, v in full.items() if k in keep}
-    if tied_embedding_key(model) is None:  # an untied output matrix is a weight of its own
-        return {k: v.detach().cpu().contiguous() for k, v in full.items()}
-    return state_dict_for_saving(unwrap(model), full)
-
-
-def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    if trainable_keys(model) is not None:  # the adapters over the rebuilt frozen base
-        load_full_model_state_dict(model, tensors, strict=False)
-        return
-    key = tied_embedding_key(model)
-    if key is not None and key in tensors:
-        tensors = {**tensors, "lm_head.weight": tensors[key]}  # tied: one tensor
-    load_full_model_state_dict(model, tensors)
-
-
-def model_description(model: nn.Module) -> dict[str, Any]:
-    """What fixes the model's shapes: the GPT's shape, or a Hugging Face model's config."""
-    inner = unwrap(model)
-    if hasattr(inner, "shape"):
-        return asdict(inner.shape)
-    return json.loads(inner.config.to_json_string())
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's full (unsharded) state keyed by parameter names, whatever the world size
-    (under torch.distributed gathered to rank 0's CPU), so any world size can resume from it."""
-    # Imported here, not at start-up: it pulls in DTensor and sympy (parallel/wrap.py says so).
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    if not torch_dist.is_initialized():  # the full-state options need a process group
-        return get_optimizer_state_dict(model, optimizer)
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                         state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    if not torch_dist.is_initialized():  # moves each tensor to its parameter's device
-        set_optimizer_state_dict(model, optimizer, state)
-        return
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True))
-
-
-# --- Files: atomic write, manifest, verification. -------------------------------------------
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_checkpoint(directory: Path, step: int, writers: dict[str, Callable[[Path], None]]
-                     ) -> Path:
-    """Call each `writers[name](path)` inside a temporary directory, add the manifest, fsync,
-    and rename the directory to `directory/step-XXXXXXXX`. On OSError (a full disk) nothing is
-    left behind and the checkpoints already there are untouched."""
-    final = directory / checkpoint_name(step)
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        files = {}
-        for name, write in writers.items():
-            write(tmp / name)
-            _fsync(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files},
-                                               indent=1))
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
-        if final.exists():  # a damaged checkpoint of this step from an abandoned attempt
-            old = directory / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync(directory)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"could not write checkpoint {final}: {err.strerror or err} (free "
-                         "space, or choose another --out)") from None
-    return final
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None when `path` is a complete checkpoint whose files match its manifest; else why not."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-        for name, entry in files.items():
-            file = path / name
-            if not file.is_file():
-                return f"{name} is missing"
-            if file.stat().st_size != entry["bytes"]:
-                return (f"{name} is {file.stat().st_size} bytes, the manifest says "
-                        f"{entry['bytes']} (truncated?)")
-            if _sha256(file) != entry["sha256"]:
-                return f"{name} does not match its sha256 in the manifest"
-    except FileNotFoundError:
-        return "it has no manifest.json (incomplete)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"its manifest.json is unreadable ({type(err).__name__})"
-    if manifest.get("format") != FORMAT:
-        return f"its format {manifest.get('format')!r} is not {FORMAT}"
-    return None
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """The `step-XXXXXXXX` directories under `directory`, oldest first."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.is_dir() and NAME.fullmatch(p.name))
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(NAME.fullmatch(path.name).group(1))
 
 
 def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bigbatch.errors import UsageError
 from bigbatch.parallel.process_group import DistInfo, broadcast_from_main
-from bigbatch.run.checkpoint import MANIFEST, NAME, list_checkpoints, verify_checkpoint
+from bigbatch.run.checkpoint_files import MANIFEST, NAME, list_checkpoints, verify_checkpoint
 
 
 def newest_valid(directory: Path, warn: Callable[[str], None]) -> Path | None:
