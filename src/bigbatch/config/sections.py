@@ -240,7 +240,8 @@ class TrainConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     max_bad_steps: int = option(20, "Stop after this many consecutive skipped (non-finite) steps.")
     allocator: str = option("tuned", "tuned: keep freed large CPU buffers mapped (glibc "
-                                     "mallopt), 1.3-2x faster here; system: leave malloc alone.")
+                                     "mallopt), so a step does not fault its buffers in again "
+                                     "(BENCHMARKS.md); system: leave malloc alone.")
     task: str = option("lm", "lm (next-token prediction on text) | classify (sequence "
                              "classification of labelled texts; needs an hf model.source).")
     trackers: tuple[str, ...] = option(

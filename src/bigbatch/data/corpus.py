@@ -154,8 +154,8 @@ def prepare_corpus_in_child(cfg: DataConfig) -> Corpus:
 
     Training the BPE and tokenizing allocate and free hundreds of MiB; under the tuned allocator
     (allocator.py) that memory would stay in the training process's heap as holes its tensors
-    cannot reuse, and the run's peak would exceed what the planner's probes measured (by 12%
-    measured here, even after malloc_trim). A child's memory is gone when it exits. The child's
+    cannot reuse, and the run's peak would exceed what the planner's probes measured (even after
+    malloc_trim; BENCHMARKS.md, "Numbers that were in docstrings"). A child's memory is gone when it exits. The child's
     stderr is this process's, so its progress bar shows; its stdout carries a UsageError back.
     """
     cache = cache_dir_for(cfg)

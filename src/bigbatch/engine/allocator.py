@@ -1,4 +1,5 @@
-"""The CPU memory allocator setting that decides 1.3-2x of a bf16 training step here.
+"""The CPU memory allocator setting, which decides much of a CPU training step's time
+(BENCHMARKS.md, "Numbers that were in docstrings").
 
 glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh
 `mmap` calls and returns them with `munmap` on free. A training step allocates and frees
@@ -6,7 +7,7 @@ activation and logit buffers of tens to hundreds of MiB every micro-step, so eac
 to fault the same pages in again (a page fault and zeroing per 4 KiB). Telling glibc to serve
 everything from its heap and never trim it keeps those pages mapped and reused. The price is
 memory: freed memory is not given back to the OS until exit, and buffers of different sizes
-fragment the heap, so peak RSS is higher (1.2-1.3x measured here; BENCHMARKS.md) and depends on
+fragment the heap, so peak RSS is higher (BENCHMARKS.md) and depends on
 the allocation history. The memory planner's probes run with the same setting for that reason. jemalloc with decay disabled does the same, but needs LD_PRELOAD set before the
 process starts; mallopt works from inside the running process, before the first big tensor.
 

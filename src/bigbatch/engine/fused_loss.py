@@ -4,18 +4,17 @@ log-softmax, its gradient or the one-hot scatter ever exist whole.
 
 Why: at a 50K vocabulary the standard loss is mostly memory traffic. In bf16 it upcasts the
 logits to fp32 (tokens x 50K x 4 bytes: 800 MB per 4,096-token micro-batch), writes the fp32
-log-softmax, zero-fills and scatters its gradient, and casts it back; measured here that is a
-third of the step, and the lm_head matmuls run at half the machine's peak on those
-sizes. Per chunk of `chunk_tokens` tokens this kernel computes the logits in the compute dtype,
+log-softmax, zero-fills and scatters its gradient, and casts it back: a large share of the step
+(BENCHMARKS.md, bench_levers). Per chunk of `chunk_tokens` tokens this kernel computes the logits in the compute dtype,
 then one function turns them into the chunk's summed loss and its gradient
 softmax - one-hot (in the compute dtype, unscaled); `torch.compile` fuses that function into
 two passes over the chunk (the row's log-sum-exp, then the gradient), where eager PyTorch needs
 about eight. The grads of the hidden states and of the weight are then two matmuls; backward
 only scales them by the incoming scalar (the loss is a sum, divided by the step's token count).
 
-Measured (benchmarks/bench_levers.py, BENCHMARKS.md): the whole bf16 step of the default model
-at vocab 50,304 1.88x faster than with the standard loss, and neutral (0.999x) at vocab 8,192,
-where the loss is 3% of the step; `model.loss_kernel = "auto"` uses it from FUSED_MIN_VOCAB up.
+Measured by benchmarks/bench_levers.py (BENCHMARKS.md): it pays at a large vocabulary and is
+neutral at a small one, where the loss is a small part of the step; so `model.loss_kernel =
+"auto"` uses it from FUSED_MIN_VOCAB up.
 Gradients equal the standard loss's (tests/test_fused_loss.py, float64).
 
 Where `torch.compile` is unavailable or fails (no C++ compiler, an unsupported device), the

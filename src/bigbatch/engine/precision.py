@@ -5,8 +5,8 @@ gradients must be unscaled before they are measured or clipped (train_step does 
 
 `precision.dtype = "auto"` (the default) is bf16 where the device multiplies bf16 natively and
 fp32 elsewhere: on a CPU without AVX-512 BF16 or AMX, oneDNN has no bf16 kernel and autocast's
-matmuls fall back to a reference loop (measured on an AVX2 EPYC, 512 x 512: 1.4 GFLOP/s in bf16
-or fp16 against 97 in fp32), so bf16 there would make a run some 50 times slower, not faster.
+matmuls fall back to a reference loop, many times slower than fp32 (BENCHMARKS.md, "Numbers that
+were in docstrings"), so bf16 there would slow a run down, not speed it up.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ embeddings, GPT-2 initialisation (residual projections scaled by 1/sqrt(2 * n_la
 Attention runs through one of two kernels with the same mathematics (`ATTENTION_KERNELS`):
 `sdpa`, `scaled_dot_product_attention`, which picks the flash kernel where the device has one and
 never stores the T x T probabilities; and `explicit`, softmax(q k^T / sqrt(d)) v as three plain
-ops. On this project's 2-core CPU in bf16 the explicit form runs forward + backward ~1.6x faster
-than SDPA's CPU flash kernel at T = 256 (batched bf16 matmuls reach the matmul units; the flash
-kernel's blocked loop does not), and makes the whole training step ~11% faster, for T x T
-probabilities per head kept for backward. `resolve_attention` picks it on CPU only.
+ops. On a CPU in bf16 the explicit form's batched matmuls reach the matmul units where SDPA's
+CPU flash kernel's blocked loop does not, at the price of T x T probabilities per head kept for
+backward (measured: BENCHMARKS.md, "Numbers that were in docstrings"). `resolve_attention` picks
+it on CPU only.
 """
 
 from __future__ import annotations

@@ -69,12 +69,10 @@ AUTOCAST_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # fp32 tensors of the parameters' size, per optimizer (engine/optim.py, large_batch_optim.py):
 # AdamW and LAMB keep two moments; LARS and SGD one momentum buffer.
 OPTIMIZER_STATES = {"adamw": 2, "lamb": 2, "lars": 1, "sgd": 1}
-CHECKPOINT_MODES = ("none", "all", "every_n")
-SHARDINGS = ("ddp", "fsdp")
 LOGITS_BUFFERS = 3  # fp32 tokens x vocab buffers alive at once: see the module docstring
 CHUNK_GRAD_BYTES = 6  # per token per d_model, chunked loss only: see activation_bytes
 # Default calibration, replaced by the probe's fit: the resident memory of a process that has
-# imported torch and bigbatch (measured here: ~230 MB), and nothing beyond the live tensors on
+# imported torch and bigbatch (~230 MB on the CPUs measured), and nothing beyond the live tensors on
 # CUDA (the context is not counted by max_memory_allocated).
 DEFAULT_OVERHEAD = {"cpu": 240 * 2**20, "cuda": 16 * 2**20}
 
