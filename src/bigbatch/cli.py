@@ -182,7 +182,7 @@ def cmd_config(args: list[str]) -> int:
     from bigbatch.config.files import config_to_toml, field_docs, load_config
     from bigbatch.engine.batch_schedule import build_batch_schedule, describe_schedule
     from bigbatch.engine.batching import plan_batch
-    from bigbatch.engine.schedule import describe_lr_scaling
+    from bigbatch.optim.schedule import describe_lr_scaling
 
     opts, overrides = parse_recipe_args(config_parser(), args)
     if opts.fields:

@@ -15,9 +15,9 @@ from bigbatch.engine.batch_schedule import BatchSchedule
 from bigbatch.engine.metrics import MetricsLog, Progress, peak_memory_bytes
 from bigbatch.engine.noise_scale import NoiseScaleEMA
 from bigbatch.engine.precision import Precision
-from bigbatch.engine.schedule import step_learning_rate
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
+from bigbatch.optim.schedule import step_learning_rate
 from bigbatch.parallel.process_group import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:  # types only: the data room sits above the engine

@@ -66,7 +66,7 @@ import math
 from dataclasses import asdict, dataclass
 
 AUTOCAST_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# fp32 tensors of the parameters' size, per optimizer (engine/optim.py, large_batch_optim.py):
+# fp32 tensors of the parameters' size, per optimizer (optim/registry.py):
 # AdamW and LAMB keep two moments; LARS and SGD one momentum buffer.
 OPTIMIZER_STATES = {"adamw": 2, "lamb": 2, "lars": 1, "sgd": 1}
 CHECKPOINT_MODES = ("none", "all", "every_n")

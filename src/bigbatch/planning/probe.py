@@ -107,11 +107,11 @@ def measure(request: ProbeRequest) -> ProbeResult:
     from bigbatch.data.loader import MicroBatch
     from bigbatch.engine.chunked_loss import make_loss_sum_fn
     from bigbatch.engine.loop import evaluate
-    from bigbatch.engine.optim import build_optimizer
     from bigbatch.engine.precision import make_precision
     from bigbatch.engine.step import train_step
     from bigbatch.model.checkpointing import apply_activation_checkpointing
     from bigbatch.model.gpt import GPT, GPTShape
+    from bigbatch.optim.registry import build_optimizer
     from bigbatch.parallel.process_group import (
         SINGLE_PROCESS,
         dist_info_from_env,

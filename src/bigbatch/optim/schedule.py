@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from bigbatch.config.sections import OptimConfig
+if TYPE_CHECKING:  # types only: the config room sits above this one
+    from bigbatch.config.sections import OptimConfig
 
 
 def learning_rate(step: float, *, peak_lr: float, warmup_steps: int, total_steps: int,

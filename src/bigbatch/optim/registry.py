@@ -3,11 +3,15 @@ dimensions, and (LAMB, LARS) trust ratios only on those."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from bigbatch.config.sections import OptimConfig
-from bigbatch.engine.large_batch_optim import LAMB, LARS
+from bigbatch.optim.large_batch import LAMB, LARS
+
+if TYPE_CHECKING:  # types only: the config room sits above this one
+    from bigbatch.config.sections import OptimConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
