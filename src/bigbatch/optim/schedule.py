@@ -92,7 +92,8 @@ def set_learning_rates(optimizer: Any, opt: OptimConfig, *, batch_tokens: int, t
                        full_batch_tokens: int, max_steps: int) -> float:
     """Set every parameter group's lr for a step of `batch_tokens` ending at `tokens_end`, from
     the group's own base lr (`optimizer.base_lrs`, recorded by registry.py; `optim.lr` for every
-    group of an optimizer built elsewhere). Returns the first group's lr, the one logged.
+    group of an optimizer built elsewhere). Returns the lr of a group whose base is `optim.lr`
+    (every group of AdamW, LAMB, LARS, SGD): the one logged.
 
     In exact arithmetic a group's lr is its base x a multiplier of the step (the batch scaling,
     the warmup fraction and the decay are all linear in the peak), so groups keep the ratio of
@@ -103,11 +104,12 @@ def set_learning_rates(optimizer: Any, opt: OptimConfig, *, batch_tokens: int, t
     bases = getattr(optimizer, "base_lrs", None) or [opt.lr] * len(groups)
     if len(bases) != len(groups):
         raise ValueError(f"{len(bases)} base lrs for {len(groups)} parameter groups")
-    lrs: dict[float, float] = {}
+    lrs = {opt.lr: step_learning_rate(opt, batch_tokens=batch_tokens, tokens_end=tokens_end,
+                                      full_batch_tokens=full_batch_tokens, max_steps=max_steps)}
     for group, base in zip(groups, bases, strict=True):
         if base not in lrs:
             lrs[base] = step_learning_rate(opt, batch_tokens=batch_tokens, tokens_end=tokens_end,
                                            full_batch_tokens=full_batch_tokens,
                                            max_steps=max_steps, base_lr=base)
         group["lr"] = lrs[base]
-    return lrs[bases[0]]
+    return lrs[opt.lr]
