@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bigbatch.batch import IGNORE_INDEX
+from bigbatch.batch import IGNORE_INDEX, MicroBatch
 from bigbatch.config.sections import PrecisionConfig
-from bigbatch.data.loader import MicroBatch, eval_micro_batches
+from bigbatch.data.loader import eval_micro_batches
 from bigbatch.engine.loop import evaluate
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step

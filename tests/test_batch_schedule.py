@@ -28,8 +28,8 @@ from bigbatch.engine.batch_schedule import (
     ramp_micro_steps,
     warmup_seq_len,
 )
-from bigbatch.engine.schedule import learning_rate, step_learning_rate
 from bigbatch.errors import UsageError
+from bigbatch.optim.schedule import learning_rate, step_learning_rate
 from small_runs import RECIPE
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -17,10 +17,10 @@ from bigbatch.batch import plan_batch
 from bigbatch.config.sections import CheckpointConfig, Config
 from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.loop import TrainState
-from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.optim.registry import build_optimizer
 from bigbatch.parallel.process_group import SINGLE_PROCESS
 from bigbatch.run.checkpoint import Checkpointer
 from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint, write_checkpoint

@@ -27,10 +27,10 @@ import torch
 from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import OptimConfig, PrecisionConfig
 from bigbatch.engine.fused_loss import FusedLinearCrossEntropy, loss_and_grad
-from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
 from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.optim.registry import build_optimizer
 from bigbatch.parallel.process_group import DistInfo, init_process_group
 from bigbatch.run.train import resolve_device
 

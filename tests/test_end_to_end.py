@@ -26,7 +26,7 @@ from bigbatch.cli import main
 from bigbatch.config.files import load_config
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.engine.precision import with_resolved_dtype
-from bigbatch.engine.schedule import learning_rate
+from bigbatch.optim.schedule import learning_rate
 from bigbatch.tasks.lm.wiring import unigram_baseline
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from bigbatch.config.sections import OptimConfig
-from bigbatch.engine.optim import build_optimizer
-from bigbatch.engine.schedule import describe_lr_scaling, scaled_peak_lr
+from bigbatch.optim.registry import build_optimizer
+from bigbatch.optim.schedule import describe_lr_scaling, scaled_peak_lr
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -84,9 +84,9 @@ def test_fp16_loss_scaling_with_lora_updates_the_adapters_as_fp32_does_and_skips
     the update is -lr x the gradient: within fp16 rounding, 1e-2), and no frozen weight moves."""
     from bigbatch.batch import MicroBatch
     from bigbatch.config.sections import OptimConfig, PrecisionConfig
-    from bigbatch.engine.optim import build_optimizer
     from bigbatch.engine.precision import make_precision
     from bigbatch.engine.step import train_step
+    from bigbatch.optim.registry import build_optimizer
 
     cpu = torch.device("cpu")
     generator = torch.Generator().manual_seed(3)

@@ -4,6 +4,7 @@ memory needed; a real `auto` run stays under its budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -159,3 +160,46 @@ def test_cli_plans_with_the_tokenizer_directory_vocabulary(tiny_overrides):
     # At least the wider token table's fp32 weights, gradients and two AdamW moments.
     extra_table = 16 * (50257 - cfg.data.vocab_size) * cfg.model.d_model
     assert wide_bytes - own_bytes >= extra_table, (own, wide)
+
+
+def test_the_plan_counts_the_configured_optimizers_state_and_the_probe_builds_it(
+        tiny_overrides, monkeypatch):
+    """optim.name = "sgd": one fp32 state tensor per trainable parameter (momentum), not
+    AdamW's two; the probes are asked for SGD, and the probe's child builds SGD."""
+    import torch
+
+    from bigbatch.optim import registry
+    from bigbatch.planning.planner import plan_for_config
+    from bigbatch.planning.probe import ProbeRequest, measure
+
+    requests = []
+
+    def probe(request):
+        requests.append(request)
+        return ProbeResult(request.micro_batch_size, 300 * 2**20, 1.0)
+
+    def planned(name: str):
+        cfg = load_config(ROOT / "configs" / "tiny.toml",
+                          [*tiny_overrides, f"--optim.name={name}", "--batch.memory_budget=4GiB"])
+        return cfg, plan_for_config(cfg, cfg.data.vocab_size, probe=probe)
+
+    cfg, sgd = planned("sgd")
+    dims = ModelDims(cfg.data.vocab_size, cfg.data.seq_len, cfg.model.n_layer,
+                     cfg.model.d_model, cfg.model.n_head)
+    assert sgd.components["optimizer_state"] == 1 * 4 * dims.num_parameters
+    assert requests and all(dict(r.optimizer)["name"] == "sgd" for r in requests)
+    assert planned("adamw")[1].components["optimizer_state"] == 2 * 4 * dims.num_parameters
+
+    built = []
+
+    def spy(*args):
+        built.append(registry_build(*args))
+        return built[-1]
+
+    registry_build = registry.build_optimizer
+    monkeypatch.setattr(registry, "build_optimizer", spy)
+    request = ProbeRequest.from_json(dataclasses.replace(
+        requests[0], dims=ModelDims(64, 16, 1, 16, 2), micro_batch_size=1, num_micro_steps=1,
+        num_steps=2, min_timed_seconds=0.0, allocator="system").to_json())
+    assert measure(request).ok
+    assert [type(o) for o in built] == [torch.optim.SGD]

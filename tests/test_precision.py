@@ -19,10 +19,10 @@ import torch
 
 from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import OptimConfig, PrecisionConfig
-from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.optim.registry import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

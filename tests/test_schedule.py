@@ -1,4 +1,4 @@
-"""The learning-rate schedule (engine/schedule.py), a pure function of the step.
+"""The learning-rate schedule (optim/schedule.py), a pure function of the step.
 
 Invariants, for peak p, warmup W, T total steps and floor f = p * min_lr_ratio:
 - warmup rises strictly from p / W (near zero) at step 0 to exactly p at step W - 1;
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bigbatch.engine.schedule import learning_rate
+from bigbatch.optim.schedule import learning_rate
 
 peaks = st.sampled_from([3e-3, 1e-3, 6e-4, 3e-4, 1.234e-3, 0.1, 7e-5])
 ratios = st.sampled_from([0.0, 0.1, 0.05, 1 / 3, 0.5])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from bigbatch.config.fields import option, require
 from bigbatch.config.model_section import ModelConfig
 from bigbatch.config.units import parse_bytes
+from bigbatch.optim.registry import OPTIMIZERS
 
 AGGREGATES = ("mean", "max")
 
@@ -139,14 +140,14 @@ class BatchConfig:
                 "a number in (0, 1)")
 
 
-OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
 LR_SCALINGS = ("none", "linear", "sqrt")
 DECAYS = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = option("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
+    name: str = option("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)} "
+                                  "(optim/registry.py).")
     lr: float = option(1e-3, "Peak learning rate, reached at the end of warmup.")
     weight_decay: float = option(0.1, "Weight decay, applied to weights of 2+ dims only "
                                       "(decoupled for adamw and lamb).")
@@ -170,7 +171,8 @@ class OptimConfig:
     min_lr_ratio: float = option(0.1, "Floor of the decay, as a fraction of `lr`.")
 
     def __post_init__(self) -> None:
-        require(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {OPTIMIZERS}")
+        require(self.name in OPTIMIZERS, "optim.name", self.name,
+                f"one of {tuple(OPTIMIZERS)}")
         require(self.lr > 0, "optim.lr", self.lr, "a positive number")
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
         require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")

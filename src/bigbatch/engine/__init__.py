@@ -1,1 +1,1 @@
-"""Training engine: schedule (pure), optimizer, train_step (gradient arithmetic), fit (the loop)."""
+"""Training engine: train_step (gradient arithmetic), fit (the loop), precision, losses."""

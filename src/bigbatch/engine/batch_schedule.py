@@ -22,7 +22,7 @@ so the two warmups combine without touching each other:
   the sampler and its resume position are the same as without warmup.
 
 Training length is counted in tokens (`train.max_steps x batch.global_tokens`), and the LR
-schedule by the tokens at the end of each step (engine/schedule.py), so a ramp changes the
+schedule by the tokens at the end of each step (optim/schedule.py), so a ramp changes the
 number of steps but not where warmup and decay fall. Without a ramp both are the plain step
 counts, and every step is the full `BatchPlan`.
 """

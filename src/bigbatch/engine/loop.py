@@ -16,9 +16,9 @@ from bigbatch.engine.batch_schedule import BatchSchedule
 from bigbatch.engine.metrics import MetricsLog, Progress, peak_memory_bytes
 from bigbatch.engine.noise_scale import NoiseScaleEMA
 from bigbatch.engine.precision import Precision
-from bigbatch.engine.schedule import step_learning_rate
 from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
+from bigbatch.optim.schedule import set_learning_rates
 from bigbatch.parallel.process_group import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:  # types only: the data room sits above the engine
@@ -122,7 +122,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         evaluate the untrained model (a fresh run)
         for each optimizer step:
             its shape: global batch (ramp), sequence length (warmup); see batch_schedule.py
-            its learning rate: scaled to its batch, at its last token on the schedule
+            each parameter group's lr: its base lr scaled to the batch, at the step's last
+                token on the schedule (set_learning_rates; the first group's is logged)
             take this rank's micro-batches of the step
             train_step(): accumulate exact gradients, clip, update; noise-scale estimates
             update the noise-scale averages; log loss, lr, grad norm, gns_*, tokens/s (rank 0)
@@ -139,11 +140,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
         started = time.perf_counter()
         shape = schedule.shape(state.tokens_seen, state.noise.noise_scale,
                                previous_micro_steps(state, schedule), state.steps_at_batch)
-        lr = step_learning_rate(cfg.optim, batch_tokens=shape.global_tokens,
+        lr = set_learning_rates(optimizer, cfg.optim, batch_tokens=shape.global_tokens,
                                 tokens_end=state.tokens_seen + shape.global_tokens,
                                 full_batch_tokens=full_tokens, max_steps=cfg.train.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         micro_batches = [mb.to(setup.device) for mb in loader.next_step(shape)]
         stats = train_step(model, optimizer, micro_batches, precision=setup.precision,
                            clip_norm=cfg.optim.clip_norm, clip_value=cfg.optim.clip_value,

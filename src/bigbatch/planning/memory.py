@@ -7,7 +7,10 @@ element (4 in fp32; 2 under bf16/fp16 autocast, which keeps parameters in fp32 a
 Static (alive the whole step, from the second step on, when the optimizer state exists):
     parameters        4 P                     (fp32, the master weights themselves)
     gradients         4 P_t                   (fp32, accumulated across micro-steps)
-    optimizer state   AdamW: 2 x 4 P_t        (exp_avg and exp_avg_sq in fp32)
+    optimizer state   s x 4 P_t               (s fp32 tensors of each parameter's size, as the
+                                               optimizer registry says: AdamW and LAMB 2, the
+                                               moments; SGD and LARS 1, momentum; a combination
+                                               counts each parameter's part, per parameter)
                       P_t: the trainable parameters, P itself unless adapters (LoRA) freeze
                       the base; the same P_t replaces P in the DDP buckets and in FSDP's
                       gradient terms below
@@ -65,10 +68,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from bigbatch.optim.registry import optimizer_entry
+
 AUTOCAST_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# fp32 tensors of the parameters' size, per optimizer (engine/optim.py, large_batch_optim.py):
-# AdamW and LAMB keep two moments; LARS and SGD one momentum buffer.
-OPTIMIZER_STATES = {"adamw": 2, "lamb": 2, "lars": 1, "sgd": 1}
 LOGITS_BUFFERS = 3  # fp32 tokens x vocab buffers alive at once: see the module docstring
 CHUNK_GRAD_BYTES = 6  # per token per d_model, chunked loss only: see activation_bytes
 # Default calibration, replaced by the probe's fit: the resident memory of a process that has
@@ -129,6 +131,10 @@ class Setup:
     data_bytes: int = 0
     num_micro_steps: int = 1      # per rank and optimizer step (FSDP's gradients depend on it)
     gradient_sync: str = "last"   # FSDP: reduce-scatter on the last micro-step, or on "every"
+    # fp32 elements of optimizer state, counted per trainable parameter on the model by the
+    # registry (planner.py); None: the optimizer's state tensors (the same for every
+    # parameter) x P_t.
+    optimizer_state_elements: int | None = None
 
     @property
     def sharded(self) -> bool:
@@ -234,6 +240,18 @@ def fsdp_gathered_bytes(dims: ModelDims, setup: Setup) -> tuple[int, int]:
     return parameters, 4 * dims.num_trainable // setup.world_size + round(trainable * in_flight)
 
 
+def optimizer_state_bytes(dims: ModelDims, setup: Setup) -> int:
+    """The optimizer's fp32 state on one unsharded rank: per parameter, the state tensors its
+    entry in the registry (optim/registry.py) keeps for it."""
+    if setup.optimizer_state_elements is not None:
+        return 4 * setup.optimizer_state_elements
+    tensors = optimizer_entry(setup.optimizer).uniform_state_tensors
+    if tensors is None:
+        raise ValueError(f"optimizer {setup.optimizer!r} keeps different state for different "
+                         "parameters: count it on the model (Setup.optimizer_state_elements)")
+    return tensors * 4 * dims.num_trainable
+
+
 def estimate_memory(dims: ModelDims, setup: Setup, calibration: Calibration) -> MemoryEstimate:
     p, trainable = dims.num_parameters, dims.num_trainable
     shards = setup.world_size if setup.sharded else 1
@@ -251,7 +269,7 @@ def estimate_memory(dims: ModelDims, setup: Setup, calibration: Calibration) -> 
     return MemoryEstimate(
         parameters=4 * p // shards + gathered,
         gradients=gradients,
-        optimizer_state=OPTIMIZER_STATES[setup.optimizer] * 4 * trainable // shards,
+        optimizer_state=optimizer_state_bytes(dims, setup) // shards,
         autocast_copies=autocast,
         ddp_buckets=buckets,
         data=setup.data_bytes,

@@ -15,6 +15,7 @@ from bigbatch.config.units import format_bytes
 from bigbatch.engine.precision import with_resolved_dtype
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import resolve_attention
+from bigbatch.optim.registry import optimizer_entry, state_elements, trainable_parameters
 from bigbatch.planning.budget import resolve_budget
 from bigbatch.planning.memory import ModelDims, Setup
 from bigbatch.planning.probe import ProbeRequest, ProbeResult, run_probe
@@ -64,6 +65,15 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
 
         def probe(request: ProbeRequest) -> ProbeResult:
             return unadapted_probe(dataclasses.replace(request, adapter=adapter))
+    # The probes build the run's optimizer; the terms count its state per parameter, on the
+    # model itself when its parts keep different state for different parameters.
+    optimizer = tuple((f.name, getattr(cfg.optim, f.name)) for f in dataclasses.fields(cfg.optim))
+    state_elements = (None if optimizer_entry(cfg.optim.name).uniform_state_tensors is not None
+                      else count_optimizer_state(cfg, dims))
+    configured_probe = probe
+
+    def probe(request: ProbeRequest) -> ProbeResult:
+        return configured_probe(dataclasses.replace(request, optimizer=optimizer))
     budget = resolve_budget(cfg.batch.memory_budget, device_type, int(index) if index else None,
                             ranks_per_node)
     loss_kernel = "standard"
@@ -74,7 +84,7 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
                                           cfg.parallel.strategy, world_size)
     base = Setup(micro_batch_size=1, precision=cfg.precision.dtype, optimizer=cfg.optim.name,
                  world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes,
-                 loss_kernel=loss_kernel)
+                 loss_kernel=loss_kernel, optimizer_state_elements=state_elements)
     model = cfg.model
     # FSDP on CPU is probed under the wrapper (search.py says why), on world_size gloo ranks of
     # this node: only where they all fit on it (one node), or the probe would hold the memory
@@ -125,12 +135,10 @@ def on_rank_zero(search: Callable[[], MemoryPlan]) -> MemoryPlan:
 ADAPTER_KEYS = ("adapter", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
-def count_trainable(cfg: Config, dims: ModelDims) -> int:
-    """The trainable parameters of `cfg`'s adapted model, counted on a copy built on the meta
-    device (shapes only: no memory, no weights read)."""
-    import torch
-
-    from bigbatch.model.adapters import apply_adapter, parameter_counts
+def meta_model(cfg: Config, dims: ModelDims) -> torch.nn.Module:
+    """`cfg`'s (adapted) model built on the meta device: shapes only, no memory, no weights
+    read."""
+    from bigbatch.model.adapters import apply_adapter
 
     with torch.device("meta"):
         if cfg.model.source == "gpt":
@@ -142,7 +150,20 @@ def count_trainable(cfg: Config, dims: ModelDims) -> int:
             from bigbatch.planning.hf_probe import hf_model_from_config
 
             model = hf_model_from_config(cfg)
-        return parameter_counts(apply_adapter(model, cfg.model, task_of(cfg).model_head))[0]
+        return apply_adapter(model, cfg.model, task_of(cfg).model_head)
+
+
+def count_trainable(cfg: Config, dims: ModelDims) -> int:
+    """The trainable parameters of `cfg`'s adapted model, counted on the meta model."""
+    from bigbatch.model.adapters import parameter_counts
+
+    return parameter_counts(meta_model(cfg, dims))[0]
+
+
+def count_optimizer_state(cfg: Config, dims: ModelDims) -> int:
+    """The fp32 elements of state `optim.name` keeps for the meta model's trainable parameters,
+    per parameter as the registry says (a combination: each parameter's part)."""
+    return state_elements(cfg.optim.name, trainable_parameters(meta_model(cfg, dims)))
 
 
 def apply_plan(cfg: Config, plan: MemoryPlan) -> Config:

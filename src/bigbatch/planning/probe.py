@@ -4,9 +4,9 @@ Each candidate runs in a child process (`python -m bigbatch.planning.probe REQUE
 its peak is its own: on CPU the peak resident set (VmHWM, which never goes down within a
 process); on CUDA `torch.cuda.max_memory_allocated`, with out-of-memory caught here, in the
 probe, never mid-run. The child builds the model exactly as training does (checkpointing,
-chunked loss, precision, fused AdamW, allocator setting), feeds random tokens (memory does not
-depend on their values), and times steps after the first; by the second step the optimizer
-state exists, so the peak is the steady state's.
+chunked loss, precision, the configured optimizer, allocator setting), feeds random tokens
+(memory does not depend on their values), and times steps after the first; by the second step
+the optimizer state exists, so the peak is the steady state's.
 
 `fit_calibration` then fits the memory model's two constants to the measurements by least
 squares: measured - static = overhead + scale x growing bytes (see memory.py).
@@ -61,6 +61,9 @@ class ProbeRequest:
     gradient_sync: str = "last"
     # The model's adapters, as [model] says them (adapter, lora_rank, ...); empty: none.
     adapter: tuple[tuple[str, Any], ...] = ()
+    # The optimizer, as [optim] says it (name, lr, betas, ...): the probe builds it, so its
+    # state is the run's. Empty: OptimConfig's defaults (AdamW).
+    optimizer: tuple[tuple[str, Any], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -69,7 +72,9 @@ class ProbeRequest:
     def from_json(cls, text: str) -> ProbeRequest:
         raw = json.loads(text)
         adapter = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in raw["adapter"])
-        return cls(**{**raw, "dims": ModelDims(**raw["dims"]), "adapter": adapter})
+        optimizer = tuple((k, v) for k, v in raw.get("optimizer", ()))
+        return cls(**{**raw, "dims": ModelDims(**raw["dims"]), "adapter": adapter,
+                      "optimizer": optimizer})
 
 
 @dataclass(frozen=True)
@@ -107,11 +112,11 @@ def measure(request: ProbeRequest) -> ProbeResult:
     from bigbatch.config.sections import OptimConfig, PrecisionConfig
     from bigbatch.engine.chunked_loss import make_loss_sum_fn
     from bigbatch.engine.loop import evaluate
-    from bigbatch.engine.optim import build_optimizer
     from bigbatch.engine.precision import make_precision
     from bigbatch.engine.step import train_step
     from bigbatch.model.checkpointing import apply_activation_checkpointing
     from bigbatch.model.gpt import GPT, GPTShape
+    from bigbatch.optim.registry import build_optimizer
     from bigbatch.parallel.process_group import (
         SINGLE_PROCESS,
         dist_info_from_env,
@@ -154,7 +159,8 @@ def measure(request: ProbeRequest) -> ProbeResult:
                               task_named(request.task).model_head)
     model = parallelize(model, request.sharding, device, info, precision=request.precision,
                         fsdp_gradient_sync=request.gradient_sync)
-    optimizer = build_optimizer(model, OptimConfig(), device)  # after FSDP's sharding
+    # After FSDP's sharding; the run's own optimizer, whose state is what the plan must hold.
+    optimizer = build_optimizer(model, OptimConfig(**dict(request.optimizer)), device)
     precision = make_precision(PrecisionConfig(dtype=request.precision), device)
 
     def fresh_batches() -> list[MicroBatch]:

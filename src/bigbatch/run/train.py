@@ -22,11 +22,11 @@ from bigbatch.engine.allocator import tune_glibc_malloc
 from bigbatch.engine.loop import LoopHooks, StepSetup, TrainState, finished, fit
 from bigbatch.engine.metrics import MetricsLog, Progress
 from bigbatch.engine.noise_scale import NoiseScaleEMA
-from bigbatch.engine.optim import build_optimizer
 from bigbatch.engine.precision import make_precision, slow_autocast_warning, with_resolved_dtype
 from bigbatch.engine.trackers import Continuation, check_trackers_installed, open_trackers
 from bigbatch.errors import UsageError
 from bigbatch.model.artifacts import unwrap
+from bigbatch.optim.registry import build_optimizer
 from bigbatch.parallel.process_group import (
     DistInfo,
     dist_info_from_env,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from bigbatch.config.files import config_from_dict, config_to_dict, parse_overrides
 from bigbatch.config.sections import Config
-from bigbatch.engine.schedule import scaled_peak_lr, step_learning_rate
 from bigbatch.errors import UsageError
+from bigbatch.optim.schedule import scaled_peak_lr, step_learning_rate
 from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint
 from bigbatch.tasks import task_of
 from bigbatch.tools.cbs_search import TARGET_FRACTION, TOLERANCE, search

@@ -30,7 +30,7 @@ class LanguageModelling:
     def describe_batch(self, cfg: Config, world_size: int) -> list[str]:
         from bigbatch.batch import plan_batch
         from bigbatch.engine.batch_schedule import build_batch_schedule, describe_schedule
-        from bigbatch.engine.schedule import describe_lr_scaling
+        from bigbatch.optim.schedule import describe_lr_scaling
 
         if cfg.batch.micro_batch_size == "auto":
             return ["micro_batch_size = \"auto\": `bigbatch plan` shows what training will choose"]

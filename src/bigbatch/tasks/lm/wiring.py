@@ -20,7 +20,6 @@ from bigbatch.engine.chunked_loss import describe_loss, make_loss_sum_fn
 from bigbatch.engine.fused_loss import resolve_loss_kernel
 from bigbatch.engine.loop import TrainState, evaluate
 from bigbatch.engine.noise_scale import noise_scale_summary
-from bigbatch.engine.schedule import describe_lr_scaling
 from bigbatch.engine.seeding import seed_everything, seed_rank_streams
 from bigbatch.engine.throughput import flops_per_token
 from bigbatch.model.adapters import (
@@ -33,6 +32,7 @@ from bigbatch.model.adapters import (
 from bigbatch.model.artifacts import save_model
 from bigbatch.model.checkpointing import apply_activation_checkpointing
 from bigbatch.model.gpt import GPT, GPTShape, resolve_attention
+from bigbatch.optim.schedule import describe_lr_scaling
 from bigbatch.parallel.process_group import DistInfo
 from bigbatch.tasks.base import TaskContext, TaskRun
 

@@ -16,7 +16,7 @@ LARS (You et al. 2017, "Large Batch Training of Convolutional Networks", Algorit
     w = w - v
 
 Parameter groups with `trust_ratio = False` (biases and LayerNorm gains: the 1-D tensors, see
-engine/optim.py) take the plain update with trust ratio 1 (LAMB: Adam; LARS: SGD with momentum)
+optim/registry.py) take the plain update with trust ratio 1 (LAMB: Adam; LARS: SGD with momentum)
 and no weight decay, as both papers do.
 """
 

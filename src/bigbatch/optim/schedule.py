@@ -1,10 +1,14 @@
-"""Learning-rate schedules, pure: linear warmup, then cosine, linear or constant decay to a floor."""
+"""Learning-rate schedules, pure: linear warmup, then cosine, linear or constant decay to a floor;
+the peak scaled with the batch. `set_learning_rates` applies them to each parameter group's own
+base lr (torchtitan's schedulers recompute every group from its `base_lrs` the same way)."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
-from bigbatch.config.sections import OptimConfig
+if TYPE_CHECKING:  # types only: the config room sits above this one
+    from bigbatch.config.sections import OptimConfig
 
 
 def learning_rate(step: float, *, peak_lr: float, warmup_steps: int, total_steps: int,
@@ -70,12 +74,42 @@ def learning_rate_at_tokens(tokens_end: int, *, step_tokens: int, peak_lr: float
 
 
 def step_learning_rate(opt: OptimConfig, *, batch_tokens: int, tokens_end: int,
-                       full_batch_tokens: int, max_steps: int) -> float:
+                       full_batch_tokens: int, max_steps: int, base_lr: float | None = None
+                       ) -> float:
     """The lr of a step of `batch_tokens` that ends at `tokens_end` training tokens: the peak
-    scaled to that batch (`optim.lr_scaling`), placed on the token-counted schedule."""
+    (`base_lr`, by default `optim.lr`) scaled to that batch (`optim.lr_scaling`), placed on the
+    token-counted schedule."""
     reference = opt.reference_batch_tokens or full_batch_tokens
     return learning_rate_at_tokens(
         tokens_end, step_tokens=full_batch_tokens,
-        peak_lr=scaled_peak_lr(opt.lr, opt.lr_scaling, batch_tokens, reference),
+        peak_lr=scaled_peak_lr(opt.lr if base_lr is None else base_lr, opt.lr_scaling,
+                               batch_tokens, reference),
         warmup_steps=opt.warmup_steps, total_steps=max_steps, decay=opt.decay,
         min_lr_ratio=opt.min_lr_ratio)
+
+
+def set_learning_rates(optimizer: Any, opt: OptimConfig, *, batch_tokens: int, tokens_end: int,
+                       full_batch_tokens: int, max_steps: int) -> float:
+    """Set every parameter group's lr for a step of `batch_tokens` ending at `tokens_end`, from
+    the group's own base lr (`optimizer.base_lrs`, recorded by registry.py; `optim.lr` for every
+    group of an optimizer built elsewhere). Returns the lr of a group whose base is `optim.lr`
+    (every group of AdamW, LAMB, LARS, SGD): the one logged.
+
+    In exact arithmetic a group's lr is its base x a multiplier of the step (the batch scaling,
+    the warmup fraction and the decay are all linear in the peak), so groups keep the ratio of
+    their bases at every step. In floats each group's lr is `step_learning_rate` with its base
+    for `optim.lr`: a group whose base is `optim.lr` gets exactly the lr of the same float
+    operations as before groups had bases of their own, bit for bit."""
+    groups = optimizer.param_groups
+    bases = getattr(optimizer, "base_lrs", None) or [opt.lr] * len(groups)
+    if len(bases) != len(groups):
+        raise ValueError(f"{len(bases)} base lrs for {len(groups)} parameter groups")
+    lrs = {opt.lr: step_learning_rate(opt, batch_tokens=batch_tokens, tokens_end=tokens_end,
+                                      full_batch_tokens=full_batch_tokens, max_steps=max_steps)}
+    for group, base in zip(groups, bases, strict=True):
+        if base not in lrs:
+            lrs[base] = step_learning_rate(opt, batch_tokens=batch_tokens, tokens_end=tokens_end,
+                                           full_batch_tokens=full_batch_tokens,
+                                           max_steps=max_steps, base_lr=base)
+        group["lr"] = lrs[base]
+    return lrs[opt.lr]
