@@ -52,7 +52,7 @@ from bigbatch.optim.registry import (
 from bigbatch.optim.schedule import set_learning_rates, step_learning_rate
 from bigbatch.planning.memory import Calibration, ModelDims, Setup, estimate_memory
 from bigbatch.planning.planner import count_optimizer_state
-from bigbatch.run.checkpoint import load_optimizer_state, optimizer_state
+from bigbatch.run.checkpoint_state import load_optimizer_state, optimizer_state
 from small_runs import RECIPE
 
 pytestmark = pytest.mark.usefixtures("single_thread")

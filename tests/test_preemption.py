@@ -18,19 +18,19 @@ from bigbatch.run.preemption import Preemption
 from bigbatch.run.train import train
 from small_runs import ROOT, metric_rows, small_args, small_config
 
-# Runs the CLI with checkpoint._fsync slowed down: once a file of a checkpoint whose name starts
+# Runs the CLI with checkpoint_files._fsync slowed down: once a file of a checkpoint whose name starts
 # with argv[1] is written, it says so and hangs, so the test can signal or kill it mid-save.
 HANG_MID_SAVE = """
 import sys, time
-from bigbatch.run import checkpoint
+from bigbatch.run import checkpoint_files
 from bigbatch.cli import main
-real_fsync = checkpoint._fsync
+real_fsync = checkpoint_files._fsync
 def fsync_then_hang(path):
     real_fsync(path)
     if path.parent.name.startswith(".tmp-" + sys.argv[1]):
         print("saving " + path.parent.name, flush=True)
         time.sleep(300)
-checkpoint._fsync = fsync_then_hang
+checkpoint_files._fsync = fsync_then_hang
 sys.exit(main(sys.argv[2:]))
 """
 
