@@ -188,17 +188,17 @@ def tactics_table() -> list[str]:
 MEASURED_STEPS = 12  # a run's steady state: a gloo FSDP rank's peak levels off after ~5 steps
 
 
-def fit_to_probes(precision: str, k: int, world: int = 1, sharding: str = "ddp") -> Calibration:
+def fit_to_probes(precision: str, k: int, world: int = 1, strategy: str = "ddp") -> Calibration:
     """The planner's fit: probes at mb 1 and 2, one unwrapped process (world 1), or, as the
     planner probes FSDP on CPU, the wrapper itself on `world` gloo ranks."""
     points = []
     for small in (1, 2):
         setup = Setup(small, precision=precision, num_micro_steps=k, world_size=world,
-                      sharding=sharding)
+                      strategy=strategy)
         steps = 3 if world == 1 else WRAPPED_PROBE_STEPS
         result = run_probe(ProbeRequest(DEEP, small, num_micro_steps=k, num_steps=steps,
                                         precision=precision, world_size=world,
-                                        sharding=sharding))
+                                        strategy=strategy))
         points.append((setup, result.peak_bytes))
     return fit_calibration(DEEP, points, Calibration(DEFAULT_OVERHEAD["cpu"]))
 
@@ -211,19 +211,19 @@ def ranks_table(repeats: int = REPEATS) -> list[str]:
     size, k = 4, 2
     for precision in ("fp32", "bf16"):
         unwrapped = fit_to_probes(precision, k)
-        wrapped = fit_to_probes(precision, k, world=2, sharding="fsdp")
+        wrapped = fit_to_probes(precision, k, world=2, strategy="fsdp")
         single = estimate_memory(DEEP, Setup(size, precision=precision, num_micro_steps=k),
                                  unwrapped)
-        for world, sharding in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
-            setup = Setup(size, precision=precision, world_size=world, sharding=sharding,
+        for world, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+            setup = Setup(size, precision=precision, world_size=world, strategy=strategy,
                           num_micro_steps=k)
             peaks = sorted(run_probe(ProbeRequest(
                 DEEP, size, num_micro_steps=k, num_steps=MEASURED_STEPS, precision=precision,
-                world_size=world, sharding=sharding)).peak_bytes for _ in range(repeats))
+                world_size=world, strategy=strategy)).peak_bytes for _ in range(repeats))
             measured = peaks[len(peaks) // 2]
-            label = "-" if world == 1 else sharding.upper()
+            label = "-" if world == 1 else strategy.upper()
             fits = [("1 process", unwrapped)]
-            if sharding == "fsdp":  # the planner's (wrapped), then what one process would say
+            if strategy == "fsdp":  # the planner's (wrapped), then what one process would say
                 fits = [("2-rank FSDP (the planner's)", wrapped), ("1 process", unwrapped)]
             for how, calibration in fits:
                 estimate = estimate_memory(DEEP, setup, calibration)

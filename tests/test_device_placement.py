@@ -92,7 +92,7 @@ def test_planner_agreement_tensor_goes_to_the_ranks_gpu(monkeypatch):
         micro_batch_size=4, num_micro_steps=2, activation_checkpointing="none",
         checkpoint_every=1, loss_chunk_tokens=0, predicted_peak_bytes=1, budget_bytes=2,
         components={}, calibration={}, global_tokens=8, seq_len=1, world_size=8,
-        sequences_per_rank=8, sharding="ddp", allreduce_bytes_per_step=0, device="cuda:6")
+        sequences_per_rank=8, strategy="ddp", allreduce_bytes_per_step=0, device="cuda:6")
     with pytest.raises(Moved):
         search.agree_across_ranks(plan, [search.Tactic("none", 1, 0)])
     assert [str(d) for d in seen] == ["cuda:6"]

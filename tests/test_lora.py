@@ -298,7 +298,7 @@ def test_planner_counts_gradients_and_optimizer_state_of_trainable_parameters_on
     # per block: qkv 8 (64 + 192), attn proj 8 (64 + 64), fc 8 (64 + 256), mlp proj 8 (256 + 64)
     assert trainable == 2 * 8 * (256 + 128 + 320 + 320)
     adapted = dataclasses.replace(dims, trainable_parameters=trainable)
-    setup = Setup(micro_batch_size=4, precision="bf16", world_size=2, sharding="ddp")
+    setup = Setup(micro_batch_size=4, precision="bf16", world_size=2, strategy="ddp")
     calibration = Calibration(overhead_bytes=0)
     full, lora = (estimate_memory(d, setup, calibration) for d in (dims, adapted))
     assert (lora.gradients, lora.optimizer_state, lora.ddp_buckets) == (

@@ -87,7 +87,7 @@ def test_bf16_counts_autocast_copies_and_ddp_buckets():
     estimate = estimate_memory(DIMS, Setup(2, precision="bf16", world_size=4), ZERO)
     assert estimate.autocast_copies == 2 * DIMS.linear_parameters
     assert estimate.ddp_buckets == 4 * DIMS.num_parameters
-    sharded = estimate_memory(DIMS, Setup(2, world_size=4, sharding="fsdp"), ZERO)
+    sharded = estimate_memory(DIMS, Setup(2, world_size=4, strategy="fsdp"), ZERO)
     assert sharded.optimizer_state == 8 * DIMS.num_parameters // 4
 
 

@@ -53,8 +53,8 @@ def unwrapped_machine(dims: ModelDims, speeds: dict[int, float] | None = None,
     return probe
 
 
-def plan(dims, world_size, sharding, budget=2**40, per_rank=16, sync="last", **kwargs):
-    return choose_micro_batch(dims, Setup(1, world_size=world_size, sharding=sharding),
+def plan(dims, world_size, strategy, budget=2**40, per_rank=16, sync="last", **kwargs):
+    return choose_micro_batch(dims, Setup(1, world_size=world_size, strategy=strategy),
                               global_tokens=per_rank * dims.seq_len * world_size, mode="none",
                               checkpoint_every=1, loss_chunk_tokens=0, budget=budget,
                               gradient_sync=sync, **kwargs)
@@ -86,7 +86,7 @@ def test_fsdp_memory_model_terms():
     p, block = BIG.num_parameters, BIG.block_parameters
     root = p - BIG.n_layer * block
     zero = Calibration(0, 0.0)
-    base = Setup(2, precision="bf16", world_size=8, sharding="fsdp", num_micro_steps=4)
+    base = Setup(2, precision="bf16", world_size=8, strategy="fsdp", num_micro_steps=4)
     last = estimate_memory(BIG, base, zero)
     every = estimate_memory(BIG, Setup(**{**base.__dict__, "gradient_sync": "every"}), zero)
     assert last.parameters == 4 * p // 8 + 2 * (root + 2 * block)  # bf16 gathers
@@ -109,7 +109,7 @@ def need(dims: ModelDims, setup: Setup) -> int:
 
 def test_budget_that_fsdp_fits_and_ddp_does_not():
     one = need(BIG, Setup(1, num_micro_steps=16))
-    sharded = need(BIG, Setup(1, world_size=8, sharding="fsdp", num_micro_steps=16))
+    sharded = need(BIG, Setup(1, world_size=8, strategy="fsdp", num_micro_steps=16))
     assert sharded < one
     budget = (one + sharded) // 2
     fsdp = plan(BIG, 8, "fsdp", budget=budget, probe=unwrapped_machine(BIG))
@@ -119,8 +119,8 @@ def test_budget_that_fsdp_fits_and_ddp_does_not():
 
 
 def test_fsdp_chooses_sync_every_when_last_does_not_fit():
-    last = need(DEEP, Setup(1, world_size=4, sharding="fsdp", num_micro_steps=4))
-    every = need(DEEP, Setup(1, world_size=4, sharding="fsdp", num_micro_steps=4,
+    last = need(DEEP, Setup(1, world_size=4, strategy="fsdp", num_micro_steps=4))
+    every = need(DEEP, Setup(1, world_size=4, strategy="fsdp", num_micro_steps=4,
                              gradient_sync="every"))
     assert every < last
     budget = (last + every) // 2
@@ -179,8 +179,8 @@ def wrapped_machine(dims: ModelDims, requests: list):
         requests.append(request)
         setup = Setup(request.micro_batch_size, precision=request.precision,
                       num_micro_steps=request.num_micro_steps, world_size=request.world_size,
-                      sharding=request.sharding, gradient_sync=request.gradient_sync)
-        extra = RETENTION if request.world_size > 1 and request.sharding == "fsdp" else 0
+                      strategy=request.strategy, gradient_sync=request.gradient_sync)
+        extra = RETENTION if request.world_size > 1 and request.strategy == "fsdp" else 0
         return ProbeResult(request.micro_batch_size,
                            estimate_memory(dims, setup, TRUE).total + extra, 1.0)
     return probe
@@ -200,12 +200,12 @@ def test_cpu_fsdp_is_probed_under_the_wrapper_and_its_retention_predicted():
     requests = []
     planned = plan_for_config(cfg, cfg.data.vocab_size, world_size=2, ranks_per_node=2,
                               probe=wrapped_machine(dims, requests))
-    assert requests and all(r.world_size == 2 and r.sharding == "fsdp"
+    assert requests and all(r.world_size == 2 and r.strategy == "fsdp"
                             and r.gradient_sync == "last" and r.num_steps == 8
                             for r in requests)
     assert planned.probed_under_wrapper
     truth = estimate_memory(dims, Setup(planned.micro_batch_size, precision="fp32", world_size=2,
-                                        sharding="fsdp",
+                                        strategy="fsdp",
                                         num_micro_steps=planned.num_micro_steps), TRUE)
     # The fit took the retention into its overhead: the prediction is the machine's peak.
     assert planned.predicted_peak_bytes == pytest.approx(truth.total + RETENTION, rel=1e-6)
@@ -239,7 +239,7 @@ def test_under_torchrun_rank_0_alone_probes_cpu_fsdp_for_every_rank(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = json.loads(out.read_text())
     assert rank1["requests"] == [] and len(rank0["requests"]) >= 1
-    assert all(r["world_size"] == 2 and r["sharding"] == "fsdp" for r in rank0["requests"])
+    assert all(r["world_size"] == 2 and r["strategy"] == "fsdp" for r in rank0["requests"])
     assert rank0["plan"] == rank1["plan"] and rank0["plan"]["probed_under_wrapper"]
     measured = [c["measured_bytes"] for c in rank0["plan"]["candidates"] if c["measured_bytes"]]
     assert measured and all(m > 0 for m in measured)

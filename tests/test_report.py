@@ -275,7 +275,7 @@ def test_a_planned_run_shows_its_plan(tmp_path, finished_run):
                       calibration={"source": "formula", "overhead_bytes": 0,
                                    "activation_scale": 1.0},
                       global_tokens=2048, seq_len=64, world_size=1, sequences_per_rank=32,
-                      sharding="replicated", allreduce_bytes_per_step=0, device="cpu",
+                      strategy="replicated", allreduce_bytes_per_step=0, device="cpu",
                       tactics_tried=["none"])
     run_dir = make_run(tmp_path, finished_run, rows_of(finished_run))
     write_plan(plan, run_dir)

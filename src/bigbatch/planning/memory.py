@@ -127,7 +127,7 @@ class Setup:
     loss_chunk_tokens: int = 0    # 0 = the whole micro-batch at once
     loss_kernel: str = "standard"  # or "fused" (engine/fused_loss.py)
     world_size: int = 1
-    sharding: str = "ddp"
+    strategy: str = "ddp"
     data_bytes: int = 0
     num_micro_steps: int = 1      # per rank and optimizer step (FSDP's gradients depend on it)
     gradient_sync: str = "last"   # FSDP: reduce-scatter on the last micro-step, or on "every"
@@ -138,7 +138,7 @@ class Setup:
 
     @property
     def sharded(self) -> bool:
-        return self.sharding == "fsdp" and self.world_size > 1
+        return self.strategy == "fsdp" and self.world_size > 1
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def estimate_memory(dims: ModelDims, setup: Setup, calibration: Calibration) -> 
     autocast = 2 * dims.linear_parameters if AUTOCAST_BYTES[setup.precision] == 2 else 0
     if setup.sharded and setup.precision == "bf16":
         autocast = 0  # FSDP computes with bf16 weights: autocast has nothing to copy
-    buckets = 4 * trainable if setup.sharding == "ddp" and setup.world_size > 1 else 0
+    buckets = 4 * trainable if setup.strategy == "ddp" and setup.world_size > 1 else 0
     scale = calibration.activation_scale
     # Logits buffers and a recomputed block never coexist: backward frees the first before
     # it reaches the blocks (see the module docstring).
@@ -291,7 +291,7 @@ def static_bytes(dims: ModelDims, setup: Setup) -> int:
     return estimate.total
 
 
-def allreduce_bytes_per_step(dims: ModelDims, world_size: int, sharding: str,
+def allreduce_bytes_per_step(dims: ModelDims, world_size: int, strategy: str,
                              num_micro_steps: int = 1, precision: str = "fp32",
                              gradient_sync: str = "last") -> int:
     """Bytes each rank sends per optimizer step (ring algorithms: (N-1)/N of the tensor).
@@ -305,7 +305,7 @@ def allreduce_bytes_per_step(dims: ModelDims, world_size: int, sharding: str,
         return 0
     share = (world_size - 1) / world_size
     params, grads = share * dims.num_parameters, share * dims.num_trainable
-    if sharding == "ddp":
+    if strategy == "ddp":
         return round(2 * grads * 4)
     g = 2 if precision == "bf16" else 4
     reduces = num_micro_steps if gradient_sync == "every" else 1

@@ -83,7 +83,7 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
         loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, dims.vocab_size,
                                           cfg.parallel.strategy, world_size)
     base = Setup(micro_batch_size=1, precision=cfg.precision.dtype, optimizer=cfg.optim.name,
-                 world_size=world_size, sharding=cfg.parallel.strategy, data_bytes=data_bytes,
+                 world_size=world_size, strategy=cfg.parallel.strategy, data_bytes=data_bytes,
                  loss_kernel=loss_kernel, optimizer_state_elements=state_elements)
     model = cfg.model
     # FSDP on CPU is probed under the wrapper (search.py says why), on world_size gloo ranks of
@@ -170,7 +170,7 @@ def apply_plan(cfg: Config, plan: MemoryPlan) -> Config:
     """The config with the plan's micro-batch, checkpointing, loss chunking and (FSDP) gradient
     sync filled in."""
     parallel = cfg.parallel
-    if parallel.fsdp_gradient_sync == "auto" and plan.sharding == "fsdp" and plan.world_size > 1:
+    if parallel.fsdp_gradient_sync == "auto" and plan.strategy == "fsdp" and plan.world_size > 1:
         parallel = dataclasses.replace(parallel, fsdp_gradient_sync=plan.fsdp_gradient_sync)
     return dataclasses.replace(
         cfg, batch=dataclasses.replace(cfg.batch, micro_batch_size=plan.micro_batch_size),
@@ -205,7 +205,7 @@ def describe_plan(plan: MemoryPlan) -> list[str]:
         f"global batch: {plan.global_tokens:,} tokens = {global_sequences} sequences x "
         f"{plan.seq_len} tokens (fixed)",
         f"per rank: {plan.sequences_per_rank} sequences on each of {plan.world_size} rank(s) "
-        f"({plan.sharding})",
+        f"({plan.strategy})",
         f"micro-batch: {plan.micro_batch_size} sequences x {plan.num_micro_steps} micro-steps",
         f"activation checkpointing: {plan.activation_checkpointing}{every}; loss: {chunk}",
         f"predicted peak: {format_bytes(plan.predicted_peak_bytes)} of a "
@@ -233,7 +233,7 @@ def describe_plan(plan: MemoryPlan) -> list[str]:
 
 def describe_wrapper(plan: MemoryPlan) -> list[str]:
     """What the wrapper changes against one unwrapped rank, term by term, and its traffic."""
-    if plan.sharding == "fsdp":
+    if plan.strategy == "fsdp":
         how = (f"FSDP over {plan.world_size} ranks, gradients reduce-scattered on "
                f"{'every' if plan.fsdp_gradient_sync == 'every' else 'the last'} micro-step")
         traffic = ("parameters all-gathered twice per micro-step, gradients reduce-scattered "

@@ -12,7 +12,7 @@ the optimizer state exists, so the peak is the steady state's.
 squares: measured - static = overhead + scale x growing bytes (see memory.py).
 
 With `world_size` > 1 (CPU only: gloo) the probe runs under the real wrapper instead: torchrun
-starts that many ranks, each wraps the model for `sharding` (DDP, or FSDP with its gradient
+starts that many ranks, each wraps the model for `strategy` (DDP, or FSDP with its gradient
 sync) and steps its own micro-batches, and the result is the largest rank's peak. The planner
 probes one unwrapped process (search.py says why), except for FSDP on CPU, which it probes this
 way; benchmarks/bench_memory.py measures the wrapper's terms with this.
@@ -57,7 +57,7 @@ class ProbeRequest:
     task: str = "lm"
     trust_remote_code: bool = False
     world_size: int = 1         # > 1: under the wrapper, on that many gloo ranks (torchrun)
-    sharding: str = "ddp"
+    strategy: str = "ddp"
     gradient_sync: str = "last"
     # The model's adapters, as [model] says them (adapter, lora_rank, ...); empty: none.
     adapter: tuple[tuple[str, Any], ...] = ()
@@ -157,7 +157,7 @@ def measure(request: ProbeRequest) -> ProbeResult:
 
         model = apply_adapter(model, ModelConfig(**dict(request.adapter)),
                               task_named(request.task).model_head)
-    model = parallelize(model, request.sharding, device, info, precision=request.precision,
+    model = parallelize(model, request.strategy, device, info, precision=request.precision,
                         fsdp_gradient_sync=request.gradient_sync)
     # After FSDP's sharding; the run's own optimizer, whose state is what the plan must hold.
     optimizer = build_optimizer(model, OptimConfig(**dict(request.optimizer)), device)

@@ -116,7 +116,7 @@ class MemoryPlan:
     seq_len: int
     world_size: int
     sequences_per_rank: int
-    sharding: str
+    strategy: str
     allreduce_bytes_per_step: int
     device: str
     candidates: list[dict] = field(default_factory=list)
@@ -146,9 +146,9 @@ def tactics_for(mode: str, every: int, chunk_tokens: int, seq_len: int,
     return list(dict.fromkeys(tactics))  # chunking already on: the last two are one
 
 
-def sync_choices(sharding: str, world_size: int, configured: str) -> tuple[str, ...]:
+def sync_choices(strategy: str, world_size: int, configured: str) -> tuple[str, ...]:
     """The FSDP gradient syncs the search may try: both for "auto" under FSDP, else one."""
-    if sharding != "fsdp" or world_size <= 1:
+    if strategy != "fsdp" or world_size <= 1:
         return ("last",)
     return ("last", "every") if configured == "auto" else (configured,)
 
@@ -171,7 +171,7 @@ def _probed(setup: Setup, per_rank: int, wrapped: bool = False) -> Setup:
     steps = probe_micro_steps(setup.micro_batch_size, per_rank)
     if wrapped:
         return replace(setup, num_micro_steps=steps)
-    return replace(setup, world_size=1, sharding="ddp", gradient_sync="last",
+    return replace(setup, world_size=1, strategy="ddp", gradient_sync="last",
                    num_micro_steps=steps)
 
 
@@ -199,7 +199,7 @@ def search_tactic(dims: ModelDims, base: Setup, tactic: Tactic, sizes: list[int]
     candidates = {size: Candidate(size, predict(size), wrapper_bytes=static_bytes(
         dims, setup(size)) - static_bytes(dims, _probed(setup(size), per_rank, wrapped)))
                   for size in sizes}
-    wrapper = (dict(world_size=base.world_size, sharding=base.sharding,
+    wrapper = (dict(world_size=base.world_size, strategy=base.strategy,
                     gradient_sync=tactic.gradient_sync, num_steps=WRAPPED_PROBE_STEPS)
                if wrapped else {})
 
@@ -246,13 +246,13 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
                        device: str = "cpu", allocator: str = "tuned",
                        probe: ProbeFn = run_probe, gradient_sync: str = "auto",
                        wrapped_probe: bool = False) -> MemoryPlan:
-    """The plan for one rank; `base` carries precision, optimizer, world size, sharding, data;
+    """The plan for one rank; `base` carries precision, optimizer, world size, strategy, data;
     `gradient_sync` is `parallel.fsdp_gradient_sync`; `wrapped_probe` probes under the wrapper
     on `base.world_size` ranks (module docstring)."""
     per_rank = sequences_per_rank(global_tokens, dims.seq_len, base.world_size)
     sizes = divisors(per_rank, per_rank)
-    sharded = base.sharding == "fsdp" and base.world_size > 1
-    syncs = sync_choices(base.sharding, base.world_size, gradient_sync)
+    sharded = base.strategy == "fsdp" and base.world_size > 1
+    syncs = sync_choices(base.strategy, base.world_size, gradient_sync)
     tried, failed = [], []
     smallest_need = None
     for tactic in tactics_for(mode, checkpoint_every, loss_chunk_tokens, dims.seq_len, syncs):
@@ -280,9 +280,9 @@ def choose_micro_batch(dims: ModelDims, base: Setup, *, global_tokens: int, mode
             predicted_peak_bytes=estimate.total, budget_bytes=budget,
             components=estimate.components(), calibration=asdict(calibration),
             global_tokens=global_tokens, seq_len=dims.seq_len, world_size=base.world_size,
-            sequences_per_rank=per_rank, sharding=base.sharding,
+            sequences_per_rank=per_rank, strategy=base.strategy,
             allreduce_bytes_per_step=allreduce_bytes_per_step(
-                dims, base.world_size, base.sharding, setup.num_micro_steps, base.precision,
+                dims, base.world_size, base.strategy, setup.num_micro_steps, base.precision,
                 tactic.gradient_sync),
             device=device, candidates=[asdict(c) for c in candidates], tactics_tried=tried,
             fsdp_gradient_sync=tactic.gradient_sync,

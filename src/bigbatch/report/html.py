@@ -74,8 +74,11 @@ def _plan_details(run: RunData) -> str:
     from bigbatch.planning.planner import describe_plan
     from bigbatch.planning.search import MemoryPlan
 
+    fields = dict(run.plan)
+    if "sharding" in fields:  # plan.json written before the DDP/FSDP choice was one name
+        fields["strategy"] = fields.pop("sharding")
     try:  # plan.json of another bigbatch version may not fit today's MemoryPlan
-        lines = describe_plan(MemoryPlan(**run.plan))
+        lines = describe_plan(MemoryPlan(**fields))
     except (TypeError, KeyError, ValueError):
         return ""
     return (f"<details><summary>Memory plan (plan.json)</summary><pre>"
