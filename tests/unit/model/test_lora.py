@@ -155,7 +155,7 @@ def test_lora_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_overrides
     """3 steps, a stop with a checkpoint, and a resume equal 6 straight steps: every metric row
     and the saved (merged) weights, bit for bit, with dropout on. The checkpoint holds the
     adapters only: the frozen base is rebuilt as the run built it."""
-    from test_resume import StopAfter
+    from small_runs import StopAfter
 
     args = [*LORA, "--model.lora_dropout=0.1"]
     straight = train(small_config(tiny_overrides, *args), tmp_path / "straight", verbose=False)

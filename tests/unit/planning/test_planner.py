@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,8 @@ from bigbatch.errors import UsageError
 from bigbatch.planning.memory import Calibration, ModelDims, Setup, estimate_memory
 from bigbatch.planning.probe import ProbeResult
 from bigbatch.planning.search import PEAK_HEADROOM, choose_micro_batch
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DIMS = ModelDims(vocab_size=4096, seq_len=64, n_layer=2, d_model=64, n_head=2)
 TRUE = Calibration(overhead_bytes=300 * 2**20, activation_scale=1.3)  # >= the default
 

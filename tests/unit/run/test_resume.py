@@ -9,25 +9,8 @@ import pytest
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT
 from bigbatch.run.checkpoint import list_checkpoints, verify_checkpoint
-from bigbatch.run.preemption import Preemption
 from bigbatch.run.train import train
-from small_runs import metric_rows, small_config
-
-
-class StopAfter(Preemption):
-    """Stands in for a SIGTERM arriving during optimizer step `step`: fit() asks once per step
-    whether to stop, after that step's checkpoint hook."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step, self.asked = step, 0
-
-    @property
-    def requested(self) -> bool:
-        self.asked += 1
-        if self.asked >= self.step:
-            self.signal = signal.SIGTERM
-        return self.signal is not None
+from small_runs import StopAfter, metric_rows, small_config
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
