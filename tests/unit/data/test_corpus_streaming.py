@@ -192,6 +192,7 @@ def child_prepare(cfg: DataConfig, pieces=(1 << 16, 1 << 16, 1 << 18)) -> subpro
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # a child process killed mid-preparation
 def test_killed_preparation_is_never_loaded_and_resumes_to_the_same_cache(tmp_path, capfd):
     root = corpus_of(tmp_path / "corpus", 3_000_000)
     cfg = DataConfig(path=str(root), vocab_size=300, cache_dir=str(tmp_path / "killed"),
@@ -226,6 +227,7 @@ def test_killed_preparation_is_never_loaded_and_resumes_to_the_same_cache(tmp_pa
     assert 0.75 * 2**20 < sample < 1.25 * 2**20
 
 
+@pytest.mark.slow  # child processes preparing two corpora
 def test_peak_memory_of_a_10x_larger_corpus_grows_less_than_20_percent(tmp_path):
     """Same batch, shard and BPE-sample sizes, 1 MB against 10 MB of text: with memory that
     grows with the corpus (the old lists of ids: ~150 B a token) the large one would need
@@ -242,6 +244,7 @@ def test_peak_memory_of_a_10x_larger_corpus_grows_less_than_20_percent(tmp_path)
     assert peaks["large"] < 1.2 * peaks["small"], peaks
 
 
+@pytest.mark.slow  # torchrun: 2 ranks
 def test_two_ranks_on_a_cold_cache_prepare_it_once_and_read_the_same_corpus(tmp_path):
     """Under torchrun every rank asks for the corpus at once; the cache's lock lets one of them
     prepare it (in its child process) while the other waits, and both read the same tokens an

@@ -113,6 +113,7 @@ def test_cli_budget_too_small_exits_2_with_one_line(tiny_overrides):
     assert "batch.memory_budget" in done.stderr and "needs about" in done.stderr
 
 
+@pytest.mark.slow  # a run whose planner probes in child processes
 def test_auto_run_stays_under_its_budget(shakespeare, tmp_path):
     """A real run, first on its data: it tokenizes (in a child process), the planner probes,
     writes plan.json, and the run's own peak RSS fits the budget, under the default (tuned)

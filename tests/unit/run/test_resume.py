@@ -13,6 +13,7 @@ from bigbatch.run.train import train
 from small_runs import StopAfter, metric_rows, small_config
 
 
+@pytest.mark.slow  # three training runs
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_overrides, dtype):
     """Invariant: 3 steps, a stop with a checkpoint, and a resume into freshly built objects give
@@ -76,6 +77,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_the_good_checkpoint_intact(
     assert all(row["grad_norm"] != row["grad_norm"] for row in rows[2:])  # NaN
 
 
+@pytest.mark.slow  # training runs
 def test_a_new_run_into_a_used_out_is_refused_and_overwrite_replaces_it(tmp_path,
                                                                          tiny_overrides):
     """A finished run with no checkpoint (none was due) still holds a run: a second run into
