@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench lint clean gpu-check gpu-wheels
+.PHONY: train test test-fast bench lint clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
 		>/dev/null || true
 	$(PY) -m pytest -q
+
+# The tests not marked slow (no torchrun, compile, browser or run of more than a few steps):
+# under 2 minutes on a 2-core CPU. tests/README.md says what is slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the CUDA path proven on a GPU, from a source checkout, in under 8 minutes.
 #
-#   1. the CUDA tests (tests/test_cuda.py, pytest -m cuda)
+#   1. the CUDA tests (tests/integration/test_cuda.py, pytest -m cuda)
 #   2. a short bf16 and a short fp16 `bigbatch train` on the GPU
 #   3. `bigbatch plan` of the default recipe with batch.micro_batch_size = "auto" on the GPU
 #   4. the training benchmark's GPU rows (benchmarks/bench_gpu.py -> BENCHMARKS.md, bench_gpu)
@@ -33,7 +33,7 @@ began=$SECONDS
 step() { echo; echo "== gpu-check $1 ($((SECONDS - began)) s so far)"; }
 
 step "1/4: CUDA tests"
-"$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py
+"$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/integration/test_cuda.py
 
 short_train() {  # a tiny GPT on the embedded corpus, 20 optimizer steps of 8,192 tokens
     "$PY" -m bigbatch train configs/tiny.toml --train.device=cuda --precision.dtype="$1" \

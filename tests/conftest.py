@@ -1,4 +1,5 @@
-"""Shared fixtures: the shared data beside the project, and one token cache per test session."""
+"""Shared fixtures: the shared data beside the project, and one token cache per test session;
+the slow mark for every test under tests/integration/ (tests/README.md says where tests go)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,16 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.cuda` tests run where torch sees a GPU and skip, saying why, elsewhere."""
+    """Every test under tests/integration/ is slow (`make test-fast` leaves them out), without a
+    mark in each file. `@pytest.mark.cuda` tests run where torch sees a GPU and skip, saying why,
+    elsewhere."""
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.slow)
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if not marked:
         return

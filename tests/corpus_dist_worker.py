@@ -1,4 +1,4 @@
-"""Worker for tests/test_corpus_streaming.py, launched on 2 CPU ranks by
+"""Worker for tests/unit/data/test_corpus_streaming.py, launched on 2 CPU ranks by
 `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/corpus_dist_worker.py
 DATA_JSON OUT_DIR`: every rank loads the corpus through the training run's own call site
 (`run.load_corpus`) on a cold cache and writes a digest of what it got to OUT_DIR/rankN.json.

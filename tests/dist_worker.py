@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py, launched on 2 CPU ranks by
+"""Worker for tests/integration/test_distributed.py, launched on 2 CPU ranks by
 `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT.pt`.
 
 For each scenario (strategy, k micro-steps per rank, clipping) every rank takes its contiguous

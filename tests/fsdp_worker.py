@@ -1,4 +1,4 @@
-"""Worker for tests/test_fsdp_sharding.py, launched on 2 CPU ranks by
+"""Worker for tests/integration/test_fsdp_sharding.py, launched on 2 CPU ranks by
 `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUT.pt`.
 
 For each case it builds a model (tiny Hugging Face GPT-2 and Llama from configs, or the built-in

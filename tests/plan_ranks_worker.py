@@ -1,4 +1,4 @@
-"""Worker for tests/test_planner_wrapper.py, on 2 gloo ranks:
+"""Worker for tests/unit/planning/test_planner_wrapper.py, on 2 gloo ranks:
 `torchrun --standalone --nproc_per_node 2 tests/plan_ranks_worker.py OUT.json`.
 
 Every rank plans a tiny GPT under FSDP with `batch.micro_batch_size = "auto"` as a run does

@@ -1,4 +1,4 @@
-"""Worker for tests/test_multiprocess_survival.py, on 2 gloo ranks:
+"""Worker for tests/integration/test_multiprocess_survival.py, on 2 gloo ranks:
 `torchrun --standalone --nproc_per_node 2 tests/rank_agreement_worker.py RUN_DIR OUT.json`.
 
 RUN_DIR holds two intact checkpoints. Every rank resumes through `agree_on_resume_checkpoint`

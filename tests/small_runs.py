@@ -1,4 +1,5 @@
-"""Helpers for the fault-tolerance tests: a very small model on tinyshakespeare, and its metrics.
+"""Helpers for the fault-tolerance tests: a very small model on tinyshakespeare, its metrics, and
+a stand-in for a SIGTERM at a chosen step (`StopAfter`).
 
 4 micro-steps of 8 x 64 tokens per optimizer step (k > 1), dropout on so that a resume which
 forgot the random state would diverge, warmup shorter than the run so the LR changes every step.
@@ -7,11 +8,13 @@ forgot the random state would diverge, warmup shorter than the run so the LR cha
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
 from bigbatch.config.files import load_config
 from bigbatch.config.sections import Config
+from bigbatch.run.preemption import Preemption
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny.toml"
@@ -40,3 +43,19 @@ def metric_rows(run_dir: Path) -> list[dict]:
     """Every metrics.jsonl row, timings removed."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+class StopAfter(Preemption):
+    """Stands in for a SIGTERM arriving during optimizer step `step`: fit() asks once per step
+    whether to stop, after that step's checkpoint hook."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.asked = step, 0
+
+    @property
+    def requested(self) -> bool:
+        self.asked += 1
+        if self.asked >= self.step:
+            self.signal = signal.SIGTERM
+        return self.signal is not None

@@ -9,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,8 @@ from bigbatch.errors import UsageError
 from bigbatch.planning.memory import Calibration, ModelDims, Setup, estimate_memory
 from bigbatch.planning.probe import ProbeResult
 from bigbatch.planning.search import PEAK_HEADROOM, choose_micro_batch
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DIMS = ModelDims(vocab_size=4096, seq_len=64, n_layer=2, d_model=64, n_head=2)
 TRUE = Calibration(overhead_bytes=300 * 2**20, activation_scale=1.3)  # >= the default
 
@@ -115,6 +114,7 @@ def test_cli_budget_too_small_exits_2_with_one_line(tiny_overrides):
     assert "batch.memory_budget" in done.stderr and "needs about" in done.stderr
 
 
+@pytest.mark.slow  # a run whose planner probes in child processes
 def test_auto_run_stays_under_its_budget(shakespeare, tmp_path):
     """A real run, first on its data: it tokenizes (in a child process), the planner probes,
     writes plan.json, and the run's own peak RSS fits the budget, under the default (tuned)

@@ -9,27 +9,11 @@ import pytest
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT
 from bigbatch.run.checkpoint_files import list_checkpoints, verify_checkpoint
-from bigbatch.run.preemption import Preemption
 from bigbatch.run.train import train
-from small_runs import metric_rows, small_config
+from small_runs import StopAfter, metric_rows, small_config
 
 
-class StopAfter(Preemption):
-    """Stands in for a SIGTERM arriving during optimizer step `step`: fit() asks once per step
-    whether to stop, after that step's checkpoint hook."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step, self.asked = step, 0
-
-    @property
-    def requested(self) -> bool:
-        self.asked += 1
-        if self.asked >= self.step:
-            self.signal = signal.SIGTERM
-        return self.signal is not None
-
-
+@pytest.mark.slow  # three training runs
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_overrides, dtype):
     """Invariant: 3 steps, a stop with a checkpoint, and a resume into freshly built objects give
@@ -93,6 +77,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_the_good_checkpoint_intact(
     assert all(row["grad_norm"] != row["grad_norm"] for row in rows[2:])  # NaN
 
 
+@pytest.mark.slow  # training runs
 def test_a_new_run_into_a_used_out_is_refused_and_overwrite_replaces_it(tmp_path,
                                                                          tiny_overrides):
     """A finished run with no checkpoint (none was due) still holds a run: a second run into

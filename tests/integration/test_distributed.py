@@ -34,9 +34,9 @@ from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.errors import UsageError
 from bigbatch.parallel.launch import torchrun_command, without_flag
 from bigbatch.parallel.process_group import SINGLE_PROCESS
+from conftest import ROOT
 from dist_worker import SCENARIOS, Scenario, eval_batches, make_problem
 
-ROOT = Path(__file__).resolve().parents[1]
 FP32 = make_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu"))
 
 

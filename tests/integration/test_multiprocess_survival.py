@@ -272,8 +272,9 @@ def run_two_nodes(namespaces: list[str], run_id: str, entry: list[str], *torchru
 @pytest.mark.slow  # 20-70 s each here: 2-3 torchrun launches
 def test_two_nodes_equal_one_process(two_hosts, tmp_path, tiny_overrides):
     """The README's multi-node command on two namespaces, without dropout, against one process
-    over the same samples. Equal within fp32 rounding (tests/test_distributed.py explains the
-    bound); SGD, which unlike Adam does not normalise rounding noise into full-size steps."""
+    over the same samples. Equal within fp32 rounding (tests/integration/test_distributed.py
+    explains the bound); SGD, which unlike Adam does not normalise rounding noise into full-size
+    steps."""
     if isinstance(two_hosts, str):
         pytest.skip(two_hosts)
     settings = [*STEPS, "--model.dropout=0.0", "--precision.dtype=fp32", "--optim.name=sgd",

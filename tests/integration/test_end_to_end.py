@@ -28,10 +28,11 @@ from bigbatch.data.corpus import prepare_corpus
 from bigbatch.engine.precision import with_resolved_dtype
 from bigbatch.optim.schedule import learning_rate
 from bigbatch.tasks.lm.wiring import unigram_baseline
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
+TINY = str(ROOT / "configs" / "tiny.toml")
 STEP_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "micro_batch_size",
              "num_micro_steps"}
 

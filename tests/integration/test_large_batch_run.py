@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 
 from bigbatch.run.train import train
-from small_runs import metric_rows, small_config
-from test_resume import StopAfter
+from small_runs import StopAfter, metric_rows, small_config
 
 CASES = {
     "linear ramp, seq-len warmup, lamb": [

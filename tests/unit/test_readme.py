@@ -65,7 +65,9 @@ def test_readme_has_the_two_python_examples():
     assert "bigbatch.train(" in examples[1]
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["own-loop", "notebook"])
+# The notebook example is a whole run (bigbatch.train, 8 steps): slow. The own-loop one: 5 steps.
+@pytest.mark.parametrize("index", [0, pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["own-loop", "notebook"])
 def test_readme_python_example_runs(index, tmp_path, monkeypatch, capsys, cache_dir):
     """Each example runs as written, from the repository root (the notebook's run directory and
     token cache go to temporary folders); what it prints is checked, and its own asserts hold."""

@@ -60,6 +60,7 @@ def test_bad_batch_lists_are_refused(text):
         parse_batches(text)
 
 
+@pytest.mark.slow  # a sweep: two training runs
 def test_a_two_batch_sweep_writes_its_results(tmp_path, tiny_overrides):
     out = tmp_path / "sweep"
     done = subprocess.run(cli_command(

@@ -31,6 +31,7 @@ from bigbatch.planning.memory import (
 from bigbatch.planning.planner import apply_plan, describe_plan, plan_for_config
 from bigbatch.planning.probe import ProbeResult
 from bigbatch.planning.search import PEAK_HEADROOM, choose_micro_batch
+from conftest import ROOT
 
 SMALL = ModelDims(vocab_size=4096, seq_len=64, n_layer=2, d_model=64, n_head=2)
 BIG = ModelDims(vocab_size=32768, seq_len=64, n_layer=4, d_model=512, n_head=8)
@@ -229,9 +230,8 @@ def test_under_torchrun_rank_0_alone_probes_cpu_fsdp_for_every_rank(tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     out = tmp_path / "reports.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(root / "tests" / "plan_ranks_worker.py"),

@@ -19,6 +19,7 @@ from bigbatch.engine.precision import Precision
 from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.errors import UsageError
 from bigbatch.planning.memory import ModelDims, Setup, logits_bytes
+from conftest import ROOT
 
 # The same small float64 model and micro-batch (with masked targets) as the chunked loss's tests.
 from test_chunked_loss import _model_and_batch  # noqa: E402
@@ -74,6 +75,7 @@ def test_a_frozen_lm_head_gets_no_gradient_and_the_rest_the_standard_ones(monkey
     assert set(got) == set(want) and _max_relative_error(got, want) <= 1e-12
 
 
+@pytest.mark.slow  # inductor compiles the chunk function
 def test_compiled_kernel_equals_the_eager_one_in_float64():
     """The product path: the chunk function compiled (inductor) gives the standard gradients;
     its compile time is recorded."""
@@ -148,6 +150,7 @@ def test_memory_model_fused_logits_term():
     assert logits_bytes(dims, Setup(32, precision="bf16", loss_kernel="fused")) > fused
 
 
+@pytest.mark.slow  # torchrun: a 1- and a 2-rank run
 def test_two_ddp_ranks_with_the_fused_kernel_equal_one_process(tiny_overrides, tmp_path):
     """`bigbatch train --nproc 2` with the fused kernel: its gradients come from the kernel's
     backward, outside the model's forward, and DDP must still reduce them once per step.
@@ -156,11 +159,10 @@ def test_two_ddp_ranks_with_the_fused_kernel_equal_one_process(tiny_overrides, t
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"

@@ -150,11 +150,12 @@ def test_lora_settings_are_checked():
                       ModelConfig(adapter="lora", lora_targets=("qkv", "nowhere")), "causal-lm")
 
 
+@pytest.mark.slow  # three training runs
 def test_lora_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_overrides, tmp_path):
     """3 steps, a stop with a checkpoint, and a resume equal 6 straight steps: every metric row
     and the saved (merged) weights, bit for bit, with dropout on. The checkpoint holds the
     adapters only: the frozen base is rebuilt as the run built it."""
-    from test_resume import StopAfter
+    from small_runs import StopAfter
 
     args = [*LORA, "--model.lora_dropout=0.1"]
     straight = train(small_config(tiny_overrides, *args), tmp_path / "straight", verbose=False)
@@ -175,6 +176,7 @@ def test_lora_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_overrides
     assert "trainable" in (straight.out_dir / "report.html").read_text()
 
 
+@pytest.mark.slow  # torchrun: a 1- and a 2-rank run
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lora_on_two_ranks_equals_one_process(tiny_overrides, tmp_path, strategy):
     """`bigbatch train --nproc 2` (gloo) with LoRA: the logged losses and the final weights
@@ -214,6 +216,7 @@ def tiny_pretrained_bert(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # a training run, then export
 def test_exported_adapter_reloads_in_peft_and_merges_to_the_same_logits(tiny_pretrained_bert,
                                                                        tmp_path):
     """A LoRA classification run of a tiny BERT; its export (the adapter directory) loaded by

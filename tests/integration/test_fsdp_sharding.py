@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +25,9 @@ from bigbatch.config.sections import PrecisionConfig  # noqa: E402
 from bigbatch.engine.precision import make_precision  # noqa: E402
 from bigbatch.engine.step import train_step  # noqa: E402
 from bigbatch.parallel.wrap import transformer_layers  # noqa: E402
+from conftest import ROOT
 from fsdp_worker import CASES, Case, build_model, make_problem  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BY_NAME = {case.name: case for case in CASES}
 
 

@@ -12,10 +12,10 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from bigbatch.run.train import train  # noqa: E402
-from small_runs import metric_rows, small_config  # noqa: E402
-from test_resume import StopAfter  # noqa: E402
+from conftest import SHARED  # noqa: E402
+from small_runs import StopAfter, metric_rows, small_config  # noqa: E402
 
-GPT2_BPE = Path(__file__).resolve().parents[2] / "shared" / "models" / "gpt2-bpe"
+GPT2_BPE = SHARED / "models" / "gpt2-bpe"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import ast
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import tomllib
@@ -21,8 +20,8 @@ from bigbatch.batch import plan_batch
 from bigbatch.cli import main
 from bigbatch.config.files import config_from_dict, config_to_toml, load_config
 from bigbatch.config.sections import Config
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.toml")
 RECIPES = sorted((ROOT / "configs").glob("*.toml"))
 

@@ -101,6 +101,7 @@ def wandb_log(log_file: Path) -> dict:
             "id": run_id}
 
 
+@pytest.mark.slow  # tracked_run: a training run into W&B and MLflow
 def test_wandb_offline_run_holds_every_metric_row(tracked_run):
     """Every scalar of every metrics.jsonl row is in the offline run's history at its step (rows
     of one step, training and evaluation, merge into W&B's one row for that step)."""
@@ -127,6 +128,7 @@ def mlflow_run(run_dir: Path, monkeypatch):
     return client, run
 
 
+@pytest.mark.slow  # tracked_run: a training run into W&B and MLflow
 def test_mlflow_file_store_holds_every_metric_row(tracked_run, monkeypatch):
     """Each metric's history is exactly the (step, value) pairs of the rows holding it."""
     client, run = mlflow_run(tracked_run, monkeypatch)
@@ -146,6 +148,7 @@ def test_mlflow_file_store_holds_every_metric_row(tracked_run, monkeypatch):
     assert not (tracked_run / "tensorboard").exists()  # not named, so not written
 
 
+@pytest.mark.slow  # a training run
 def test_no_trackers_leaves_metrics_jsonl_only(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     train(small_config(tiny_overrides, "--train.max_steps=2", "--train.trackers=[]"), out,
@@ -166,6 +169,7 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in events.Tags()["scalars"] if tag not in TIMINGS}
 
 
+@pytest.mark.slow  # three training runs
 def test_a_resumed_run_continues_its_tracker_runs_with_each_step_once(tmp_path, tiny_overrides,
                                                                       monkeypatch):
     """A run killed after step 5 with its last checkpoint at step 4, then resumed, leaves what
@@ -173,7 +177,7 @@ def test_a_resumed_run_continues_its_tracker_runs_with_each_step_once(tmp_path, 
     run's; W&B attempts with one run id whose histories together hold each step once, as the
     straight run's; TensorBoard scalars (its reader honours the purge) equal the straight
     run's. Timings aside, the runs are bit-identical on CPU (test_resume.py)."""
-    from test_resume import StopAfter
+    from small_runs import StopAfter
 
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "MLFLOW_TRACKING_URI",
                  "MLFLOW_EXPERIMENT_NAME"):

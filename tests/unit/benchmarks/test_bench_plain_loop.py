@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
-PLAIN_LOOP = Path(__file__).resolve().parent.parent / "benchmarks" / "plain_loop.py"
+from conftest import ROOT
+
+PLAIN_LOOP = ROOT / "benchmarks" / "plain_loop.py"
 
 
 def test_plain_loop_takes_a_step_at_the_uniform_loss():

@@ -24,8 +24,8 @@ from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.token_files import LLMC_MAGIC
 from bigbatch.data.tokenizer import eot_id, load_tokenizer_dir
 from bigbatch.errors import UsageError
+from conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 GPT2 = str(SHARED / "models/gpt2-bpe")
 NUM_VAL = 6  # texts a layout itself holds out (DatasetDict "validation", val.bin)
 
