@@ -93,11 +93,11 @@ print("LOAD_S", loaded - began, "MAP_S", time.perf_counter() - loaded, "ROWS", l
 LOADER = """
 import json, sys, time
 import numpy as np
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.config.sections import DataConfig
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.loader import TokenLoader
-plan = plan_batch(global_tokens=256 * 16 * 4, seq_len=256, micro_batch_size=16, world_size=1)
+plan = split_batch(global_tokens=256 * 16 * 4, seq_len=256, micro_batch_size=16, world_size=1)
 loaders = {name: TokenLoader(prepare_corpus(DataConfig(**cfg)).train_tokens, 0, plan, 0, 1)
            for name, cfg in json.loads(sys.argv[1]).items()}
 times = {name: [] for name in loaders}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.data.loader import TokenLoader
 from common import machine_description, others_during, timed_lines, today, write_section
 
@@ -58,7 +58,7 @@ def token_file(text_gb: float, directory: Path, eot: int | None = None) -> Path:
 
 
 def measure(sizes: list[float], directory: Path) -> list[str]:
-    plan = plan_batch(global_tokens=256 * 16 * 4, seq_len=256, micro_batch_size=16,
+    plan = split_batch(global_tokens=256 * 16 * 4, seq_len=256, micro_batch_size=16,
                       world_size=1)
     loaders, starts = {}, {}
     for size in sizes:

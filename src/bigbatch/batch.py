@@ -5,7 +5,7 @@ inputs, `IGNORE_INDEX`, and the one batch arithmetic.
 
 `global_tokens` is the product's one way to say the batch; `micro_batch_size` is the memory knob;
 `num_micro_steps` (gradient accumulation steps per optimizer step) follows and must be whole.
-`plan_batch` derives and checks it, and `sequences_per_rank` the per-rank batch it divides: the
+`split_batch` derives and checks it, and `sequences_per_rank` the per-rank batch it divides: the
 planner, `verify`, rank advice and `bigbatch config` all ask these two, never their own copy.
 
 A batch is anything with `num_targets()` (what its loss sum is divided by, summed over the
@@ -72,7 +72,7 @@ class MicroBatch:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSplit:
     """A step of the full batch: its tokens, and how they split into micro-steps and ranks."""
 
     global_tokens: int
@@ -102,7 +102,7 @@ class BatchPlan:
 @dataclass(frozen=True)
 class StepShape:
     """What one optimizer step looks like (under a batch ramp or sequence-length warmup it
-    differs from the full `BatchPlan`)."""
+    differs from the full `BatchSplit`)."""
 
     global_tokens: int      # the step's global batch
     num_micro_steps: int    # per rank
@@ -126,12 +126,12 @@ def sequences_per_rank(global_tokens: int, seq_len: int, world_size: int) -> int
     return global_tokens // row_tokens
 
 
-def plan_batch(global_tokens: int, seq_len: int, micro_batch_size: int,
-               world_size: int = 1) -> BatchPlan:
+def split_batch(global_tokens: int, seq_len: int, micro_batch_size: int,
+               world_size: int = 1) -> BatchSplit:
     """Derive the number of micro-steps, or explain which nearby batches would divide."""
     tokens_per_micro_step = seq_len * micro_batch_size * world_size
     if global_tokens % tokens_per_micro_step == 0:
-        return BatchPlan(global_tokens, seq_len, micro_batch_size, world_size,
+        return BatchSplit(global_tokens, seq_len, micro_batch_size, world_size,
                          global_tokens // tokens_per_micro_step)
     below = global_tokens // tokens_per_micro_step * tokens_per_micro_step
     above = below + tokens_per_micro_step

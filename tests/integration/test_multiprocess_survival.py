@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.engine.batch_schedule import build_batch_schedule
 from bigbatch.engine.loop import TrainState, previous_micro_steps
 from bigbatch.engine.seeding import seed_everything
@@ -172,12 +172,12 @@ def test_an_auto_ramp_resumed_at_another_world_size_keeps_its_batch(tiny_overrid
     state = TrainState()
     state.load_state_dict({**TrainState(batch_tokens=6 * 1024).state_dict(), "micro_steps": 6})
     for world_size, expected in ((2, 6144), (1, 6144), (4, 6144)):
-        plan = plan_batch(8192, 64, 8, world_size)
+        plan = split_batch(8192, 64, 8, world_size)
         schedule = build_batch_schedule(cfg, plan)
         steps = previous_micro_steps(state, schedule)
         assert schedule.shape(state.tokens_seen, None, steps).global_tokens == expected
     state.batch_tokens = 5 * 1024  # 2.5 micro-steps of 4 ranks x 8 x 64
-    schedule = build_batch_schedule(cfg, plan_batch(8192, 64, 8, 4))
+    schedule = build_batch_schedule(cfg, split_batch(8192, 64, 8, 4))
     assert schedule.shape(0, None, previous_micro_steps(state, schedule)).global_tokens == 6144
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigbatch.batch import IGNORE_INDEX, BatchPlan, MicroBatch, StepShape
+from bigbatch.batch import IGNORE_INDEX, BatchSplit, MicroBatch, StepShape
 from bigbatch.data.packing import gather_windows, num_windows
 from bigbatch.data.window_order import WindowOrder
 from bigbatch.errors import UsageError
@@ -71,29 +71,29 @@ def shard_micro_batches(global_batch: np.ndarray, rank: int, world_size: int,
 class TokenLoader:
     """The training stream of one rank: `next_step()` returns its micro-batches for one step."""
 
-    def __init__(self, tokens: np.ndarray, eot_id: int, plan: BatchPlan, rank: int,
+    def __init__(self, tokens: np.ndarray, eot_id: int, split: BatchSplit, rank: int,
                  seed: int) -> None:
-        windows = num_windows(len(tokens), plan.seq_len)
-        if windows < plan.global_sequences:
+        windows = num_windows(len(tokens), split.seq_len)
+        if windows < split.global_sequences:
             raise UsageError(f"the training split holds {windows} sequences of "
-                             f"data.seq_len = {plan.seq_len} tokens, fewer than one global batch "
-                             f"({plan.global_sequences}): lower batch.global_tokens or "
+                             f"data.seq_len = {split.seq_len} tokens, fewer than one global batch "
+                             f"({split.global_sequences}): lower batch.global_tokens or "
                              "data.seq_len, or give more text")
-        self.tokens, self.eot_id, self.plan, self.rank = tokens, eot_id, plan, rank
-        self.sampler = GlobalBatchSampler(windows, plan.global_sequences, seed)
+        self.tokens, self.eot_id, self.split, self.rank = tokens, eot_id, split, rank
+        self.sampler = GlobalBatchSampler(windows, split.global_sequences, seed)
 
     def next_step(self, shape: StepShape | None = None) -> list[MicroBatch]:
         """This rank's micro-batches of the next step: the full batch, or `shape`'s number of
         micro-steps, each full-length window cut into `shape.seq_len`-token sequences."""
-        plan = self.plan
-        num_micro_steps = shape.num_micro_steps if shape else plan.num_micro_steps
+        split = self.split
+        num_micro_steps = shape.num_micro_steps if shape else split.num_micro_steps
         global_batch = self.sampler.next_global_batch(
-            num_micro_steps * plan.micro_batch_size * plan.world_size)
+            num_micro_steps * split.micro_batch_size * split.world_size)
         piece_len = shape.seq_len if shape else None
-        return [MicroBatch(*gather_windows(self.tokens, idx, plan.seq_len, self.eot_id,
+        return [MicroBatch(*gather_windows(self.tokens, idx, split.seq_len, self.eot_id,
                                            piece_len))
-                for idx in shard_micro_batches(global_batch, self.rank, plan.world_size,
-                                               plan.micro_batch_size)]
+                for idx in shard_micro_batches(global_batch, self.rank, split.world_size,
+                                               split.micro_batch_size)]
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

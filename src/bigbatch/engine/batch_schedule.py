@@ -24,14 +24,14 @@ so the two warmups combine without touching each other:
 Training length is counted in tokens (`train.max_steps x batch.global_tokens`), and the LR
 schedule by the tokens at the end of each step (optim/schedule.py), so a ramp changes the
 number of steps but not where warmup and decay fall. Without a ramp both are the plain step
-counts, and every step is the full `BatchPlan`.
+counts, and every step is the full `BatchSplit`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bigbatch.batch import BatchPlan, StepShape
+from bigbatch.batch import BatchSplit, StepShape
 from bigbatch.config.sections import Config
 from bigbatch.errors import UsageError
 
@@ -78,7 +78,7 @@ def warmup_seq_len(tokens_seen: int, start: int, full: int, warmup_tokens: int) 
 
 @dataclass(frozen=True)
 class BatchSchedule:
-    plan: BatchPlan            # the full batch, as planned at start-up
+    full_batch: BatchSplit     # the full batch, as said at start-up
     ramp: str                  # "linear" | "doubling" | "auto"
     ramp_tokens: int
     start_micro_steps: int
@@ -95,12 +95,12 @@ class BatchSchedule:
 
     @property
     def unit_tokens(self) -> int:
-        return self.plan.micro_batch_tokens * self.plan.world_size
+        return self.full_batch.micro_batch_tokens * self.full_batch.world_size
 
     @property
     def total_tokens(self) -> int:
         """The run's training tokens; the last step may end past them (never by a full batch)."""
-        return self.max_steps * self.plan.global_tokens
+        return self.max_steps * self.full_batch.global_tokens
 
     @property
     def ramps_batch(self) -> bool:
@@ -112,7 +112,7 @@ class BatchSchedule:
 
     def shape(self, tokens_seen: int, noise_tokens: float | None = None,
               previous_micro_steps: int = 0, steps_at_batch: int = 0) -> StepShape:
-        full = self.plan.num_micro_steps
+        full = self.full_batch.num_micro_steps
         if self.ramp == "auto":
             steps = auto_micro_steps(noise_tokens, self.unit_tokens, previous_micro_steps,
                                      self.start_micro_steps, full, self.max_growth,
@@ -122,10 +122,10 @@ class BatchSchedule:
                                          self.ramp_tokens)
         else:
             steps = ramp_micro_steps(tokens_seen, self.start_micro_steps, full, self.ramp_tokens)
-        seq_len = warmup_seq_len(tokens_seen, self.seq_len_start, self.plan.seq_len,
+        seq_len = warmup_seq_len(tokens_seen, self.seq_len_start, self.full_batch.seq_len,
                                  self.seq_len_warmup_tokens)
         return StepShape(steps * self.unit_tokens, steps,
-                         self.plan.micro_batch_size * self.plan.seq_len // seq_len, seq_len)
+                         self.full_batch.micro_batch_size * self.full_batch.seq_len // seq_len, seq_len)
 
     def num_steps(self) -> int:
         """Optimizer steps in the run (auto ramp: as if the batch never grew, an upper bound)."""
@@ -139,15 +139,15 @@ class BatchSchedule:
         return steps
 
 
-def build_batch_schedule(cfg: Config, plan: BatchPlan) -> BatchSchedule:
+def build_batch_schedule(cfg: Config, split: BatchSplit) -> BatchSchedule:
     """Check the ramp settings against the planned batch; one-line errors name the key."""
-    unit = plan.micro_batch_tokens * plan.world_size
+    unit = split.micro_batch_tokens * split.world_size
     batch = cfg.batch
     ramping = batch.ramp == "auto" or batch.ramp_tokens > 0
     auto = batch.ramp == "auto"
     # 0 = the smallest start: one micro-step, or for auto the two the noise scale is measured
     # with (the full batch if it is smaller: then auto is a fixed batch that measures nothing)
-    start = batch.ramp_start_tokens or min(2 * unit if auto else unit, plan.global_tokens)
+    start = batch.ramp_start_tokens or min(2 * unit if auto else unit, split.global_tokens)
     if ramping and start % unit:
         raise UsageError(f"batch.ramp_start_tokens = {batch.ramp_start_tokens} is not a whole "
                          f"number of micro-steps of {unit} tokens (micro_batch_size x seq_len x "
@@ -156,9 +156,9 @@ def build_batch_schedule(cfg: Config, plan: BatchPlan) -> BatchSchedule:
     if auto and batch.ramp_start_tokens and start // unit < 2:
         raise UsageError(f"batch.ramp = \"auto\" measures the noise scale from 2+ micro-steps "
                          f"per step: set batch.ramp_start_tokens to at least {2 * unit}")
-    seq_start = cfg.data.seq_len_start if cfg.data.seq_len_warmup_tokens else plan.seq_len
-    return BatchSchedule(plan, batch.ramp, batch.ramp_tokens,
-                         start // unit if ramping else plan.num_micro_steps, seq_start,
+    seq_start = cfg.data.seq_len_start if cfg.data.seq_len_warmup_tokens else split.seq_len
+    return BatchSchedule(split, batch.ramp, batch.ramp_tokens,
+                         start // unit if ramping else split.num_micro_steps, seq_start,
                          cfg.data.seq_len_warmup_tokens, cfg.train.max_steps,
                          batch.ramp_max_growth, max(1, round(1 / (1 - batch.noise_scale_ema))))
 
@@ -169,16 +169,16 @@ def describe_schedule(schedule: BatchSchedule) -> list[str]:
     unit = schedule.unit_tokens
     if schedule.ramp == "auto":
         lines.append(f"batch ramp: auto, from {schedule.start_micro_steps * unit:,} tokens "
-                     f"towards the measured noise scale, at most {schedule.plan.global_tokens:,}"
+                     f"towards the measured noise scale, at most {schedule.full_batch.global_tokens:,}"
                      f", by whole factors up to {schedule.max_growth}x at most once per "
                      f"{schedule.hold_steps} steps")
     elif schedule.ramp_tokens:
         lines.append(f"batch ramp: {schedule.ramp}, {schedule.start_micro_steps * unit:,} -> "
-                     f"{schedule.plan.global_tokens:,} tokens over {schedule.ramp_tokens:,} "
+                     f"{schedule.full_batch.global_tokens:,} tokens over {schedule.ramp_tokens:,} "
                      f"tokens, in steps of {unit:,} tokens ({schedule.num_steps()} steps)")
     if schedule.seq_len_warmup_tokens:
         lines.append(f"sequence-length warmup: {schedule.seq_len_start} -> "
-                     f"{schedule.plan.seq_len} tokens over {schedule.seq_len_warmup_tokens:,} "
-                     f"tokens (divisors of {schedule.plan.seq_len}; "
-                     f"{schedule.plan.micro_batch_tokens:,} tokens per micro-batch throughout)")
+                     f"{schedule.full_batch.seq_len} tokens over {schedule.seq_len_warmup_tokens:,} "
+                     f"tokens (divisors of {schedule.full_batch.seq_len}; "
+                     f"{schedule.full_batch.micro_batch_tokens:,} tokens per micro-batch throughout)")
     return lines

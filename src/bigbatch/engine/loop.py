@@ -130,7 +130,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
             every `eval_every` steps and at the end: hooks.evaluate (stop at the target)
             hooks.on_step_end(state): checkpoints; stop early if hooks.should_stop()
     """
-    full_tokens, target = schedule.plan.global_tokens, cfg.train.target_val_loss
+    full_tokens, target = schedule.full_batch.global_tokens, cfg.train.target_val_loss
     log, progress = hooks.log, hooks.progress
     if state.step == 0:  # the untrained model's loss: the baseline every curve starts from
         metrics = hooks.evaluate(model)

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.config.files import load_config
 from bigbatch.errors import UsageError
 from bigbatch.tasks import task_of
@@ -116,7 +116,7 @@ def rank_advice(run_dir: Path, world_size: int) -> RankAdvice:
     info = run_dir / "run_info.json"
     run_ranks = json.loads(info.read_text()).get("world_size", 1) if info.is_file() else 1
     micro = cfg.batch.micro_batch_size * cfg.data.seq_len
-    accumulation = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len,
+    accumulation = split_batch(cfg.batch.global_tokens, cfg.data.seq_len,
                               cfg.batch.micro_batch_size, run_ranks).num_micro_steps
     tokens, source, at_least = critical_batch_of_run(run_dir)
     return RankAdvice(world_size, tokens, source, micro, accumulation, at_least)

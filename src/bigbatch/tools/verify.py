@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigbatch.batch import divisors, plan_batch, sequences_per_rank
+from bigbatch.batch import divisors, sequences_per_rank, split_batch
 from bigbatch.config.sections import Config, PrecisionConfig
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.loader import TokenLoader
@@ -152,8 +152,8 @@ def verify_recipe(cfg: Config, max_micro_steps: int = 4, max_micro_batch: int = 
                          f"{cfg.train.task!r}: use model.source = \"gpt\", train.task = \"lm\"")
     cfg = checkable_micro_batch(cfg, 1, max_micro_batch)
     corpus = prepare_corpus(cfg.data)
-    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size)
-    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, rank=0, seed=cfg.train.seed)
+    split = split_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size)
+    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, split, rank=0, seed=cfg.train.seed)
     micro_batches = [mb.first_rows(max_micro_batch) for mb in loader.next_step()[:max_micro_steps]]
     seed_everything(cfg.train.seed)
     dtype = torch.float64 if float64 else torch.float32

@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
-from bigbatch.batch import MicroBatch, plan_batch
+from bigbatch.batch import MicroBatch, split_batch
 from bigbatch.config.sections import Config, PrecisionConfig
 from bigbatch.data.corpus import prepare_corpus
 from bigbatch.data.loader import TokenLoader
@@ -130,9 +130,9 @@ def rank_micro_batches(cfg: Config, tokens, eot_id: int, rank: int, world_size: 
                        max_micro_steps: int, max_micro_batch: int) -> list[MicroBatch]:
     """Rank `rank`'s first-step micro-batches, cut to a size every rank (and the oracle) can hold."""
     cfg = checkable_micro_batch(cfg, world_size, max_micro_batch)
-    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+    split = split_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                       world_size)
-    loader = TokenLoader(tokens, eot_id, plan, rank=rank, seed=cfg.train.seed)
+    loader = TokenLoader(tokens, eot_id, split, rank=rank, seed=cfg.train.seed)
     return [mb.first_rows(max_micro_batch)
             for mb in loader.next_step()[:max_micro_steps]]
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import tomllib
 
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.cli import main
 from bigbatch.config.files import config_from_dict, config_to_toml, load_config
 from bigbatch.config.sections import Config
@@ -94,7 +94,7 @@ def test_indivisible_global_batch_names_the_key_and_valid_neighbours(capsys):
     suggested = [int(t) for t in re.findall(r"global_tokens: (\d+) or (\d+)", message)[0]]
     assert suggested == [6144, 8192]
     for tokens in suggested:  # the advice works
-        assert plan_batch(tokens, 128, 16).num_micro_steps >= 1
+        assert split_batch(tokens, 128, 16).num_micro_steps >= 1
 
 
 def test_indivisible_micro_batch_lists_sizes_that_divide(capsys):
@@ -104,7 +104,7 @@ def test_indivisible_micro_batch_lists_sizes_that_divide(capsys):
     sizes = ast.literal_eval(re.search(r"micro_batch_size in (\[[\d, ]+\])", message).group(1))
     assert 16 in sizes
     for size in sizes:
-        assert plan_batch(8192, 128, size).num_micro_steps == 64 // size
+        assert split_batch(8192, 128, size).num_micro_steps == 64 // size
 
 
 def test_unknown_command_exits_2(capsys):

@@ -25,7 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.data.loader import (
     GlobalBatchSampler,
     TokenLoader,
@@ -85,7 +85,7 @@ def position_loader(num_tokens: int, seq_len: int, micro_batch_size: int, num_mi
     """A loader over tokens whose value is their position (no EOT), so a target names its
     position in the stream."""
     global_tokens = seq_len * micro_batch_size * num_micro_steps * world_size
-    plan = plan_batch(global_tokens, seq_len, micro_batch_size, world_size)
+    plan = split_batch(global_tokens, seq_len, micro_batch_size, world_size)
     return TokenLoader(np.arange(num_tokens, dtype=np.int64), -1, plan, rank=rank, seed=seed)
 
 
@@ -93,7 +93,7 @@ def test_each_token_is_a_target_once_per_epoch_bar_the_remainder():
     num_tokens, seq_len = 1000, 8
     loader = position_loader(num_tokens, seq_len, micro_batch_size=4, num_micro_steps=4)
     windows = num_windows(num_tokens, seq_len)                  # 124
-    steps_per_epoch = windows // loader.plan.global_sequences   # 7, leaving 12 windows over
+    steps_per_epoch = windows // loader.split.global_sequences   # 7, leaving 12 windows over
     for epoch in range(2):
         hits = np.zeros(num_tokens, dtype=np.int64)
         for _ in range(steps_per_epoch):
@@ -104,7 +104,7 @@ def test_each_token_is_a_target_once_per_epoch_bar_the_remainder():
         assert hits.max() == 1
         assert hits[0] == 0  # the first token is never a target
         never = np.flatnonzero(hits[1:] == 0) + 1
-        leftover_windows = windows - steps_per_epoch * loader.plan.global_sequences
+        leftover_windows = windows - steps_per_epoch * loader.split.global_sequences
         tail = num_tokens - 1 - windows * seq_len
         assert len(never) == leftover_windows * seq_len + tail
         # The leftovers are whole windows (plus the tail), not scattered tokens.

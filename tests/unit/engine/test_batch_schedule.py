@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch.batch import IGNORE_INDEX, plan_batch
+from bigbatch.batch import IGNORE_INDEX, split_batch
 from bigbatch.config.files import load_config
 from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.batch_schedule import (
@@ -55,7 +55,7 @@ def walk(schedule, noise=None):
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_ramp_batches_are_whole_micro_steps_growing_to_the_full_batch(world_size):
     cfg = config("--batch.ramp_tokens=30000", "--batch.ramp_start_tokens=512")
-    schedule = build_batch_schedule(cfg, plan_batch(4096, 64, 4, world_size))
+    schedule = build_batch_schedule(cfg, split_batch(4096, 64, 4, world_size))
     unit = 4 * 64 * world_size
     steps = walk(schedule)
     batches = [shape.global_tokens for _, shape in steps]
@@ -100,7 +100,7 @@ def test_auto_ramp_walk_grows_by_whole_factors_after_each_hold(max_growth, full_
     cfg = config("--batch.ramp=auto", "--batch.ramp_start_tokens=512",
                  f"--batch.ramp_max_growth={max_growth}", "--batch.noise_scale_ema=0.8",
                  f"--batch.global_tokens={full_tokens}")
-    schedule = build_batch_schedule(cfg, plan_batch(full_tokens, 64, 4))
+    schedule = build_batch_schedule(cfg, split_batch(full_tokens, 64, 4))
     unit = 4 * 64
     assert schedule.hold_steps == 5
 
@@ -138,7 +138,7 @@ def test_token_counted_schedule_endpoints_match_with_and_without_a_ramp():
     plain = config("--optim.decay=linear")
     ramped = config("--optim.decay=linear", "--batch.ramp_tokens=30000",
                     "--batch.ramp_start_tokens=512")
-    plan = plan_batch(4096, 64, 4)
+    plan = split_batch(4096, 64, 4)
 
     def lrs(cfg):
         return [(tokens + shape.global_tokens, step_learning_rate(
@@ -167,7 +167,7 @@ def test_lr_follows_the_scaling_rule_during_a_ramp():
     cfg = config("--batch.ramp_tokens=30000", "--batch.ramp_start_tokens=512",
                  "--optim.lr_scaling=linear", "--optim.decay=constant",
                  "--optim.warmup_steps=0")
-    for tokens, shape in walk(build_batch_schedule(cfg, plan_batch(4096, 64, 4))):
+    for tokens, shape in walk(build_batch_schedule(cfg, split_batch(4096, 64, 4))):
         lr = step_learning_rate(cfg.optim, batch_tokens=shape.global_tokens,
                                 tokens_end=tokens + shape.global_tokens, full_batch_tokens=4096,
                                 max_steps=20)
@@ -193,7 +193,7 @@ def test_sequence_length_warmup_keeps_tokens_and_targets_and_masks_boundaries():
     tokens[rng.choice(len(tokens), 300, replace=False)] = eot  # many document boundaries
     positions = np.arange(len(tokens))
     cfg = config("--data.seq_len_warmup_tokens=40000", "--data.seq_len_start=8")
-    plan = plan_batch(4096, 64, 4)
+    plan = split_batch(4096, 64, 4)
     schedule = build_batch_schedule(cfg, plan)
     # The stream *positions* through the loader: the same windows, read as positions.
     warm = TokenLoader(positions, -1, plan, rank=0, seed=3)
@@ -220,7 +220,7 @@ def test_sequence_length_warmup_keeps_tokens_and_targets_and_masks_boundaries():
 def test_sampler_resumes_exactly_with_variable_batches():
     cfg = config("--batch.ramp_tokens=60000", "--batch.ramp_start_tokens=256",
                  "--data.seq_len_warmup_tokens=50000", "--data.seq_len_start=16")
-    plan = plan_batch(4096, 64, 4)
+    plan = split_batch(4096, 64, 4)
     steps = walk(build_batch_schedule(cfg, plan))
     data = np.arange(64 * 120 + 1)  # 120 windows: epochs turn over during the run
     original = TokenLoader(data, -1, plan, rank=0, seed=5)
@@ -239,7 +239,7 @@ def test_sampler_resumes_exactly_with_variable_batches():
 ])
 def test_bad_ramp_settings_name_the_key(overrides, key):
     with pytest.raises(UsageError, match=key):
-        build_batch_schedule(config(*overrides), plan_batch(4096, 64, 4))
+        build_batch_schedule(config(*overrides), split_batch(4096, 64, 4))
 
 
 def test_seq_len_start_must_divide_seq_len():

@@ -28,7 +28,7 @@ import sys
 import pytest
 import torch
 
-from bigbatch.batch import MicroBatch, plan_batch
+from bigbatch.batch import MicroBatch, split_batch
 from bigbatch.config.files import load_config
 from bigbatch.config.sections import OptimConfig, PrecisionConfig
 from bigbatch.engine.batch_schedule import build_batch_schedule
@@ -224,7 +224,7 @@ def test_groups_keep_the_ratio_of_their_base_lrs_through_warmup_decay_and_a_ramp
                                "--batch.ramp_tokens=30000", "--batch.ramp_start_tokens=512",
                                "--optim.name=sgd+adamw", "--optim.warmup_steps=4",
                                "--optim.lr_scaling=sqrt", "--optim.decay=cosine"])
-    schedule = build_batch_schedule(cfg, plan_batch(4096, 64, 4))
+    schedule = build_batch_schedule(cfg, split_batch(4096, 64, 4))
     optimizer = build_optimizer(model(), cfg.optim, CPU)
     tokens, micro_steps, seen = 0, 0, []
     while tokens < schedule.total_tokens:

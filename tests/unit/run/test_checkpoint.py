@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.config.sections import CheckpointConfig, Config
 from bigbatch.data.loader import TokenLoader
 from bigbatch.engine.loop import TrainState
@@ -88,7 +88,7 @@ def small_objects(seed: int = 0):
     cfg = Config()
     model = GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.1))
     optimizer = build_optimizer(model, cfg.optim, CPU)
-    plan = plan_batch(global_tokens=16 * 8, seq_len=16, micro_batch_size=4)
+    plan = split_batch(global_tokens=16 * 8, seq_len=16, micro_batch_size=4)
     tokens = np.random.default_rng(0).integers(0, 63, size=4096).astype(np.uint16)
     loader = TokenLoader(tokens, 63, plan, rank=0, seed=1)
     scaler = make_precision(cfg.precision, CPU).scaler

@@ -30,9 +30,9 @@ class Classification:
         return prepare(cfg, ctx)
 
     def describe_batch(self, cfg: Config, world_size: int) -> list[str]:
-        from bigbatch.tasks.classify.batch import sequence_plan
+        from bigbatch.tasks.classify.batch import split_text_batch
 
-        return [sequence_plan(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
+        return [split_text_batch(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
                               cfg.batch.micro_batch_tokens, cfg.data.max_length,
                               world_size).describe()]
 

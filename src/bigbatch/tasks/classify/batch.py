@@ -1,5 +1,5 @@
 """What a classification batch is: labelled token windows (ClassificationBatch) and the
-step's arithmetic in texts (SequencePlan).
+step's arithmetic in texts (TextBatchSplit).
 
 A micro-batch's `num_targets()` is the sum of its windows' weights (1 / the text's window count),
 so train_step's normaliser (the step's total over micro-steps and ranks) makes the loss the exact
@@ -37,7 +37,7 @@ class ClassificationBatch:
 
 
 @dataclass(frozen=True)
-class SequencePlan:
+class TextBatchSplit:
     """The global batch in texts; micro-batches in windows or padded tokens (they vary per step)."""
 
     global_sequences: int
@@ -54,8 +54,8 @@ class SequencePlan:
                 f"rank(s); micro-batches of {size}, grouped by length, padded per micro-batch")
 
 
-def sequence_plan(global_sequences: int, micro_batch_size: int | str, micro_batch_tokens: int,
-                  max_length: int, world_size: int) -> SequencePlan:
+def split_text_batch(global_sequences: int, micro_batch_size: int | str, micro_batch_tokens: int,
+                  max_length: int, world_size: int) -> TextBatchSplit:
     if global_sequences < 1:
         raise UsageError("train.task = \"classify\" needs batch.global_sequences (texts per "
                          "optimizer step), e.g. 256")
@@ -68,5 +68,5 @@ def sequence_plan(global_sequences: int, micro_batch_size: int | str, micro_batc
     if not micro_batch_tokens and not isinstance(micro_batch_size, int):
         raise UsageError(f"batch.micro_batch_size = {micro_batch_size!r}: classification takes a "
                          "number of windows, or batch.micro_batch_tokens")
-    return SequencePlan(global_sequences, 0 if micro_batch_tokens else int(micro_batch_size),
+    return TextBatchSplit(global_sequences, 0 if micro_batch_tokens else int(micro_batch_size),
                         micro_batch_tokens, world_size)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigbatch.batch import plan_batch
+from bigbatch.batch import split_batch
 from bigbatch.config.sections import Config
 from bigbatch.engine.batch_schedule import BatchSchedule
 from bigbatch.engine.loop import TrainState
@@ -39,7 +39,7 @@ from bigbatch.model.hf import (
     parse_source,
 )
 from bigbatch.tasks.base import TaskContext, TaskRun
-from bigbatch.tasks.classify.batch import sequence_plan
+from bigbatch.tasks.classify.batch import split_text_batch
 from bigbatch.tasks.classify.data import (
     ClassificationLoader,
     Windows,
@@ -116,12 +116,12 @@ def noise_applies(train: Windows) -> str | None:
             "are not independent samples")
 
 
-def text_schedule(plan, max_steps: int) -> BatchSchedule:
+def text_schedule(split, max_steps: int) -> BatchSchedule:
     """fit()'s schedule for classification, counted in texts: every step is the full
     `global_sequences` (no ramp), so `tokens` in fit() and the LR schedule are texts, and the run
     is `max_steps` steps. (The real tokens of each step, for tokens/s, come from the loader.)"""
-    per_rank = plan.global_sequences // plan.world_size
-    texts = plan_batch(plan.global_sequences, 1, per_rank, plan.world_size)
+    per_rank = split.global_sequences // split.world_size
+    texts = split_batch(split.global_sequences, 1, per_rank, split.world_size)
     return BatchSchedule(texts, ramp="linear", ramp_tokens=0, start_micro_steps=1,
                          seq_len_start=1, seq_len_warmup_tokens=0, max_steps=max_steps)
 
@@ -139,7 +139,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     dist, device, say = ctx.dist, ctx.device, ctx.say
     if cfg.batch.micro_batch_size == "auto" and not cfg.batch.micro_batch_tokens:
         cfg = ctx.plan_micro_batch(cfg, 0, 0)
-    plan = sequence_plan(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
+    split = split_text_batch(cfg.batch.global_sequences, cfg.batch.micro_batch_size,
                          cfg.batch.micro_batch_tokens, cfg.data.max_length, dist.world_size)
     started = time.perf_counter()
     tokenizer = load_tokenizer(source, cfg.data.tokenizer, cfg.model.trust_remote_code)
@@ -156,10 +156,10 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     seed_rank_streams(cfg.train.seed, dist.rank)
     apply_hf_checkpointing(model, cfg.model.activation_checkpointing, cfg.model.checkpoint_every)
     model = apply_adapter(model, cfg.model, MODEL_HEAD)  # seeded: LoRA's A is drawn at random
-    loader = ClassificationLoader(splits.train, plan.global_sequences, plan.micro_batch_size,
-                                  plan.micro_batch_tokens, dist.rank, dist.world_size,
+    loader = ClassificationLoader(splits.train, split.global_sequences, split.micro_batch_size,
+                                  split.micro_batch_tokens, dist.rank, dist.world_size,
                                   cfg.train.seed)
-    val_batches = eval_batches(splits.val, plan.micro_batch_size, plan.micro_batch_tokens,
+    val_batches = eval_batches(splits.val, split.micro_batch_size, split.micro_batch_tokens,
                                dist.rank, dist.world_size)
     if dist.is_main:
         (ctx.out_dir / "labels.json").write_text(json.dumps(dict(enumerate(splits.labels)),
@@ -184,17 +184,17 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                 f"({splits.val.num_docs} texts, window logits aggregated by "
                 f"{cfg.data.aggregate})",
                 noise_applies(splits.train) or noise_scale_summary(
-                    plan.global_sequences, state.noise.noise_scale, unit="texts"),
+                    split.global_sequences, state.noise.noise_scale, unit="texts"),
                 f"outputs: {ctx.out_dir}/ ("
                 + ("peft adapter (bigbatch export --merge for a plain model)"
                    if is_adapted(model) else "Hugging Face model")
                 + " + tokenizer, labels.json, metrics.jsonl, config.toml)"]
 
     return TaskRun(
-        cfg=cfg, schedule=text_schedule(plan, cfg.train.max_steps), model=model, loader=loader,
+        cfg=cfg, schedule=text_schedule(split, cfg.train.max_steps), model=model, loader=loader,
         start_lines=[describe_hf_model(base_model(model), source),
                                               describe_parameters(model),
-                                              f"batch: {plan.describe()}"],
+                                              f"batch: {split.describe()}"],
         save=save, end_lines=end_lines, loss_sum_fn=classification_loss_sum, evaluate=evaluate,
         measure_noise=noise_applies(splits.train) is None,
         num_parameters=parameter_counts(model)[1],

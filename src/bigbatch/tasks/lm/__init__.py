@@ -28,22 +28,22 @@ class LanguageModelling:
         return prepare(cfg, ctx)
 
     def describe_batch(self, cfg: Config, world_size: int) -> list[str]:
-        from bigbatch.batch import plan_batch
+        from bigbatch.batch import split_batch
         from bigbatch.engine.batch_schedule import build_batch_schedule, describe_schedule
         from bigbatch.optim.schedule import describe_lr_scaling
 
         if cfg.batch.micro_batch_size == "auto":
-            return ["micro_batch_size = \"auto\": `bigbatch plan` shows what training will choose"]
-        plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+            return ["micro_batch_size = \"auto\": `bigbatch split` shows what training will choose"]
+        split = split_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                           world_size)
-        reference = cfg.optim.reference_batch_tokens or plan.global_tokens
-        return [plan.describe(),
+        reference = cfg.optim.reference_batch_tokens or split.global_tokens
+        return [split.describe(),
                 f"num_micro_steps = global_tokens / (micro_batch_size * seq_len * world_size) = "
-                f"{plan.global_tokens} / ({plan.micro_batch_size} * {plan.seq_len} * "
-                f"{plan.world_size}) = {plan.num_micro_steps}",
-                describe_lr_scaling(cfg.optim.lr, cfg.optim.lr_scaling, plan.global_tokens,
+                f"{split.global_tokens} / ({split.micro_batch_size} * {split.seq_len} * "
+                f"{split.world_size}) = {split.num_micro_steps}",
+                describe_lr_scaling(cfg.optim.lr, cfg.optim.lr_scaling, split.global_tokens,
                                     reference),
-                *describe_schedule(build_batch_schedule(cfg, plan))]
+                *describe_schedule(build_batch_schedule(cfg, split))]
 
     def planning_config(self, cfg: Config) -> Config:
         return cfg

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigbatch.batch import IGNORE_INDEX, plan_batch
+from bigbatch.batch import IGNORE_INDEX, split_batch
 from bigbatch.config.sections import Config
 from bigbatch.data.corpus import Corpus, prepare_corpus_in_child
 from bigbatch.data.loader import TokenLoader, eval_micro_batches
@@ -82,21 +82,21 @@ def load_corpus(cfg: Config, dist: DistInfo) -> Corpus:
 
 
 def startup_lines(cfg: Config, schedule: BatchSchedule, model: nn.Module) -> list[str]:
-    plan, base, (_, total) = schedule.plan, base_model(model), parameter_counts(model)
+    split, base, (_, total) = schedule.full_batch, base_model(model), parameter_counts(model)
     return [
         f"model: {cfg.model.source} {total / 1e6:.2f}M parameters"
         if not isinstance(base, GPT) else
         f"model: GPT {total / 1e6:.2f}M parameters ({cfg.model.n_layer} layers,"
         f" d_model {cfg.model.d_model}, {cfg.model.n_head} heads, vocab {base.shape.vocab_size})",
         describe_parameters(model),
-        f"batch: {plan.describe()}",
+        f"batch: {split.describe()}",
         f"schedule: {cfg.train.max_steps} steps = {schedule.total_tokens:,} "
         f"tokens, peak lr {cfg.optim.lr:g} after {cfg.optim.warmup_steps} warmup steps, "
         f"{cfg.optim.decay} decay to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}"
         + (" (counted in tokens, in steps of the full batch)" if schedule.ramps else ""),
         f"optimizer: {cfg.optim.name} | " + describe_lr_scaling(
-            cfg.optim.lr, cfg.optim.lr_scaling, plan.global_tokens,
-            cfg.optim.reference_batch_tokens or plan.global_tokens),
+            cfg.optim.lr, cfg.optim.lr_scaling, split.global_tokens,
+            cfg.optim.reference_batch_tokens or split.global_tokens),
         *describe_schedule(schedule),
     ]
 
@@ -108,7 +108,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     dist, device, say = ctx.dist, ctx.device, ctx.say
     auto_micro_batch = cfg.batch.micro_batch_size == "auto"  # planned once the vocab is known
     if not auto_micro_batch:  # checked before the corpus is read: a bad batch fails fast
-        plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+        split_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                    dist.world_size)
     started = time.perf_counter()
     corpus = load_corpus(cfg, dist)
@@ -117,9 +117,9 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     if auto_micro_batch:
         data_bytes = corpus.train_tokens.nbytes + corpus.val_tokens.nbytes
         cfg = ctx.plan_micro_batch(cfg, corpus.vocab_size, data_bytes)
-    plan = plan_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+    split = split_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                       dist.world_size)
-    schedule = build_batch_schedule(cfg, plan)
+    schedule = build_batch_schedule(cfg, split)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, corpus.vocab_size, device.type).to(device)
     seed_rank_streams(cfg.train.seed, dist.rank)
@@ -130,7 +130,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, corpus.vocab_size,
                                           cfg.parallel.strategy, dist.world_size)
     loss_sum_fn = make_loss_sum_fn(cfg.model.loss_chunk_tokens, loss_kernel)
-    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, plan, dist.rank, cfg.train.seed)
+    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, split, dist.rank, cfg.train.seed)
     val_batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len,
                                      cfg.train.eval_tokens, cfg.batch.micro_batch_size,
                                      dist.rank, dist.world_size)
@@ -160,7 +160,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                 noise_scale_summary(state.batch_tokens, state.noise.noise_scale,
                                     ramp=schedule.ramp if schedule.ramps_batch else "",
                                     first_batch_tokens=state.first_batch_tokens,
-                                    full_batch_tokens=plan.global_tokens),
+                                    full_batch_tokens=split.global_tokens),
                 f"validation loss {state.last_val_loss:.4f} nats/token vs "
                 f"{baseline():.4f} for a unigram model (one that learned "
                 "only the training token frequencies) on the same validation windows",
