@@ -81,6 +81,7 @@ class TokenLoader:
                              "data.seq_len, or give more text")
         self.tokens, self.eot_id, self.split, self.rank = tokens, eot_id, split, rank
         self.sampler = GlobalBatchSampler(windows, split.global_sequences, seed)
+        self.last_step_tokens = 0
 
     def next_step(self, shape: StepShape | None = None) -> list[MicroBatch]:
         """This rank's micro-batches of the next step: the full batch, or `shape`'s number of
@@ -89,6 +90,7 @@ class TokenLoader:
         num_micro_steps = shape.num_micro_steps if shape else split.num_micro_steps
         global_batch = self.sampler.next_global_batch(
             num_micro_steps * split.micro_batch_size * split.world_size)
+        self.last_step_tokens = len(global_batch) * split.seq_len  # all ranks, for tokens/s
         piece_len = shape.seq_len if shape else None
         return [MicroBatch(*gather_windows(self.tokens, idx, split.seq_len, self.eot_id,
                                            piece_len))

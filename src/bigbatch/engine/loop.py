@@ -154,9 +154,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                                 if shape.global_tokens == state.batch_tokens else 1)
         state.batch_tokens = shape.global_tokens
         state.first_batch_tokens = state.first_batch_tokens or shape.global_tokens
-        # Classification counts texts in `tokens` (its schedule's unit); its loader counts the
-        # step's real tokens, which vary with the texts' lengths, for tokens/s.
-        step_tokens = getattr(loader, "last_step_tokens", shape.global_tokens)
+        # The schedule counts the task's unit (a classifier's: texts); the loader counts the
+        # step's real tokens (a classifier's vary with its texts' lengths), for tokens/s.
+        step_tokens = loader.last_step_tokens
         state.skipped_steps += stats.skipped
         state.bad_steps_in_row = state.bad_steps_in_row + 1 if stats.skipped else 0
         if stats.noise is not None and not stats.skipped:

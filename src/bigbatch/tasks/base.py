@@ -79,7 +79,8 @@ class TaskRun:
     cfg: Config                     # resolved: an "auto" micro-batch is planned by now
     schedule: BatchSchedule
     model: nn.Module                # unwrapped, on the device, activation checkpointing applied
-    loader: Any                     # next_step(shape) -> micro-batches; state_dict()
+    loader: Any                     # next_step(shape) -> micro-batches; last_step_tokens (real
+                                    # tokens of that step, all ranks); state_dict()
     start_lines: list[str]          # printed before training
     save: Callable[[nn.Module, dict[str, torch.Tensor], Path], None]  # rank 0, at the end
     end_lines: Callable[[TrainState], list[str]]  # rank 0, after saving

@@ -44,7 +44,6 @@ class TextBatchSplit:
     micro_batch_size: int      # windows per micro-batch (0 when micro_batch_tokens is set)
     micro_batch_tokens: int    # padded tokens per micro-batch; 0 = off
     world_size: int
-    global_tokens: int = 0     # varies per step: fit() reads the loader's count instead
 
     def describe(self) -> str:
         size = (f"up to {self.micro_batch_tokens} padded tokens" if self.micro_batch_tokens
