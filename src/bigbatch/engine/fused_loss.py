@@ -15,7 +15,7 @@ only scales them by the incoming scalar (the loss is a sum, divided by the step'
 Measured by benchmarks/bench_levers.py (BENCHMARKS.md): it pays at a large vocabulary and is
 neutral at a small one, where the loss is a small part of the step; so `model.loss_kernel =
 "auto"` uses it from FUSED_MIN_VOCAB up.
-Gradients equal the standard loss's (tests/test_fused_loss.py, float64).
+Gradients equal the standard loss's (tests/unit/engine/test_fused_loss.py, float64).
 
 Where `torch.compile` is unavailable or fails (no C++ compiler, an unsupported device), the
 same function runs eagerly, with one warning: slower, same numbers.

@@ -2,7 +2,7 @@
 
 Written here because neither PyTorch nor a well-kept package on the registry provides them:
 `torch-optimizer` (the usual source) was last released in 2021 and pins an old torch. Both follow
-the papers' update equations, checked in tests/test_large_batch_optim.py:
+the papers' update equations, checked in tests/unit/optim/test_large_batch_optim.py:
 
 LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Algorithm 2), per tensor x:
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2

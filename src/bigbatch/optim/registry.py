@@ -19,7 +19,7 @@ Adding an optimizer is one entry plus its tests: write a `build_...(params, cfg,
 returns the torch optimizer over `params` (importing torch inside it: the config room imports
 this module, and must not import torch), add `"name": single(build_..., state_tensors)` (or
 `combine(Part(...), ...)`) to OPTIMIZERS, and test that it builds, steps, saves and reloads
-(tests/test_optim_registry.py) and that the planner counts its state (tests/test_planner.py).
+(tests/unit/optim/test_optim_registry.py) and that the planner counts its state (tests/unit/planning/test_planner.py).
 Any option it needs beyond OptimConfig's is a field of `OptimConfig` (config/sections.py).
 """
 

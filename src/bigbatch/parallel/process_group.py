@@ -90,7 +90,7 @@ def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of `grads`, a plain tensor even when they are FSDP's sharded DTensors.
 
     On sharded grads get_total_norm already reduces over the ranks (tested against one process
-    in tests/test_distributed.py) and returns a replicated DTensor; full_tensor() just unwraps it
+    in tests/integration/test_distributed.py) and returns a replicated DTensor; full_tensor() just unwraps it
     (no communication), so the finiteness check, logging and checkpoints see a plain tensor.
     clip_grads_with_norm_ and clip_grad_value_ work on the local shards as they are.
     """

@@ -3,7 +3,7 @@ the `TaskContext` it prepares in, and the `TaskRun` it hands to `train()`.
 
 A task (`train.task`) is one folder of tasks/: its data, its loss, its wiring, and a `Task`
 object in its `__init__.py` that the planner, the report, the tools and `bigbatch config` ask
-instead of comparing `train.task` with a name (tests/test_layout.py enforces that). Its
+instead of comparing `train.task` with a name (tests/unit/test_layout.py enforces that). Its
 `prepare(cfg, ctx)` builds what is particular to it (data and loaders, the model, the loss, the
 evaluation, what to save and say at the end); `train()` (run/train.py) does the rest the same way
 for every task (devices, the process group, wrapping, optimizer, checkpoints, resume, signals,
