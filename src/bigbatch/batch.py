@@ -38,6 +38,18 @@ class Batch(Protocol):
     def to(self, device: torch.device) -> Batch: ...
 
 
+class StepLoader(Protocol):
+    """What fit() draws its steps from (a task's loader): this rank's micro-batches of the next
+    step, the real tokens that step held on all ranks (for tokens/s, whatever the schedule
+    counts), and the position to resume from."""
+
+    last_step_tokens: int
+
+    def next_step(self, shape: StepShape | None = None) -> list[Batch]: ...
+
+    def state_dict(self) -> dict: ...
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`. To a GPU it goes through pinned (page-locked) memory, so the
     copy is truly asynchronous: from pageable memory `non_blocking=True` is a blocking copy."""

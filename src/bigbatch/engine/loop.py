@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from bigbatch.batch import MicroBatch
+from bigbatch.batch import MicroBatch, StepLoader
 from bigbatch.config.sections import Config
 from bigbatch.engine.batch_schedule import BatchSchedule
 from bigbatch.engine.metrics import MetricsLog, Progress, peak_memory_bytes
@@ -20,9 +20,6 @@ from bigbatch.engine.step import LossSumFn, lm_loss_sum, train_step
 from bigbatch.errors import UsageError
 from bigbatch.optim.schedule import set_learning_rates
 from bigbatch.parallel.process_group import DistInfo, all_reduce_sum
-
-if TYPE_CHECKING:  # types only: the data room sits above the engine
-    from bigbatch.data.loader import TokenLoader
 
 
 @dataclass
@@ -114,7 +111,7 @@ class LoopHooks:
     should_stop: Callable[[], bool] = lambda: False
 
 
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: StepLoader,
         state: TrainState, *, cfg: Config, schedule: BatchSchedule, setup: StepSetup,
         hooks: LoopHooks) -> TrainState:
     """Train for `train.max_steps` full batches of tokens, or until `train.target_val_loss`:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from bigbatch.batch import StepLoader
 from bigbatch.config.sections import Config
 from bigbatch.engine.batch_schedule import BatchSchedule
 from bigbatch.engine.loop import TrainState
@@ -79,8 +80,7 @@ class TaskRun:
     cfg: Config                     # resolved: an "auto" micro-batch is planned by now
     schedule: BatchSchedule
     model: nn.Module                # unwrapped, on the device, activation checkpointing applied
-    loader: Any                     # next_step(shape) -> micro-batches; last_step_tokens (real
-                                    # tokens of that step, all ranks); state_dict()
+    loader: StepLoader              # this rank's micro-batches of each step (batch.py)
     start_lines: list[str]          # printed before training
     save: Callable[[nn.Module, dict[str, torch.Tensor], Path], None]  # rank 0, at the end
     end_lines: Callable[[TrainState], list[str]]  # rank 0, after saving
