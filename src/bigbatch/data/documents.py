@@ -50,8 +50,8 @@ def one_line(err: BaseException) -> str:
 def cannot_read(path: Path, err: OSError) -> UsageError:
     """The one-line error of a source file the operating system will not hand over."""
     reason = (err.strerror or one_line(err)).lower()
-    fix = ("make it readable by the user running bigbatch (chmod a+r), or leave it out with "
-           "data.path / data.pattern" if isinstance(err, PermissionError) else
+    fix = ("make it readable by the user running bigbatch (chmod a+r, a+rx for a directory), "
+           "or leave it out with data.path / data.pattern" if isinstance(err, PermissionError) else
            "expected a readable file")
     return UsageError(f"{path}: cannot be read ({reason}): {fix}")
 

@@ -105,7 +105,8 @@ def source_files(path: str, pattern: str) -> list[SourceFile]:
         root = Path(sysconfig.get_paths()["stdlib"])
     else:
         root = Path(path).expanduser()
-        root = root.parent if root.is_file() else root
+        with reading(root):  # a directory above it may not be searchable
+            root = root.parent if root.is_file() else root
     return [replace(f, name=f.path.relative_to(root).as_posix()) for f in
             found_source_files(path, pattern)]
 
@@ -120,13 +121,18 @@ def found_source_files(path: str, pattern: str) -> list[SourceFile]:
     if not path:
         return [SourceFile(f, "text") for f in stdlib_files()]
     root = Path(path).expanduser()
-    if root.is_file():
+    with reading(root):  # it, or a directory above it, may refuse us
+        is_file, is_dir = root.is_file(), root.is_dir()
+        if is_dir:
+            os.scandir(root).close()  # a directory we may not list would look empty
+            is_hf = is_hf_dataset_dir(root)
+    if is_file:
         return [SourceFile(root, file_kind(root))]
-    if not root.is_dir():
+    if not is_dir:
         raise UsageError(f"data.path = {path!r} does not exist: give a text, .jsonl(.gz), "
                          ".parquet, .npy or .bin file, a directory of them, a datasets "
                          "save_to_disk directory, or \"\" for the embedded standard-library corpus")
-    if is_hf_dataset_dir(root):
+    if is_hf:
         return hf_dataset_files(root)
     files = sorted(p for p in root.rglob(pattern) if p.is_file())
     kinds = {file_kind(p) for p in files} & set(STRUCTURED_KINDS)

@@ -1,8 +1,8 @@
 """Bad data is one line naming the file, whichever process of the preparation reads it.
 
 Invariants:
-- a source file that cannot be read (no read permission), at the top of data.path or inside a
-  directory, is a UsageError of one line naming that file and how to fix it; so are a `datasets`
+- a source file or directory that cannot be read (no read permission), at the top of data.path
+  or inside a directory, or a data.tokenizer that cannot be loaded, is a UsageError of one line naming that file and how to fix it; so are a `datasets`
   save_to_disk directory missing an Arrow file its state.json lists, a DatasetDict whose
   dataset_dict.json is broken or not UTF-8, and token ids below zero or at/above the vocabulary
   (naming the bad id and the valid range);
@@ -64,7 +64,7 @@ def raised_without_privileges(prepare: Callable[[], object], unreadable: Path) -
     in a forked child that drops to `nobody` first (and reports back through a pipe)."""
     def attempt() -> str:
         try:
-            unreadable.open("rb").close()
+            os.listdir(unreadable) if unreadable.is_dir() else unreadable.open("rb").close()
         except PermissionError:
             return raised(prepare)
         return "SKIP"
@@ -115,6 +115,11 @@ def unreadable_top_text(root: Path) -> tuple[Path, Path]:
     return path, path
 
 
+def unreadable_top_directory(root: Path) -> tuple[Path, Path]:
+    directory = write_texts(root / "texts")
+    return directory, directory
+
+
 def unreadable_text_in_directory(root: Path) -> tuple[Path, Path]:
     directory = write_texts(root / "texts")
     return directory, directory / "part3.txt"
@@ -140,7 +145,7 @@ def unreadable_npy(root: Path) -> tuple[Path, Path]:
     return root / "ids.npy", root / "ids.npy"
 
 
-UNREADABLE = [unreadable_top_text, unreadable_text_in_directory, unreadable_jsonl_gz,
+UNREADABLE = [unreadable_top_text, unreadable_top_directory, unreadable_text_in_directory, unreadable_jsonl_gz,
               unreadable_parquet, unreadable_npy]
 
 
@@ -151,8 +156,27 @@ def test_an_unreadable_file_is_one_line_naming_it(open_dir, layout):
     outcome = raised_without_privileges(
         lambda: prepare_corpus(settings(data_path, open_dir)), unreadable)
     assert outcome == (f"UsageError: {unreadable}: cannot be read (permission denied): make it "
-                       "readable by the user running bigbatch (chmod a+r), or leave it out "
-                       "with data.path / data.pattern")
+                       "readable by the user running bigbatch (chmod a+r, a+rx for a "
+                       "directory), or leave it out with data.path / data.pattern")
+
+
+@pytest.mark.parametrize("broken", ["unreadable merges.txt", "tokenizer.json cut short"])
+def test_an_unreadable_or_broken_tokenizer_is_one_line_naming_it(open_dir, broken):
+    tokenizer = open_dir / "tokenizer"
+    shutil.copytree(GPT2, tokenizer)
+    tokenizer.chmod(0o755)
+    cfg = dataclasses.replace(settings(write_texts(open_dir / "texts"), open_dir),
+                              tokenizer=str(tokenizer))
+    if broken == "unreadable merges.txt":
+        (tokenizer / "merges.txt").chmod(0)
+        outcome = raised_without_privileges(lambda: prepare_corpus(cfg), tokenizer / "merges.txt")
+    else:
+        (tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+        outcome = raised(lambda: prepare_corpus(cfg))
+    assert outcome.startswith(f"UsageError: data.tokenizer = {str(tokenizer)!r}: its files "
+                              "cannot be loaded (")
+    assert outcome.endswith("expected readable tokenizer.json, or vocab.json and merges.txt, as "
+                            "Hugging Face tokenizers writes them") and "\n" not in outcome
 
 
 @pytest.fixture(scope="module")
