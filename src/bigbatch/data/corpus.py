@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from bigbatch.data.tokenizer import eot_id
 from bigbatch.errors import UsageError
 
 COUNT_CHUNK = 1 << 24  # tokens counted at a time when no counts were stored
+USAGE_ERROR = "bigbatch-usage-error: "  # the child's stdout line that carries a UsageError back
 
 
 @dataclass
@@ -155,8 +157,10 @@ def prepare_corpus_in_child(cfg: DataConfig) -> Corpus:
     Training the BPE and tokenizing allocate and free hundreds of MiB; under the tuned allocator
     (allocator.py) that memory would stay in the training process's heap as holes its tensors
     cannot reuse, and the run's peak would exceed what the planner's probes measured (even after
-    malloc_trim; BENCHMARKS.md, "Numbers that were in docstrings"). A child's memory is gone when it exits. The child's
-    stderr is this process's, so its progress bar shows; its stdout carries a UsageError back.
+    malloc_trim; BENCHMARKS.md, "Numbers that were in docstrings"). A child's memory is gone
+    when it exits. The child's stderr is this process's, so its progress bar shows (and the
+    traceback of a bug in it); its stdout carries a UsageError's one line back (USAGE_ERROR), so
+    bad data is the same one-line error, exit 2, whichever process read it.
     """
     cache = cache_dir_for(cfg)
     if not is_complete(cache):
@@ -170,18 +174,24 @@ def _build_in_child(cfg: DataConfig, cache: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "bigbatch.data.corpus",
                            json.dumps(dataclasses.asdict(cfg)), str(cache)],
                           stdout=subprocess.PIPE, text=True)
-    if done.returncode == 2:  # the child's UsageError, one line
-        raise UsageError((done.stdout.strip().splitlines() or ["bad data settings"])[-1])
+    carried = [line[len(USAGE_ERROR):] for line in done.stdout.splitlines()
+               if line.startswith(USAGE_ERROR)]
+    if done.returncode == 2 and carried:  # the child's UsageError
+        raise UsageError(json.loads(carried[-1]))
     if done.returncode != 0:
         raise RuntimeError(f"preparing data.path = {cfg.path!r} failed in its child process "
-                           f"(exit {done.returncode}; its error is above)")
+                           f"(exit {done.returncode}; its traceback is above)")
 
 
 def _child_main(cfg_json: str, cache: str) -> int:
+    """Fill `cache`; a UsageError is one USAGE_ERROR line on stdout and exit 2 (with its
+    traceback on stderr under --debug), anything else a traceback and exit 1."""
     try:  # the parent holds the cache's lock
         build_cache(DataConfig(**json.loads(cfg_json)), Path(cache))
     except UsageError as err:
-        print(err)
+        if os.environ.get("BIGBATCH_DEBUG"):
+            traceback.print_exc()
+        print(USAGE_ERROR + json.dumps(str(err)), flush=True)
         return 2
     return 0
 

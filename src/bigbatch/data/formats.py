@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from bigbatch.data.documents import Document, OnBytes, SourceFile
+from bigbatch.data.documents import Document, OnBytes, SourceFile, one_line, reading
 from bigbatch.errors import UsageError
 
 ROWS_PER_BATCH = 1024
@@ -35,7 +35,9 @@ def _record(source: SourceFile, index: int, value, field: str, strip: str) -> Do
 
 def read_jsonl(source: SourceFile, field: str, strip: str, on_bytes: OnBytes
                ) -> Iterator[Document]:
-    with source.path.open("rb") as raw:
+    with reading(source.path):
+        raw = source.path.open("rb")
+    with raw:
         lines = gzip.GzipFile(fileobj=raw) if source.path.name.endswith(".gz") else raw
         consumed = 0
         try:
@@ -69,6 +71,8 @@ def _column_batches(source: SourceFile, field: str):
     import pyarrow.parquet as pq
 
     expected = "a Parquet file" if source.kind == "parquet" else "a datasets Arrow (IPC) file"
+    with reading(source.path):  # pyarrow's own error would hide why it could not open it
+        source.path.open("rb").close()
     try:
         if source.kind == "parquet":
             reader = pq.ParquetFile(source.path)
@@ -81,7 +85,7 @@ def _column_batches(source: SourceFile, field: str):
             index = names.index(field) if field in names else 0
             batches = (b.column(index) for b in reader)
     except (pa.ArrowException, OSError) as err:
-        raise UsageError(f"{source.path}: not {expected} ({err})") from None
+        raise UsageError(f"{source.path}: not {expected} ({one_line(err)})") from None
     if field not in names:
         raise UsageError(f"{source.path}: no column data.text_field = {field!r} (columns: "
                          f"{names[:8]}): set data.text_field to the text column")
@@ -107,7 +111,11 @@ def read_columnar(source: SourceFile, field: str, strip: str, on_bytes: OnBytes
                 if doc is not None:
                     yield doc
     except (pa.ArrowException, OSError) as err:
-        raise UsageError(f"{source.path}: not {expected} ({err})") from None
+        raise UsageError(f"{source.path}: not {expected} ({one_line(err)})") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{source.path}: column data.text_field = {field!r} holds text that "
+                         f"is not UTF-8 ({err.reason} at byte {err.start}): expected UTF-8 "
+                         "strings") from None
     on_bytes(size)
 
 
@@ -121,7 +129,7 @@ def read_records(source: SourceFile, field: str, strip: str, on_bytes: OnBytes
 def _gzip_size(path: Path) -> int:
     """The uncompressed size a gzip file's trailer records (modulo 4 GiB, as gzip keeps it)."""
     size = path.stat().st_size
-    with path.open("rb") as f:
+    with reading(path), path.open("rb") as f:
         f.seek(max(size - 4, 0))
         stored = struct.unpack("<I", f.read(4).rjust(4, b"\0"))[0]
     return stored if stored >= size else 4 * size  # wrapped past 4 GiB: guess a 4x ratio

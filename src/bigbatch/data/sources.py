@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bigbatch.data import formats, token_files
-from bigbatch.data.documents import Document, OnBytes, SourceFile
+from bigbatch.data.documents import Document, OnBytes, SourceFile, one_line, reading
 from bigbatch.errors import UsageError
 
 # Directories of the standard library that hold its test suite or vendored packages.
@@ -58,7 +58,7 @@ def hf_dataset_files(root: Path) -> list[SourceFile]:
     """The Arrow files of a `save_to_disk` directory in row order. A DatasetDict contributes its
     train split, and its validation split (if it has one) as the held-out documents."""
     if (root / "dataset_dict.json").is_file():
-        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _dataset_dict_splits(root / "dataset_dict.json")
         if "train" not in splits:
             raise UsageError(f"data.path = {str(root)!r} is a datasets DatasetDict with splits "
                              f"{splits}: it needs a \"train\" split")
@@ -68,14 +68,34 @@ def hf_dataset_files(root: Path) -> list[SourceFile]:
             return files
         return ([SourceFile(f.path, "arrow", "train") for f in files]
                 + [SourceFile(f.path, "arrow", "val") for f in hf_dataset_files(root / val)])
+    with reading(root / "state.json"):
+        text = (root / "state.json").read_bytes()
     try:
-        state = json.loads((root / "state.json").read_text())
-        names = [entry["filename"] for entry in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        names = [str(entry["filename"]) for entry in json.loads(text)["_data_files"]]
+    except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError is a ValueError
         raise UsageError(f"{root / 'state.json'}: not a datasets save_to_disk state file "
-                         f"({err}): expected {{\"_data_files\": [{{\"filename\": ...}}]}}"
-                         ) from None
+                         f"({one_line(err)}): expected {{\"_data_files\": [{{\"filename\": "
+                         "...}]}") from None
+    for name in names:
+        if not (root / name).is_file():
+            raise UsageError(f"{root / name}: missing, though {root / 'state.json'} lists it: "
+                             "a datasets save_to_disk directory needs every Arrow file it "
+                             "lists; save the dataset again or restore the file")
     return [SourceFile(root / n, "arrow") for n in names]
+
+
+def _dataset_dict_splits(path: Path) -> list[str]:
+    """The split names a DatasetDict's dataset_dict.json lists."""
+    with reading(path):
+        text = path.read_bytes()
+    try:
+        splits = json.loads(text)["splits"]
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise TypeError(f"splits is {splits!r}")
+    except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError is a ValueError
+        raise UsageError(f"{path}: not a datasets DatasetDict file ({one_line(err)}): expected "
+                         '{"splits": ["train", ...]} as save_to_disk writes it') from None
+    return splits
 
 
 def source_files(path: str, pattern: str) -> list[SourceFile]:
@@ -85,7 +105,8 @@ def source_files(path: str, pattern: str) -> list[SourceFile]:
         root = Path(sysconfig.get_paths()["stdlib"])
     else:
         root = Path(path).expanduser()
-        root = root.parent if root.is_file() else root
+        with reading(root):  # a directory above it may not be searchable
+            root = root.parent if root.is_file() else root
     return [replace(f, name=f.path.relative_to(root).as_posix()) for f in
             found_source_files(path, pattern)]
 
@@ -100,13 +121,18 @@ def found_source_files(path: str, pattern: str) -> list[SourceFile]:
     if not path:
         return [SourceFile(f, "text") for f in stdlib_files()]
     root = Path(path).expanduser()
-    if root.is_file():
+    with reading(root):  # it, or a directory above it, may refuse us
+        is_file, is_dir = root.is_file(), root.is_dir()
+        if is_dir:
+            os.scandir(root).close()  # a directory we may not list would look empty
+            is_hf = is_hf_dataset_dir(root)
+    if is_file:
         return [SourceFile(root, file_kind(root))]
-    if not root.is_dir():
+    if not is_dir:
         raise UsageError(f"data.path = {path!r} does not exist: give a text, .jsonl(.gz), "
                          ".parquet, .npy or .bin file, a directory of them, a datasets "
                          "save_to_disk directory, or \"\" for the embedded standard-library corpus")
-    if is_hf_dataset_dir(root):
+    if is_hf:
         return hf_dataset_files(root)
     files = sorted(p for p in root.rglob(pattern) if p.is_file())
     kinds = {file_kind(p) for p in files} & set(STRUCTURED_KINDS)
@@ -153,7 +179,7 @@ def split_text(text: str, doc_chars: int) -> list[str]:
 
 def is_utf8_text(path: Path) -> bool:
     """Whether the file's first block decodes as UTF-8: binary files in a directory do not."""
-    with path.open("rb") as f:
+    with reading(path), path.open("rb") as f:
         head = f.read(TEXT_BLOCK_BYTES)
     try:
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
@@ -175,7 +201,7 @@ def text_file_pieces(path: Path, doc_chars: int, strip: str, on_bytes: OnBytes
     if not is_utf8_text(path):
         return
     buffer, blank_pieces, seen_text, consumed = "", [], False, 0
-    with path.open(encoding="utf-8", errors="replace") as f:
+    with reading(path), path.open(encoding="utf-8", errors="replace") as f:
         while True:
             # A block ends at a line break (or 1 MiB further), so `strip` is never cut in two.
             text = f.read(TEXT_BLOCK_BYTES)

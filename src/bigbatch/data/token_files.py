@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigbatch.data.documents import Document, OnBytes, SourceFile
+from bigbatch.data.documents import Document, OnBytes, SourceFile, reading
 from bigbatch.errors import UsageError
 
 LLMC_MAGIC = 20240520
@@ -31,7 +31,9 @@ def token_dtype_for(vocab_size: int) -> np.dtype:
 def token_file_layout(path: Path, vocab_size: int) -> tuple[np.dtype, int, int]:
     """(dtype, byte offset of the first id, number of ids) of a token file."""
     size = path.stat().st_size
-    with path.open("rb") as f:
+    with reading(path):
+        f = path.open("rb")
+    with f:
         if path.name.lower().endswith(".npy"):
             try:
                 version = np.lib.format.read_magic(f)
@@ -68,15 +70,12 @@ def read_token_file(source: SourceFile, vocab_size: int, eot: int, on_bytes: OnB
     dtype, offset, count = token_file_layout(source.path, vocab_size)
     on_bytes(offset)
     pending, index = np.empty(0, dtype=np.int64), 0
-    with source.path.open("rb") as f:
+    with reading(source.path), source.path.open("rb") as f:
         f.seek(offset)
         for start in range(0, count, CHUNK_TOKENS):
             chunk = np.fromfile(f, dtype=dtype, count=min(CHUNK_TOKENS, count - start))
             on_bytes(chunk.nbytes)
-            if chunk.size and int(chunk.max()) >= vocab_size:
-                raise UsageError(f"{source.path}: token id {int(chunk.max())} is outside "
-                                 f"data.tokenizer's vocabulary of {vocab_size}: is it the "
-                                 "tokenizer that made these ids?")
+            _check_ids(source.path, chunk, start, vocab_size)
             stream = np.concatenate([pending, chunk.astype(np.int64)])
             ends = np.flatnonzero(stream == eot)
             begin = 0
@@ -93,6 +92,20 @@ def read_token_file(source: SourceFile, vocab_size: int, eot: int, on_bytes: OnB
     for piece in _pieces(pending):
         yield Document(source.document_name(index), ids=piece, split=source.split)
         index += 1
+
+
+def _check_ids(path: Path, chunk: np.ndarray, start: int, vocab_size: int) -> None:
+    """Every id of `chunk` (the ids from position `start` of the file) is in the vocabulary."""
+    if not chunk.size:
+        return
+    low, high = int(chunk.min()), int(chunk.max())
+    if low >= 0 and high < vocab_size:
+        return
+    bad = low if low < 0 else high
+    position = start + int(np.argmax(chunk == bad))
+    raise UsageError(f"{path}: token id {bad} is outside data.tokenizer's vocabulary of "
+                     f"{vocab_size} (valid ids are 0 to {vocab_size - 1}), at position "
+                     f"{position:,}: is it the tokenizer that made these ids?")
 
 
 def _pieces(ids: np.ndarray) -> list[np.ndarray]:

@@ -7,11 +7,12 @@ corpus reuses it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from bigbatch.data.documents import one_line
 from bigbatch.errors import UsageError
 
 EOT = "<|endoftext|>"
@@ -34,10 +35,10 @@ def load_tokenizer_dir(directory: str) -> Tokenizer:
     """A directory with `tokenizer.json`, or a GPT-2 style `vocab.json` + `merges.txt`."""
     root = Path(directory).expanduser()
     if (root / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        tokenizer = _loaded(directory, lambda: Tokenizer.from_file(str(root / "tokenizer.json")))
     elif (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
-        tokenizer = Tokenizer(models.BPE.from_file(str(root / "vocab.json"),
-                                                   str(root / "merges.txt")))
+        tokenizer = _loaded(directory, lambda: Tokenizer(models.BPE.from_file(
+            str(root / "vocab.json"), str(root / "merges.txt"))))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
     else:
@@ -46,6 +47,15 @@ def load_tokenizer_dir(directory: str) -> Tokenizer:
     if tokenizer.token_to_id(EOT) is None:
         tokenizer.add_special_tokens([EOT])
     return tokenizer
+
+
+def _loaded(directory: str, load: Callable[[], Tokenizer]) -> Tokenizer:
+    try:
+        return load()
+    except Exception as err:  # tokenizers raises plain Exceptions: unreadable, broken JSON
+        raise UsageError(f"data.tokenizer = {directory!r}: its files cannot be loaded "
+                         f"({one_line(err)}): expected readable tokenizer.json, or vocab.json "
+                         "and merges.txt, as Hugging Face tokenizers writes them") from None
 
 
 def eot_id(tokenizer: Tokenizer) -> int:
