@@ -31,7 +31,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class MetricsLog:
     """One JSON object per line in `metrics.jsonl`, each also sent to the run's trackers
-    (engine/trackers.py: TensorBoard, W&B, MLflow), which `close` hands the run's final files."""
+    (engine/trackers.py: TensorBoard, W&B, MLflow), which `close` hands the run's final files.
+    A tracker that raises is a warning, once, and is dropped: the file gets every row."""
 
     def __init__(self, out_dir: Path, enabled: bool = True,
                  trackers: Sequence[Tracker] = ()) -> None:
@@ -46,8 +47,15 @@ class MetricsLog:
             return
         assert self._file is not None
         self._file.write(json.dumps(row) + "\n")
-        for tracker in self._trackers:
-            tracker.write(row)
+        for tracker in list(self._trackers):
+            try:
+                tracker.write(row)
+            except Exception as err:  # a server gone mid-run: the run and metrics.jsonl go on
+                self._trackers.remove(tracker)  # not asked again: each call could wait out retries
+                reason = (str(err).strip().splitlines() or [""])[0]
+                print(f"bigbatch: warning: {type(tracker).__name__} failed at step "
+                      f"{row.get('step')} ({type(err).__name__}: {reason}); it gets no more "
+                      "rows, metrics.jsonl keeps them all", file=sys.stderr, flush=True)
 
     def close(self, artifacts: Sequence[Path] = (), ok: bool = True) -> None:
         """Hand the trackers `artifacts` (those that exist) and close everything; `ok=False`

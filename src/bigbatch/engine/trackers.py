@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import tomli_w
 
@@ -196,14 +197,31 @@ class WandbTracker:
         self.run.finish(exit_code=0 if ok else 1)
 
 
+def file_store_path(uri: str) -> Path | None:
+    """The directory of an MLflow file store URI (file:///DIR, or a plain path); else None."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's scheme-less store names
+        return None
+    return Path(uri) if not parsed.scheme else None
+
+
+def mlflow_tracking_uri(run_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI, or the file store RUN_DIR/mlruns. MLflow 3 refuses every file store
+    unless MLFLOW_ALLOW_FILE_STORE is set (it wants a database instead, which mlflow-skinny cannot
+    open); a file store named here was asked for, ours or the user's own file:// URI, so it is
+    allowed (a MLFLOW_ALLOW_FILE_STORE the user set is kept)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+    if file_store_path(uri) is not None:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
 class MlflowTracker:
     def __init__(self, run_dir: Path, config: dict[str, Any],
                  continued: Continuation | None = None) -> None:
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            uri = (run_dir / "mlruns").resolve().as_uri()
-            # MLflow 3 refuses a file store unless allowed: it is the local mlruns/ asked for.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = mlflow_tracking_uri(run_dir)
         import_tracker_library("mlflow")
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient

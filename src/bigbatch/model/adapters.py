@@ -43,25 +43,64 @@ def model_family(model: nn.Module) -> str:
     return getattr(config, "model_type", None) or "gpt"
 
 
+def adaptable_types() -> tuple[type[nn.Module], ...]:
+    """The layer types peft's LoRA adapts (its `dispatch_default`, peft/tuners/lora/layer.py):
+    any other module a target names (a LayerNorm, a block, a ModuleList) makes get_peft_model
+    raise."""
+    types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d,
+                                          nn.Conv3d, nn.MultiheadAttention)
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's projections
+    except ImportError:
+        return types
+    return (*types, Conv1D)
+
+
+def matches(name: str, target: str) -> bool:
+    """peft's rule for a name in target_modules: the module's full name, or its last components."""
+    return name == target or name.endswith("." + target)
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """The last components of the modules LoRA can adapt, in model order, each once."""
+    kinds = adaptable_types()
+    names = (name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if name and isinstance(module, kinds))
+    return list(dict.fromkeys(names))
+
+
 def lora_targets(model: nn.Module, configured: tuple[str, ...]) -> list[str]:
-    """The configured names, or the family's default; each must name a module of the model."""
+    """The configured names, or the family's default; each must name modules of the model that
+    LoRA can adapt (checked here, so a bad name is one line before peft touches the model)."""
     family = model_family(model)
     targets = list(configured) or list(DEFAULT_TARGETS.get(family, ()))
     if not targets:
         raise UsageError(f"model.lora_targets = [] and bigbatch has no default for model family "
                          f"{family!r}: name its projection modules, e.g. [\"q_proj\", \"v_proj\"]")
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise UsageError(f"model.lora_targets = {targets!r} is invalid: the model has no module "
-                         f"named {', '.join(missing)}")
+    kinds, modules = adaptable_types(), list(model.named_modules())
+    valid = f"adaptable modules: {', '.join(adaptable_names(model))}"
+    for target in targets:
+        found = [(name, module) for name, module in modules if matches(name, target)]
+        if not found:
+            raise UsageError(f"model.lora_targets = {targets!r} is invalid: the model has no "
+                             f"module named {target!r}; {valid}")
+        bad = next((module for _, module in found if not isinstance(module, kinds)), None)
+        if bad is not None:
+            what = ("a container of other modules" if any(True for _ in bad.children())
+                    else "a layer LoRA cannot adapt")
+            raise UsageError(f"model.lora_targets = {targets!r} is invalid: {target!r} is a "
+                             f"{type(bad).__name__}, {what}; {valid}")
     return targets
 
 
 @contextmanager
 def quiet_peft() -> Iterator[None]:
-    """peft asks transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every
-    run that says nothing to a bigbatch user)."""
+    """Silence the one FutureWarning that is peft's, not bigbatch's: PeftModel.__init__ (peft
+    0.21.2, peft_model.py) reads `model.is_gradient_checkpointing`, which transformers 5.x
+    deprecates for `is_activation_checkpointing`. bigbatch itself uses the current API
+    (model/hf.py: activation_checkpointing_enable); no peft release installed here asks the new
+    name, and get_peft_model has no switch to skip the question, so only this message, of this
+    category, is filtered. Drop this once peft reads is_activation_checkpointing."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         yield

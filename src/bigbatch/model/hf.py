@@ -12,7 +12,10 @@ recipe can point at weights a package ships without knowing where site-packages 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import struct
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +26,10 @@ from torch import nn
 
 from bigbatch.errors import UsageError
 
+# The weights files transformers' from_pretrained reads from a directory, in its order of preference
+# (a sharded checkpoint is an index naming its shards).
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 # The model heads bigbatch trains, by transformers' Auto class: a task names its head (tasks/).
 HEADS = {"causal-lm": "AutoModelForCausalLM",
          "sequence-classification": "AutoModelForSequenceClassification"}
@@ -51,11 +58,63 @@ def parse_source(source: str) -> HFSource | None:
     if kind == "hf" and not (path / "config.json").is_file():
         raise UsageError(f"model.source = {source!r}: {str(path)!r} is not a Hugging Face model "
                          "directory (no config.json)")
+    if kind == "hf":
+        check_weights(source, path)
     if kind == "hf-config" and not path.is_file():
         raise UsageError(f"model.source = {source!r}: {str(path)!r} is not a config file")
     if kind not in ("hf", "hf-config"):
         raise UsageError(f"model.source = {source!r} is invalid: gpt, hf:DIR or hf-config:FILE")
     return HFSource(kind, path)
+
+
+def check_weights(source: str, directory: Path) -> None:
+    """The directory's weights are there and whole: read from their headers only (a safetensors
+    header, a zip's central directory), so a missing or truncated file is one line before the
+    corpus is prepared rather than transformers' traceback after it."""
+    found = next((directory / name for name in WEIGHTS_FILES if (directory / name).is_file()),
+                 None)
+    if found is None:
+        raise UsageError(f"model.source = {source!r}: {str(directory)!r} has no weights: "
+                         f"expected one of {', '.join(WEIGHTS_FILES)}")
+    shards = [found]
+    if found.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(found.read_text())["weight_map"]
+            shards = [directory / name for name in dict.fromkeys(weight_map.values())]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"model.source = {source!r}: {str(found)!r} is not a weights index "
+                             "(JSON with a weight_map)") from None
+    for shard in shards:
+        problem = weights_file_problem(shard)
+        if problem:
+            raise UsageError(f"model.source = {source!r}: the weights file {str(shard)!r} "
+                             f"{problem}: download or save the model again")
+
+
+def weights_file_problem(path: Path) -> str:
+    """"" for a weights file whose header says it is whole; else what is wrong with it."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            if path.suffix == ".safetensors":  # u64 header length, JSON header, then the data
+                (length,) = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))
+                if length == 0 or 8 + length > size:
+                    return f"is truncated or not safetensors ({size:,} bytes)"
+                header = json.loads(file.read(length))
+                end = max((info["data_offsets"][1] for key, info in header.items()
+                           if key != "__metadata__"), default=0)
+                if 8 + length + end > size:
+                    return (f"is truncated: {size:,} bytes, its header describes "
+                            f"{8 + length + end:,}")
+            elif file.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(file):
+                return f"is truncated: a zip archive (torch.save) without its end ({size:,} bytes)"
+    except FileNotFoundError:
+        return "is missing (named by the index)"
+    except OSError as err:
+        return f"cannot be read: {err.strerror}"
+    except (ValueError, KeyError, TypeError, IndexError):
+        return "has a corrupt header"
+    return ""
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from bigbatch.engine.loop import LoopHooks, StepSetup, TrainState, finished, fit
 from bigbatch.engine.metrics import MetricsLog, Progress
 from bigbatch.engine.noise_scale import NoiseScaleEMA
 from bigbatch.engine.precision import make_precision, slow_autocast_warning, with_resolved_dtype
+from bigbatch.engine.tracker_checks import check_trackers_usable
 from bigbatch.engine.trackers import Continuation, check_trackers_installed, open_trackers
 from bigbatch.errors import UsageError
 from bigbatch.model.artifacts import unwrap
@@ -158,6 +159,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     if dist.is_main:
         prepare_out_dir(out_dir)
         check_out_dir(out_dir, resume, overwrite)
+        check_trackers_usable(cfg.train.trackers, out_dir)  # before the model: opened after it
     resume_from = agree_on_resume_checkpoint(resume, out_dir, dist, warn)
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
 

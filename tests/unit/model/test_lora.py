@@ -145,7 +145,7 @@ def test_lora_settings_are_checked():
             load_config(overrides=[override])
     with pytest.raises(UsageError, match="hf:DIR"):
         load_config(overrides=["--model.adapter=lora", "--model.source=hf-config:x.json"])
-    with pytest.raises(UsageError, match="no module named nowhere"):
+    with pytest.raises(UsageError, match="no module named 'nowhere'; adaptable modules: "):
         apply_adapter(GPT(GPTShape(50, 16, 1, 2, 16)),
                       ModelConfig(adapter="lora", lora_targets=("qkv", "nowhere")), "causal-lm")
 
