@@ -53,6 +53,7 @@ from bigbatch.run.checkpoint_state import (
     tied_embedding_key,
     trainable_keys,
 )
+from bigbatch.run.disk_space import tensor_bytes
 from bigbatch.run.preemption import any_rank
 from bigbatch.run.rng_state import gather_rng, rank_rng, restore_rng
 
@@ -74,6 +75,24 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if old.get(key) != new.get(key)]
 
 
+# The global batch counts a run's steps: the schedule ends after `train.max_steps` of them, and
+# warmup and decay are counted in their tokens. A resume that changed it would show the
+# checkpoint's step against a total in another batch ("step 10/8"), jump the learning rate and
+# end at another step than it says, so it is refused (a cbs branch, which counts its own steps
+# in its own batch, is allowed: `branch=True`).
+BATCH_KEYS = ("batch.global_tokens", "batch.global_sequences")
+
+
+def check_same_batch(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    old, new = _flatten(saved), _flatten(now)
+    for key in BATCH_KEYS:
+        if old.get(key) is not None and old.get(key) != new.get(key):
+            raise UsageError(f"{key} = {new.get(key)!r} but checkpoint {path} was trained with "
+                             f"{old.get(key)!r}: a resumed run counts its steps, learning rate "
+                             f"and end in the checkpoint's batch; resume with "
+                             f"--{key}={old.get(key)}, or start a new --out with the new batch")
+
+
 class Checkpointer:
     """Saves and restores everything a run carries. `maybe_save` is fit()'s `on_step_end`."""
 
@@ -88,11 +107,16 @@ class Checkpointer:
         self.last_step = -1
         self.last_time = time.monotonic()
 
-    def last_checkpoint_note(self) -> str:
+    def last_checkpoint_note(self, step: int | None = None) -> str:
+        """Where the run can continue from, for an error's line; `step` (the step the run had
+        reached) adds how many trained steps that leaves to redo, or lost without a checkpoint."""
         if self.last_path is None:
-            return "no checkpoint of this run was written"
+            lost = f", so its {step} trained step(s) are lost" if step else ""
+            return f"no checkpoint of this run was written{lost}"
+        redo = (f" (the {step - self.last_step} step(s) after it are trained again)"
+                if step is not None and step > self.last_step else "")
         return (f"the last checkpoint, {self.last_path} (step {self.last_step}), is intact: "
-                f"continue from it with --resume {self.last_path}")
+                f"continue from it with --resume {self.last_path} or --resume auto{redo}")
 
     def remove_partial_saves(self) -> None:
         if self.dist.is_main and self.directory.is_dir():
@@ -130,7 +154,7 @@ class Checkpointer:
                 "optimizer.pt": lambda path: torch.save(optim, path),
                 "rng.safetensors": lambda path: save_file(rng_tensors, str(path)),
                 "state.json": lambda path: path.write_text(json.dumps(meta, indent=1)),
-            })
+            }, needed=tensor_bytes([tensors, optim, rng_tensors]))
             for old in list_checkpoints(self.directory)[:-self.cfg.checkpoint.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.dist)
@@ -142,9 +166,13 @@ class Checkpointer:
             return self.last_path
         return self.save(state)
 
-    def restore(self, path: Path, state: TrainState) -> None:
-        """Load `path` (already verified) into the live objects and `state`."""
+    def restore(self, path: Path, state: TrainState, branch: bool = False) -> None:
+        """Load `path` (already verified) into the live objects and `state`. A changed global
+        batch is refused unless `branch` (a new run that starts from the checkpoint and counts
+        its own steps in the new batch, as cbs's branches do)."""
         meta = json.loads((path / "state.json").read_text())
+        if not branch:
+            check_same_batch(path, meta["config"], config_to_dict(self.cfg))
         tensors = load_file(str(path / "model.safetensors"))
         self._check_compatible(path, meta, tensors)
         # How often to checkpoint, how to spread the work over ranks and where metrics go

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bigbatch.errors import UsageError
+from bigbatch.run.disk_space import disk_full_line, is_disk_full
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -44,11 +45,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint(directory: Path, step: int, writers: dict[str, Callable[[Path], None]]
-                     ) -> Path:
+def write_checkpoint(directory: Path, step: int, writers: dict[str, Callable[[Path], None]],
+                     needed: int | None = None) -> Path:
     """Call each `writers[name](path)` inside a temporary directory, add the manifest, fsync,
-    and rename the directory to `directory/step-XXXXXXXX`. On OSError (a full disk) nothing is
-    left behind and the checkpoints already there are untouched."""
+    and rename the directory to `directory/step-XXXXXXXX`. On a full disk (about `needed` bytes
+    did not fit: an OSError, or torch's or safetensors' own error) or another OSError nothing is
+    left behind, the checkpoints already there are untouched, and one line says what failed."""
     final = directory / checkpoint_name(step)
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     try:
@@ -71,8 +73,13 @@ def write_checkpoint(directory: Path, step: int, writers: dict[str, Callable[[Pa
         else:
             os.rename(tmp, final)
         _fsync(directory)
-    except OSError as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err, directory, needed):
+            raise UsageError(f"{disk_full_line(f'checkpoint {final}', directory, needed)}: "
+                             "free space, then run the same command with --resume auto") from None
+        if not isinstance(err, OSError):
+            raise
         raise UsageError(f"could not write checkpoint {final}: {err.strerror or err} (free "
                          "space, or choose another --out)") from None
     return final

@@ -36,9 +36,11 @@ from bigbatch.parallel.process_group import (
 )
 from bigbatch.parallel.wrap import full_model_state_dict, parallelize
 from bigbatch.run.checkpoint import Checkpointer
+from bigbatch.run.disk_space import FULL_ERRNOS, check_room_to_save, save_final_model
 from bigbatch.run.preemption import Preemption, any_rank
 from bigbatch.run.resume import agree_on_resume_checkpoint, check_out_dir, drop_metrics_after
 from bigbatch.run.run_info import end_run_info, start_run_info
+from bigbatch.run.run_lock import RunLock
 from bigbatch.tasks import task_of
 from bigbatch.tasks.base import TaskContext
 
@@ -140,13 +142,26 @@ def micro_batch_planner(dist: DistInfo, device: torch.device, out_dir: Path, say
 
 def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
           resume: str | None = None, overwrite: bool = False,
-          preemption: Preemption | None = None, report: bool = True) -> TrainResult:
+          preemption: Preemption | None = None, report: bool = True,
+          branch: bool = False) -> TrainResult:
     """Train `cfg` into `out_dir` and return the result. `resume` is "auto" or a checkpoint or
     run directory (--resume); `overwrite` replaces a previous run's outputs in `out_dir`
-    (otherwise they are refused); `report=False` skips report.html (cbs's short branches).
+    (otherwise they are refused); `report=False` skips report.html (cbs's short branches);
+    `branch=True` lets a resume change the global batch (cbs: a branch counts its own steps).
     SIGTERM/SIGINT stop after the current step with a checkpoint
-    (run/preemption.py); the result's exit_code then says which signal."""
-    out_dir = Path(out_dir)
+    (run/preemption.py); the result's exit_code then says which signal. `out_dir` is locked
+    for the run's life (run/run_lock.py): a second run into it is refused."""
+    lock = RunLock(Path(out_dir))
+    try:
+        return _train(cfg, Path(out_dir), lock, verbose=verbose, resume=resume,
+                      overwrite=overwrite, preemption=preemption, report=report, branch=branch)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, out_dir: Path, lock: RunLock, *, verbose: bool, resume: str | None,
+           overwrite: bool, preemption: Preemption | None, report: bool,
+           branch: bool) -> TrainResult:
     dist = dist_info_from_env()
     check_trackers_installed(cfg.train.trackers)  # on every rank, before any collective
     allocator = "system"
@@ -158,6 +173,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     init_process_group(dist, device)
     if dist.is_main:
         prepare_out_dir(out_dir)
+        lock.acquire()  # before looking at what the directory holds
         check_out_dir(out_dir, resume, overwrite)
         check_trackers_usable(cfg.train.trackers, out_dir)  # before the model: opened after it
     resume_from = agree_on_resume_checkpoint(resume, out_dir, dist, warn)
@@ -176,6 +192,8 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     chosen = f" ({dtype_chosen})" if dtype_chosen else ""
     say(f"precision: {cfg.precision.dtype}{chosen} | device: {device} | threads: "
         f"{torch.get_num_threads()} | allocator: {allocator}")
+    if dist.is_main:  # before training: the final model and one checkpoint must fit
+        check_room_to_save(out_dir, model, cfg.optim.name, cfg.checkpoint.keep, warn)
     wrapped = parallelize(model, cfg.parallel.strategy, device, dist,
                           precision=cfg.precision.dtype,
                           fsdp_gradient_sync=cfg.parallel.fsdp_gradient_sync)
@@ -192,7 +210,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
     checkpointer.remove_partial_saves()
     state = TrainState(noise=NoiseScaleEMA(cfg.batch.noise_scale_ema))
     if resume_from is not None:
-        checkpointer.restore(resume_from, state)
+        checkpointer.restore(resume_from, state, branch)
         say(f"resumed from {resume_from} at step {state.step}")
     elif resume:
         say(f"no checkpoint in {out_dir / 'checkpoints'}: starting at step 0")
@@ -242,7 +260,7 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
             # Under FSDP gathering the full weights is a collective: all ranks take part.
             weights = full_model_state_dict(wrapped)
             if dist.is_main:
-                run.save(unwrap(wrapped), weights, out_dir)
+                save_final_model(run.save, unwrap(wrapped), weights, out_dir)
                 say(f"done in {time.perf_counter() - started:.0f}s: {state.step} steps, "
                     f"{state.tokens_seen:,} {task.unit}, {state.skipped_steps} skipped steps")
                 for line in run.end_lines(state):
@@ -252,8 +270,14 @@ def train(cfg: Config, out_dir: Path | str, *, verbose: bool = True,
             close_run(out_dir, preemption.signal_name if stopped else "finished", say, report,
                       **facts)
         log.close(artifacts=final_artifacts(out_dir))
+    except OSError as err:  # a full disk under metrics.jsonl, a tracker's file, ...
+        if err.errno not in FULL_ERRNOS:
+            raise
+        raise UsageError(f"could not write {err.filename or 'to ' + str(out_dir)}: No space "
+                         f"left on device; {checkpointer.last_checkpoint_note(state.step)}"
+                         ) from None
     except UsageError as err:
-        raise UsageError(f"{err}; {checkpointer.last_checkpoint_note()}") from None
+        raise UsageError(f"{err}; {checkpointer.last_checkpoint_note(state.step)}") from None
     finally:
         progress.close()
         log.close(ok=False)  # only where an error skipped the close above: the trackers' run failed

@@ -208,7 +208,7 @@ class Brancher:
 
         out = self.directory / name
         shutil.rmtree(out, ignore_errors=True)  # a previous cbs's branch: inside our scratch
-        result = train(cfg, out, verbose=False, resume=str(self.start.path),
+        result = train(cfg, out, verbose=False, resume=str(self.start.path), branch=True,
                        preemption=self.preemption, report=False)
         if result.exit_code:
             raise SystemExit(result.exit_code)  # a signal stops the whole measurement
