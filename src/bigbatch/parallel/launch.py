@@ -17,8 +17,8 @@ Errors: bad input is one line and exit 2 here as in one process, printed once. W
 launcher can check is checked before torchrun starts (cli.py). A worker's own error goes
 through a folder the launcher makes (`LAUNCH_DIR_ENV`): a UsageError's message as
 `rank{R}.error`, any other exception's traceback as `rank{R}.crash` (report_to_launcher); when
-torchrun fails, the launcher raises the lowest rank's message as its own UsageError, or says
-in one line which rank crashed and where the log is. torchrun's own output (its banner, its
+torchrun fails, the launcher raises the first message as its own UsageError, or says in one
+line which rank crashed (or died of a signal: torchrun's report says so) and where the log is. torchrun's own output (its banner, its
 logging, the ChildFailedError report) goes to that log (`torchrun.log` in the run directory,
 else a temporary file): torchrun runs inside `run_torchrun`, which points Python's stderr at
 the log before torch is imported, while the file descriptors the workers inherit stay the
@@ -51,6 +51,7 @@ SHUTDOWN_GRACE_SECONDS = 300
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LAUNCH_DIR_ENV = "BIGBATCH_LAUNCH_DIR"  # where the workers leave their errors (docstring)
 LOG_NAME = "torchrun.log"
+KILLED = "killed"  # "RANK SIGNAL" lines: the ranks a signal killed (run_torchrun)
 
 
 def without_flag(args: list[str], flag: str) -> list[str]:
@@ -80,7 +81,19 @@ def run_torchrun(log: str, args: list[str]) -> None:
     warnings, the traceback of its ChildFailedError) appended to `log` (module docstring)."""
     sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 (open until the process ends)
     sys.argv = ["torchrun", *args]
-    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    except ChildFailedError as err:
+        # The ranks a signal killed left no report of their own. SIGTERM is left out: torchrun
+        # sends it to the ranks still running once one has failed, and lists them too.
+        killed = [f"{rank} {failure.signal_name()}\n" for rank, failure
+                  in sorted(err.failures.items())
+                  if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM]
+        with contextlib.suppress(KeyError, OSError):
+            (Path(os.environ[LAUNCH_DIR_ENV]) / KILLED).write_text("".join(killed))
+        raise
 
 
 def open_log(log_dir: Path | None) -> tuple[Path, bool]:
@@ -136,11 +149,15 @@ def failure(folder: Path, log: Path, code: int, temporary: bool) -> int:
     with log.open("a") as out:
         for rank, text in crashes:
             out.write(f"\nrank {rank}'s traceback:\n{text}")
-    if crashes:
+    killed = (folder / KILLED).read_text().split() if (folder / KILLED).exists() else []
+    if killed:  # the cause: the others' crashes then are only their collectives failing
+        what = (f"rank {killed[0]} died of {killed[1]}; the other ranks' tracebacks and "
+                "torchrun's report are in")
+    elif crashes:
         rank, text = crashes[0]
         what = (f"rank {rank} failed: {text.strip().splitlines()[-1]}; the traceback and "
                 "torchrun's report are in")
-    else:  # killed (SIGKILL, out of memory), or a worker that exited 1 with its own output
+    else:  # a worker that exited non-zero with its own output (verify: FAILED)
         what = f"a worker stopped (torchrun exited {code}); torchrun's report is in"
     print(f"bigbatch: error: {what} {log}", file=sys.stderr, flush=True)
     return code
