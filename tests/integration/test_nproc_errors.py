@@ -128,8 +128,8 @@ def test_a_killed_worker_is_one_line_naming_the_log(tmp_path, tiny_overrides):
     error line naming rank 1 and the log, which holds torchrun's report of the SIGKILL. Rank 0's
     own failure (its collective's peer is gone) is only in the log."""
     out, log = tmp_path / "run", tmp_path / "run" / "torchrun.log"
-    run = subprocess.Popen(cli_command("train", *small_args(tiny_overrides, "--train.max_steps=500"),
-                                       "--out", str(out), "--nproc", "2"),
+    args = [*small_args(tiny_overrides, "--train.max_steps=500"), "--out", str(out)]
+    run = subprocess.Popen(cli_command("train", *args, "--nproc", "2"),
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in run.stdout:  # rank 0's start-up lines: both ranks are past rendezvous

@@ -13,21 +13,21 @@ exits 128 + signal instead, the code one process gives. torchrun runs in a sessi
 so a terminal's Ctrl-C reaches it only through here and the workers get one signal, not two. A
 second signal goes straight to the workers, which then stop at once (preemption.py).
 
-Errors: bad input is one line and exit 2 here as in one process, printed once. What the
-launcher can check is checked before torchrun starts (cli.py). A worker's own error goes
-through a folder the launcher makes (`LAUNCH_DIR_ENV`): a UsageError's message as
-`rank{R}.error`, any other exception's traceback as `rank{R}.crash` (report_to_launcher); when
-torchrun fails, the launcher raises the first message as its own UsageError, or says in one
-line which rank crashed (or died of a signal: torchrun's report says so) and where the log is. torchrun's own output (its banner, its
-logging, the ChildFailedError report) goes to that log (`torchrun.log` in the run directory,
-else a temporary file): torchrun runs inside `run_torchrun`, which points Python's stderr at
-the log before torch is imported, while the file descriptors the workers inherit stay the
+Errors: bad input is one line and exit 2 here as in one process, printed once. What the launcher
+can check is checked before torchrun starts (cli.py). A worker's own error goes through a folder
+the launcher makes (`LAUNCH_DIR_ENV`): a UsageError's message as `rank{R}.error`, any other
+exception's traceback as `rank{R}.crash` (report_to_launcher); when torchrun fails, the launcher
+raises the first message as its own UsageError, or says in one line which rank crashed (or died
+of a signal: torchrun's report says so) and where the log is. torchrun's own output (its banner,
+its logging, the ChildFailedError report) goes to that log (`torchrun.log` in the run directory,
+else a temporary file): torchrun runs inside `run_torchrun`, which points Python's stderr at the
+log before torch is imported, while the file descriptors the workers inherit stay the
 terminal's, so their progress lines arrive live and unprefixed. Why not torchrun's own means:
 `--redirects`/`--tee` capture the workers' output, not torchrun's, and tee it back with rank
 prefixes; `TORCHELASTIC_ERROR_FILE` (`@record`) only adds a traceback to torchrun's report,
-which is still printed, and would tie the message to torch's JSON format. Left on the
-terminal: what C++ code in torchrun's process writes to the file descriptor itself (c10d store
-warnings), which is rare.
+which is still printed, and would tie the message to torch's JSON format. Left on the terminal:
+what C++ code in torchrun's process writes to the file descriptor itself (c10d store warnings),
+which is rare.
 """
 
 from __future__ import annotations
