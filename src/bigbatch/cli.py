@@ -170,8 +170,12 @@ def cmd_train(args: list[str]) -> int:
     out = Path(opts.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if opts.nproc is not None:  # every rank must get the same --out, so it is fixed here
         from bigbatch.parallel.launch import relaunch, without_flag
-        return relaunch("train", [*without_flag(args, "--out"), "--out", str(out)],
-                        _positive_int(opts.nproc, "--nproc"))
+        from bigbatch.run.resume import check_before_launch
+
+        nproc = _positive_int(opts.nproc, "--nproc")
+        check_before_launch(out, opts.resume, opts.overwrite)  # before torchrun, not per rank
+        return relaunch("train", [*without_flag(args, "--out"), "--out", str(out)], nproc,
+                        log_dir=out)
     from bigbatch.run.train import train  # not before: the --nproc launcher never needs torch
 
     # 128 + the signal number when SIGTERM/SIGINT stopped it early with a checkpoint, else 0.
@@ -202,7 +206,9 @@ def cmd_verify(args: list[str]) -> int:
     opts, overrides = parse_recipe_args(verify_parser(), args)
     if opts.nproc is not None:
         from bigbatch.parallel.launch import relaunch
-        return relaunch("verify", args, _positive_int(opts.nproc, "--nproc"))
+        nproc = _positive_int(opts.nproc, "--nproc")
+        load_config(opts.recipe, overrides)  # a bad recipe is refused before torchrun starts
+        return relaunch("verify", args, nproc)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also the distributed check
         from bigbatch.tools import verify_distributed
         return verify_distributed.main(load_config(opts.recipe, overrides), float64=opts.float64)
@@ -366,14 +372,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigbatch: error: unknown command {command!r}: choose one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from bigbatch.parallel.launch import launcher_folder, report_to_launcher
+
+    launcher = launcher_folder()  # a worker of `--nproc`: the launcher prints errors, once
     try:
         return COMMANDS[command](rest)
     except CommandDone as done:  # --help was answered
         return done.status
     except UsageError as err:
+        told = report_to_launcher(launcher, err)
         if "--debug" in rest:
             raise
-        print(f"bigbatch: error: {err}", file=sys.stderr)
+        if not told:
+            print(f"bigbatch: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a worker's crash: its traceback goes to the launcher's log
+        if "--debug" in rest or not report_to_launcher(launcher, err):
+            raise
+        return 1

@@ -13,10 +13,13 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bigbatch.errors import UsageError
-from bigbatch.parallel.process_group import DistInfo, broadcast_from_main
 from bigbatch.run.checkpoint_files import MANIFEST, NAME, list_checkpoints, verify_checkpoint
+
+if TYPE_CHECKING:  # torch only where it is used: the --nproc launcher checks without it
+    from bigbatch.parallel.process_group import DistInfo
 
 
 def newest_valid(directory: Path, warn: Callable[[str], None]) -> Path | None:
@@ -47,9 +50,13 @@ def find_resume_checkpoint(resume: str, out_dir: Path, warn: Callable[[str], Non
         return path
     found = newest_valid(path / "checkpoints", warn)
     if found is None:
-        raise UsageError(f"--resume {resume!r} is neither a checkpoint directory nor a run "
-                         "directory holding checkpoints: give one, or --resume auto")
+        raise not_resumable(resume)
     return found
+
+
+def not_resumable(resume: str) -> UsageError:
+    return UsageError(f"--resume {resume!r} is neither a checkpoint directory nor a run "
+                      "directory holding checkpoints: give one, or --resume auto")
 
 
 def agree_on_resume_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
@@ -60,6 +67,8 @@ def agree_on_resume_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo
     is raised on every rank, so none is left waiting for the others."""
     if resume is None:
         return None
+    from bigbatch.parallel.process_group import broadcast_from_main
+
     found, problem = None, None
     if dist.is_main:
         try:
@@ -87,23 +96,37 @@ def previous_run_outputs(out_dir: Path) -> list[str]:
     return found
 
 
-def check_out_dir(out_dir: Path, resume: str | None, overwrite: bool = False) -> None:
+def refuse_mixed_runs(out_dir: Path, resume: str | None, overwrite: bool) -> list[str]:
     """Refuse to mix a new run into a directory that holds another run's outputs: its
-    metrics.jsonl would be appended to, its report would draw two runs as one. `overwrite`
-    removes those outputs first (and only those: other files in the directory stay)."""
+    metrics.jsonl would be appended to, its report would draw two runs as one. Returns the
+    outputs `overwrite` is to remove (none when resuming)."""
     if overwrite and resume is not None:
         raise UsageError(f"--overwrite and --resume {resume} contradict each other: --resume "
                          "continues the run in --out, --overwrite discards it")
     found = previous_run_outputs(out_dir)
     if not found or resume is not None:
-        return
+        return []
     if not overwrite:
         newest = list_checkpoints(out_dir / "checkpoints")
         what = ", ".join(f"checkpoints/ (newest {newest[-1].name})" if name == "checkpoints"
                          else name for name in found)
         raise UsageError(f"--out {str(out_dir)!r} already holds a run ({what}): choose another "
                          "--out, add --resume auto to continue it, or --overwrite to replace it")
-    for name in found:
+    return found
+
+
+def check_before_launch(out_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """What `--nproc` refuses before torchrun starts, in one cheap look (no checksums, nothing
+    removed): rank 0 checks again, fully, in train()."""
+    refuse_mixed_runs(out_dir, resume, overwrite)
+    if resume not in (None, "auto") and not Path(resume).exists():
+        raise not_resumable(resume)
+
+
+def check_out_dir(out_dir: Path, resume: str | None, overwrite: bool = False) -> None:
+    """refuse_mixed_runs; `overwrite` removes the previous run's outputs first (and only those:
+    other files in the directory stay)."""
+    for name in refuse_mixed_runs(out_dir, resume, overwrite):
         path = out_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
