@@ -23,7 +23,6 @@ import io
 import math
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -37,8 +36,8 @@ from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.optim.muon import Muon, muon_update, newton_schulz_dtype
 from bigbatch.optim.registry import build_optimizer, trainable_parameters
-from bigbatch.planning.planner import count_optimizer_state
 from bigbatch.planning.memory import ModelDims
+from bigbatch.planning.planner import count_optimizer_state
 from bigbatch.run.checkpoint_state import load_optimizer_state, optimizer_state
 from bigbatch.tools.verify import (
     accumulated_gradients,
