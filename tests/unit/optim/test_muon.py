@@ -23,6 +23,7 @@ import io
 import math
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -265,3 +266,51 @@ def test_the_command_line_refuses_muon_under_fsdp_in_one_line():
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "parallel.strategy = 'fsdp' is invalid" in done.stderr
+
+
+@pytest.mark.slow  # torchrun: 2 processes
+def test_two_ddp_ranks_equal_one_process(tmp_path, monkeypatch):
+    """Every rank orthogonalises the same averaged gradient, so 2 ranks under DDP take the step
+    of one process over both halves (Newton-Schulz in fp32 in both: muon_dist_worker.py)."""
+    from bigbatch.optim import muon
+    from muon_dist_worker import fp32_newton_schulz, one_process
+
+    out = tmp_path / "ranks.pt"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "tests/muon_dist_worker.py", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(muon, "newton_schulz_dtype", fp32_newton_schulz)
+    expected = one_process()
+    ranks = torch.load(out)
+    assert ranks.keys() == expected.keys()
+    # Not qkv.bias: its key third has a gradient of exactly 0 in exact arithmetic (softmax is
+    # shift-invariant per query), so AdamW normalises rounding noise into full steps there.
+    names = [n for n in expected if not n.endswith("qkv.bias")]
+    assert max_relative_error([ranks[n] for n in names], [expected[n] for n in names]) < 1e-5
+
+
+@pytest.mark.slow  # three training runs
+def test_stop_and_resume_with_muon_and_wsd_matches_an_uninterrupted_run(tmp_path,
+                                                                         tiny_overrides):
+    """As test_resume.py: 3 steps, a stop, a resume into fresh objects give the rows and final
+    weights of 6 steps straight, bit for bit, with muon (2 layers) and a wsd cooldown that
+    starts before the stop."""
+    from bigbatch.run.train import train
+    from small_runs import StopAfter, metric_rows, small_config
+
+    extra = ("--optim.name=muon", "--model.n_layer=2", "--optim.decay=wsd",
+             "--optim.cooldown_fraction=0.6")
+    straight = train(small_config(tiny_overrides, *extra), tmp_path / "straight", verbose=False)
+    cfg = small_config(tiny_overrides, *extra, "--checkpoint.every_steps=2")
+    run_dir = tmp_path / "resumed"
+    first = train(cfg, run_dir, verbose=False, preemption=StopAfter(3))
+    assert first.state.step == 3
+    second = train(cfg, run_dir, verbose=False, resume="auto")
+    assert second.state.step == 6
+    rows = metric_rows(straight.out_dir)
+    assert metric_rows(run_dir) == rows
+    lrs = [row["lr"] for row in rows if "lr" in row]
+    assert lrs[1] == max(lrs) > lrs[2] > lrs[-1]  # the cooldown began before the stop
+    assert ((run_dir / "model.safetensors").read_bytes()
+            == (straight.out_dir / "model.safetensors").read_bytes())
