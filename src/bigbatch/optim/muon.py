@@ -4,7 +4,8 @@
 bf16 (`grad.bfloat16()` inside `_zeropower_via_newtonschulz`). On a GPU, or a CPU that
 multiplies bf16 natively (AVX-512 BF16 or AMX: the test engine/precision.py `native_bf16` makes
 for precision.dtype = "auto"), that is the fast path and torch's own step runs unchanged. On a
-CPU without them every bf16 matmul is emulated, slower than fp32 (BENCHMARKS.md), so there
+CPU without them every bf16 matmul is emulated, slower than fp32 (engine/precision.py's
+`slow_autocast_warning` says so for autocast), so there
 `Muon` runs the same update with the iteration in fp32: torch's `_single_tensor_muon`, line for
 line, with the dtype as an argument (tests/unit/optim/test_muon.py checks that, in bf16, it is
 torch's step bit for bit).
