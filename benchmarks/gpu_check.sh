@@ -3,8 +3,9 @@
 #
 #   1. the CUDA tests (tests/integration/test_cuda.py, pytest -m cuda)
 #   2. a short bf16 and a short fp16 `bigbatch train` on the GPU
-#   3. `bigbatch plan` of the default recipe with batch.micro_batch_size = "auto" on the GPU
-#   4. the training benchmark's GPU rows (benchmarks/bench_gpu.py -> BENCHMARKS.md, bench_gpu)
+#   3. a short bf16 `bigbatch train` with optim.name = "muon" and optim.decay = "wsd"
+#   4. `bigbatch plan` of the default recipe with batch.micro_batch_size = "auto" on the GPU
+#   5. the training benchmark's GPU rows (benchmarks/bench_gpu.py -> BENCHMARKS.md, bench_gpu)
 #
 # It uses the Python that holds the CUDA torch ($GPU_PYTHON, default python3): no venv, no
 # network. Packages that Python lacks (tomli_w) come as wheels from .gpu-wheels/ (fetched on a
@@ -32,25 +33,33 @@ if not torch.cuda.is_available():
 began=$SECONDS
 step() { echo; echo "== gpu-check $1 ($((SECONDS - began)) s so far)"; }
 
-step "1/4: CUDA tests"
+step "1/5: CUDA tests"
 "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/integration/test_cuda.py
 
 short_train() {  # a tiny GPT on the embedded corpus, 20 optimizer steps of 8,192 tokens
-    "$PY" -m bigbatch train configs/tiny.toml --train.device=cuda --precision.dtype="$1" \
+    name=$1; shift  # the run's name, then overrides: --precision.dtype first
+    "$PY" -m bigbatch train configs/tiny.toml --train.device=cuda "$@" \
         --train.max_steps=20 --train.eval_every=10 --train.eval_tokens=8192 \
-        --data.cache_dir="$SCRATCH/cache" --out "$SCRATCH/train-$1"
+        --data.cache_dir="$SCRATCH/cache" --out "$SCRATCH/train-$name"
 }
 for dtype in bf16 fp16; do
-    step "2/4: bigbatch train, $dtype"
-    if [ -n "$why_not" ]; then echo "skipped: $why_not"; else short_train "$dtype"; fi
+    step "2/5: bigbatch train, $dtype"
+    if [ -n "$why_not" ]; then echo "skipped: $why_not"; else
+        short_train "$dtype" --precision.dtype="$dtype"
+    fi
 done
 
-step "3/4: bigbatch plan, default recipe, micro_batch_size = auto"
+step "3/5: bigbatch train, muon + wsd, bf16 (Newton-Schulz in bf16 on the GPU)"
+if [ -n "$why_not" ]; then echo "skipped: $why_not"; else
+    short_train muon-wsd --precision.dtype=bf16 --optim.name=muon --optim.decay=wsd
+fi
+
+step "4/5: bigbatch plan, default recipe, micro_batch_size = auto"
 if [ -n "$why_not" ]; then echo "skipped: $why_not"; else
     "$PY" -m bigbatch plan --batch.micro_batch_size=auto --train.device=cuda
 fi
 
-step "4/4: training benchmark, GPU rows"
+step "5/5: training benchmark, GPU rows"
 "$PY" benchmarks/bench_gpu.py --rounds 1   # says itself when it skips
 
 echo

@@ -141,7 +141,9 @@ class BatchConfig:
 
 
 LR_SCALINGS = ("none", "linear", "sqrt")
-DECAYS = ("cosine", "linear", "constant")
+DECAYS = ("cosine", "linear", "constant", "wsd")
+COOLDOWN_SHAPES = ("1-sqrt", "linear")
+MUON_ADJUST_LRS = ("match_rms_adamw", "original")
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,24 @@ class OptimConfig:
     warmup_steps: int = option(6, "Linear warmup from ~0 to `lr` over this many steps (of "
                                    "batch.global_tokens tokens each: counted in tokens when the "
                                    "batch or sequence length ramps).")
-    decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)}.")
+    decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)} (wsd: "
+                                  "warmup-stable-decay, the peak until the last "
+                                  "`cooldown_fraction` of the steps, then a cooldown to the "
+                                  "floor; Hägele et al. 2024).")
     min_lr_ratio: float = option(0.1, "Floor of the decay, as a fraction of `lr`.")
+    cooldown_fraction: float = option(0.2, "wsd: the fraction of train.max_steps (counted in "
+                                           "tokens, like warmup) spent cooling down to the floor.")
+    cooldown_shape: str = option("1-sqrt", "wsd: the cooldown's shape: 1-sqrt (lr falls as 1 - "
+                                           "sqrt(progress), Hägele et al.'s best) | linear.")
+    muon_momentum: float = option(0.95, "muon: momentum of the Muon part (torch's default).")
+    muon_nesterov: bool = option(True, "muon: Nesterov momentum (torch's default).")
+    muon_ns_steps: int = option(5, "muon: Newton-Schulz iterations per step (torch's default; "
+                                   "coefficients 3.4445, -4.775, 2.0315).")
+    muon_adjust_lr: str = option(
+        "match_rms_adamw", "muon: match_rms_adamw (each matrix's step is lr x 0.2 sqrt(max(A, "
+                           "B)), an AdamW update's RMS, so adamw's lr and weight_decay carry "
+                           "over) | original (lr x sqrt(max(1, A / B)), Keller Jordan's: wants "
+                           "lr ~0.02, and torch's own default lr 1e-3 with it is ~20x too small).")
 
     def __post_init__(self) -> None:
         require(self.name in OPTIMIZERS, "optim.name", self.name,
@@ -193,6 +211,16 @@ class OptimConfig:
         require(self.decay in DECAYS, "optim.decay", self.decay, f"one of {DECAYS}")
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
                 "a number in [0, 1]")
+        require(0 < self.cooldown_fraction <= 1, "optim.cooldown_fraction",
+                self.cooldown_fraction, "a number in (0, 1]")
+        require(self.cooldown_shape in COOLDOWN_SHAPES, "optim.cooldown_shape",
+                self.cooldown_shape, f"one of {COOLDOWN_SHAPES}")
+        require(0 <= self.muon_momentum < 1, "optim.muon_momentum", self.muon_momentum,
+                "a number in [0, 1)")
+        require(1 <= self.muon_ns_steps < 100, "optim.muon_ns_steps", self.muon_ns_steps,
+                "an integer from 1 to 99")
+        require(self.muon_adjust_lr in MUON_ADJUST_LRS, "optim.muon_adjust_lr",
+                self.muon_adjust_lr, f"one of {MUON_ADJUST_LRS}")
 
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -328,6 +356,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        # Muon orthogonalises whole weight matrices: not FSDP's shards (torch's Muon reads the
+        # local shard as the matrix), and not LoRA's low-rank factors (the base weights it is
+        # for are frozen; the adapters train best under adamw).
+        if self.optim.name == "muon":
+            require(self.parallel.strategy == "ddp", "parallel.strategy", self.parallel.strategy,
+                    "ddp with optim.name = 'muon' (torch's Muon cannot orthogonalise FSDP's "
+                    "sharded matrices), or another optimizer with fsdp")
+            require(self.model.adapter == "none", "model.adapter", self.model.adapter,
+                    "none with optim.name = 'muon' (Muon updates whole weight matrices, which "
+                    "LoRA freezes; train adapters with adamw)")
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

@@ -38,8 +38,11 @@ class OptimizerContainer(torch.optim.Optimizer):
 
     @property
     def state(self) -> ChainMap:
-        """Every part's per-parameter state (read-only use: the parts are disjoint)."""
-        return ChainMap(*(optimizer.state for optimizer in self.optimizers))
+        """Every part's per-parameter state (read-only use: the parts are disjoint). Over plain
+        dict copies of the parts' maps (the per-parameter dicts themselves are the parts'): a
+        part's state is a defaultdict, and a look-up that reached the first part's with another
+        part's parameter would plant an empty entry there, which its state_dict() cannot name."""
+        return ChainMap(*(dict(optimizer.state) for optimizer in self.optimizers))
 
     def step(self, closure=None):
         loss = None

@@ -2,7 +2,8 @@
 
 An entry is one or more parts. A part is one torch optimizer over the trainable parameters that
 its rule takes (a predicate on (name, parameter)); each parameter goes to the first part that
-takes it. An entry of one part builds that plain torch optimizer (so its numerics and its
+takes it. A rule that needs the model (Muon's: the matrices of the repeated Transformer layers)
+is made from it when the optimizer is built or its state counted (`Part.takes_from_model`). An entry of one part builds that plain torch optimizer (so its numerics and its
 checkpoints are torch's own); an entry of several builds each part over its parameters and
 holds them in an `OptimizerContainer` (container.py), which steps, zeroes and saves as one
 optimizer (torchtitan's `OptimizersContainer`: e.g. Muon on hidden matrices, AdamW on the rest).
@@ -19,14 +20,16 @@ Adding an optimizer is one entry plus its tests: write a `build_...(params, cfg,
 returns the torch optimizer over `params` (importing torch inside it: the config room imports
 this module, and must not import torch), add `"name": single(build_..., state_tensors)` (or
 `combine(Part(...), ...)`) to OPTIMIZERS, and test that it builds, steps, saves and reloads
-(tests/unit/optim/test_optim_registry.py) and that the planner counts its state (tests/unit/planning/test_planner.py).
+(tests/unit/optim/test_optim_registry.py) and that the planner counts its state
+(tests/unit/planning/test_planner.py). "muon" is the example of a combination: its entry, its
+builder and its rule below, the torch optimizer in muon.py, its tests in test_muon.py.
 Any option it needs beyond OptimConfig's is a field of `OptimConfig` (config/sections.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # types only: torch loads when an optimizer is built; config sits above
@@ -38,6 +41,7 @@ if TYPE_CHECKING:  # types only: torch loads when an optimizer is built; config 
 NamedParameters = Sequence[tuple[str, "torch.nn.Parameter"]]
 BuildFn = Callable[[NamedParameters, "OptimConfig", "torch.device"], "torch.optim.Optimizer"]
 Rule = Callable[[str, Any], bool]
+ModelRule = Callable[["nn.Module"], Rule]
 
 
 def every_parameter(name: str, param: Any) -> bool:
@@ -57,11 +61,20 @@ class Part:
     build: BuildFn
     state_tensors: int
     takes: Rule = every_parameter
+    # A rule that needs the model (e.g. which parameters sit in its repeated Transformer
+    # layers): made from the model by `OptimizerEntry.for_model`, then used as `takes`.
+    takes_from_model: ModelRule | None = None
 
 
 @dataclass(frozen=True)
 class OptimizerEntry:
     parts: tuple[Part, ...]
+
+    def for_model(self, model: nn.Module) -> OptimizerEntry:
+        """This entry with every rule made from `model` (`Part.takes_from_model`) made."""
+        return OptimizerEntry(tuple(
+            replace(part, takes=part.takes_from_model(model), takes_from_model=None)
+            if part.takes_from_model else part for part in self.parts))
 
     def part_for(self, name: str, param: Any) -> Part:
         return next(part for part in self.parts if part.takes(name, param))
@@ -139,10 +152,42 @@ def build_lars(params: NamedParameters, cfg: OptimConfig, device: torch.device
                 trust_coefficient=cfg.trust_coefficient)
 
 
+def build_muon(params: NamedParameters, cfg: OptimConfig, device: torch.device
+               ) -> torch.optim.Optimizer:
+    """torch's Muon (optim/muon.py: Newton-Schulz in fp32 on a CPU without native bf16) at
+    `optim.lr`: under "match_rms_adamw" each matrix's step is lr x 0.2 sqrt(max(A, B)), the RMS
+    of an AdamW update, so AdamW's lr and weight decay carry over (Moonlight, torchtitan)."""
+    from bigbatch.optim.muon import Muon, newton_schulz_dtype
+
+    return Muon([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+                ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr,
+                ns_dtype=newton_schulz_dtype(device))
+
+
+def hidden_matrices(model: nn.Module) -> Rule:
+    """The rule of Muon's part: the 2-D weights inside the repeated Transformer layers, found
+    as FSDP finds them (layers.py). Embeddings, the output head (tied or not), norms, biases and
+    anything outside the layers (a pooler, a classifier) are left to the next part."""
+    from bigbatch.errors import UsageError
+    from bigbatch.optim.layers import transformer_layers
+
+    layers = transformer_layers(model)
+    if not layers:
+        raise UsageError("optim.name = 'muon' needs repeated Transformer layers (Muon takes "
+                         f"their matrices) and {type(model).__name__} has none bigbatch can "
+                         "find (a model of one layer?): a model of 2+ layers, or adamw")
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    return lambda name, p: p.dim() == 2 and id(p) in inside
+
+
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "adamw": single(build_adamw, state_tensors=2),  # exp_avg, exp_avg_sq
     "lamb": single(build_lamb, state_tensors=2),    # exp_avg, exp_avg_sq
     "lars": single(build_lars, state_tensors=1),    # momentum_buffer
+    "muon": combine(Part(build_muon, state_tensors=1,  # momentum_buffer
+                         takes_from_model=hidden_matrices),
+                    Part(build_adamw, state_tensors=2)),  # exp_avg, exp_avg_sq
     "sgd": single(build_sgd, state_tensors=1),      # momentum_buffer
 }
 
@@ -162,7 +207,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device
     """The optimizer `cfg.name` names over `model`'s trainable parameters: a plain torch
     optimizer for an entry of one part, an `OptimizerContainer` for a combination. Each group's
     base lr (the lr it was built with) is recorded for the schedule (`base_lrs`)."""
-    entry = optimizer_entry(cfg.name)
+    entry = optimizer_entry(cfg.name).for_model(model)
     params = trainable_parameters(model)
     if len(entry.parts) == 1:
         optimizer = entry.parts[0].build(params, cfg, device)
@@ -189,8 +234,8 @@ def record_base_lrs(optimizer: torch.optim.Optimizer) -> None:
     optimizer.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
 
-def state_elements(name: str, params: NamedParameters) -> int:
-    """The fp32 elements of optimizer state that `name` keeps for `params` (the trainable ones),
-    counted per parameter: a combination counts each part's own state."""
-    entry = optimizer_entry(name)
-    return sum(entry.state_tensors(n, p) * p.numel() for n, p in params)
+def state_elements(name: str, model: nn.Module) -> int:
+    """The fp32 elements of optimizer state that `name` keeps for `model`'s trainable
+    parameters, counted per parameter: a combination counts each part's own state."""
+    entry = optimizer_entry(name).for_model(model)
+    return sum(entry.state_tensors(n, p) * p.numel() for n, p in trainable_parameters(model))

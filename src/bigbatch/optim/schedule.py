@@ -1,5 +1,6 @@
-"""Learning-rate schedules, pure: linear warmup, then cosine, linear or constant decay to a floor;
-the peak scaled with the batch. `set_learning_rates` applies them to each parameter group's own
+"""Learning-rate schedules, pure: linear warmup, then cosine, linear or constant decay to a floor,
+or warmup-stable-decay (the peak, then a cooldown over the last steps); the peak scaled with the
+batch. `set_learning_rates` applies them to each parameter group's own
 base lr (torchtitan's schedulers recompute every group from its `base_lrs` the same way)."""
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ if TYPE_CHECKING:  # types only: the config room sits above this one
 
 
 def learning_rate(step: float, *, peak_lr: float, warmup_steps: int, total_steps: int,
-                  decay: str, min_lr_ratio: float) -> float:
+                  decay: str, min_lr_ratio: float, cooldown_fraction: float = 0.2,
+                  cooldown_shape: str = "1-sqrt") -> float:
     """The learning rate of optimizer step `step` (0-based; fractional under a batch ramp).
 
     Warmup: step s < W gets peak * (s + 1) / W, so the first step is near zero and the last
     warmup step (s = W - 1) is exactly the peak. Decay then runs from the peak at s = W - 1 to
-    the floor (peak * min_lr_ratio) at the last step s = total_steps - 1.
+    the floor (peak * min_lr_ratio) at the last step s = total_steps - 1; "wsd" holds the peak
+    and runs its cooldown over the last `cooldown_fraction` of the steps instead (`wsd`).
     """
     if step + 1 <= warmup_steps:  # for whole steps: step < W; a fractional step past W - 1
         # is in the decay already, so the warmup fraction never exceeds 1.
@@ -25,6 +28,10 @@ def learning_rate(step: float, *, peak_lr: float, warmup_steps: int, total_steps
         # ((peak * W) / W can be an ulp off, e.g. 3e-3 with W = 3).
         return peak_lr * ((step + 1) / warmup_steps)
     floor = peak_lr * min_lr_ratio
+    if decay == "wsd":
+        return wsd(step, peak_lr=peak_lr, floor=floor, warmup_steps=warmup_steps,
+                   total_steps=total_steps, cooldown_fraction=cooldown_fraction,
+                   cooldown_shape=cooldown_shape)
     decay_steps = total_steps - max(warmup_steps, 1)
     progress = 1.0 if decay_steps <= 0 else min(1.0, (step - max(warmup_steps - 1, 0)) / decay_steps)
     if decay == "constant":
@@ -34,6 +41,26 @@ def learning_rate(step: float, *, peak_lr: float, warmup_steps: int, total_steps
     if decay == "cosine":
         return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown decay {decay!r}")
+
+
+def wsd(step: float, *, peak_lr: float, floor: float, warmup_steps: int, total_steps: int,
+        cooldown_fraction: float, cooldown_shape: str) -> float:
+    """Warmup-stable-decay after warmup (Hägele et al. 2024, "Scaling Laws and Compute-Optimal
+    Training Beyond Fixed Training Durations"): the peak until the cooldown, which spans the
+    last C = cooldown_fraction x T steps, from the peak at s = T - 1 - C to the floor at
+    s = T - 1: lr = floor + (peak - floor) x (1 - sqrt(p)) for "1-sqrt", x (1 - p) for
+    "linear", p = (s - (T - 1 - C)) / C. A cooldown longer than the steps after warmup starts
+    where warmup ends (s = W - 1) instead."""
+    start = max(total_steps - 1 - cooldown_fraction * total_steps, warmup_steps - 1, 0)
+    length = total_steps - 1 - start
+    if step <= start:
+        return peak_lr
+    progress = 1.0 if length <= 0 else min(1.0, (step - start) / length)
+    if cooldown_shape == "1-sqrt":
+        return floor + (peak_lr - floor) * (1.0 - math.sqrt(progress))
+    if cooldown_shape == "linear":
+        return floor + (peak_lr - floor) * (1.0 - progress)
+    raise ValueError(f"unknown cooldown shape {cooldown_shape!r}")
 
 
 def scaled_peak_lr(lr: float, rule: str, batch_tokens: int, reference_tokens: int) -> float:
@@ -62,7 +89,8 @@ def describe_lr_scaling(lr: float, rule: str, batch_tokens: int, reference_token
 
 def learning_rate_at_tokens(tokens_end: int, *, step_tokens: int, peak_lr: float,
                             warmup_steps: int, total_steps: int, decay: str,
-                            min_lr_ratio: float) -> float:
+                            min_lr_ratio: float, cooldown_fraction: float = 0.2,
+                            cooldown_shape: str = "1-sqrt") -> float:
     """`learning_rate`, with the position counted in tokens: a step that ends at `tokens_end`
     training tokens sits at step (tokens_end / step_tokens - 1), in units of the full batch
     (`step_tokens` = batch.global_tokens). So warmup and decay span the same tokens whatever the
@@ -70,7 +98,8 @@ def learning_rate_at_tokens(tokens_end: int, *, step_tokens: int, peak_lr: float
     every step, tokens_end = (s + 1) x step_tokens and this is `learning_rate(s)` exactly."""
     return learning_rate(tokens_end / step_tokens - 1, peak_lr=peak_lr,
                          warmup_steps=warmup_steps, total_steps=total_steps, decay=decay,
-                         min_lr_ratio=min_lr_ratio)
+                         min_lr_ratio=min_lr_ratio, cooldown_fraction=cooldown_fraction,
+                         cooldown_shape=cooldown_shape)
 
 
 def step_learning_rate(opt: OptimConfig, *, batch_tokens: int, tokens_end: int,
@@ -85,7 +114,8 @@ def step_learning_rate(opt: OptimConfig, *, batch_tokens: int, tokens_end: int,
         peak_lr=scaled_peak_lr(opt.lr if base_lr is None else base_lr, opt.lr_scaling,
                                batch_tokens, reference),
         warmup_steps=opt.warmup_steps, total_steps=max_steps, decay=opt.decay,
-        min_lr_ratio=opt.min_lr_ratio)
+        min_lr_ratio=opt.min_lr_ratio, cooldown_fraction=opt.cooldown_fraction,
+        cooldown_shape=opt.cooldown_shape)
 
 
 def set_learning_rates(optimizer: Any, opt: OptimConfig, *, batch_tokens: int, tokens_end: int,

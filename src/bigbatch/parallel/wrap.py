@@ -16,7 +16,8 @@ time, then the root, which owns the embeddings, the final norm and the tied outp
 parameter, one unit). The layers are found, not named (`transformer_layers`): the classes a
 Hugging Face model lists in `_no_split_modules` that occur more than once (BERT's `BertLayer`,
 GPT-2's `GPT2Block`, Llama's `LlamaDecoderLayer`), else the children of the largest ModuleList of
-one class (the built-in GPT's `blocks`, most custom models).
+one class (the built-in GPT's `blocks`, most custom models). The rule lives in optim/layers.py:
+Muon (optim/muon.py) takes the matrices of the same layers.
 
 Under bf16 FSDP2's MixedPrecisionPolicy gathers bf16 parameters for compute and reduces
 gradients in fp32, so the all-gathers move half the bytes and no autocast copy of a gathered
@@ -38,29 +39,12 @@ import torch
 from torch import nn
 
 from bigbatch.config.sections import PARALLEL_STRATEGIES as STRATEGIES
+from bigbatch.optim.layers import transformer_layers
 from bigbatch.parallel.process_group import SYNC_EVERY_MICRO_STEP, DistInfo
 
 # torch.distributed.checkpoint, .fsdp and .device_mesh are imported where they are used: they
 # pull in DTensor and sympy, which took ~45% of a one-process run's start-up imports (measured
 # with `python -X importtime`), and a one-process run never needs them.
-
-
-def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated Transformer layers of `model`, outermost only, in model order."""
-    no_split = set(getattr(model, "_no_split_modules", None) or ())
-    counts: dict[str, int] = {}
-    for module in model.modules():
-        counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
-    repeated = {name for name in no_split if counts.get(name, 0) > 1}
-    if repeated:  # a single no-split module (BertEmbeddings) is not a layer: the root keeps it
-        layers = [m for m in model.modules() if type(m).__name__ in repeated]
-    else:
-        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
-                 and len({type(child) for child in m}) == 1]
-        layers = list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()),
-                          default=()))
-    inside = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
-    return [layer for layer in layers if id(layer) not in inside]
 
 
 def mixed_precision_policy(precision: str):

@@ -15,7 +15,7 @@ from bigbatch.config.units import format_bytes
 from bigbatch.engine.precision import with_resolved_dtype
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import resolve_attention
-from bigbatch.optim.registry import optimizer_entry, state_elements, trainable_parameters
+from bigbatch.optim.registry import optimizer_entry, state_elements
 from bigbatch.planning.budget import resolve_budget
 from bigbatch.planning.memory import ModelDims, Setup
 from bigbatch.planning.probe import ProbeRequest, ProbeResult, run_probe
@@ -163,7 +163,7 @@ def count_trainable(cfg: Config, dims: ModelDims) -> int:
 def count_optimizer_state(cfg: Config, dims: ModelDims) -> int:
     """The fp32 elements of state `optim.name` keeps for the meta model's trainable parameters,
     per parameter as the registry says (a combination: each parameter's part)."""
-    return state_elements(cfg.optim.name, trainable_parameters(meta_model(cfg, dims)))
+    return state_elements(cfg.optim.name, meta_model(cfg, dims))
 
 
 def apply_plan(cfg: Config, plan: MemoryPlan) -> Config:

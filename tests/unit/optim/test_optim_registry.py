@@ -120,7 +120,7 @@ def test_the_registry_and_the_config_import_without_torch():
 
 def test_optim_name_is_checked_against_the_registry(mixed):
     with pytest.raises(UsageError, match=r"optim.name = 'nope' is invalid: one of \('adamw', "
-                                         r"'lamb', 'lars', 'sgd', 'sgd\+adamw'\)"):
+                                         r"'lamb', 'lars', 'muon', 'sgd', 'sgd\+adamw'\)"):
         OptimConfig(name="nope")
     assert OptimConfig(name="sgd+adamw").name == "sgd+adamw"
 
