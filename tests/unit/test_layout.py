@@ -13,8 +13,8 @@ import bigbatch
 PACKAGE = Path(bigbatch.__file__).parent
 
 # Lowest first. A module may import modules of its own room and of rooms before it, never after.
-ROOMS = ["errors", "batch", "optim", "config", "model", "parallel", "engine", "data", "tasks",
-         "planning", "run", "report", "tools", "cli", "__main__", "__init__"]
+ROOMS = ["errors", "devices", "batch", "optim", "config", "model", "parallel", "engine", "data",
+         "tasks", "planning", "run", "report", "tools", "cli", "__main__", "__init__"]
 
 
 def module_name(path: Path) -> str:
@@ -81,8 +81,8 @@ def test_rooms_import_only_rooms_below_them():
 
 def test_the_top_level_is_rooms_only():
     entries = sorted(p.name for p in PACKAGE.iterdir() if p.name != "__pycache__")
-    assert entries == sorted(["__init__.py", "__main__.py", "batch.py", "cli.py", "errors.py",
-                              "config", "data", "model", "optim", "engine", "parallel", "planning",
+    assert entries == sorted(["__init__.py", "__main__.py", "batch.py", "cli.py", "devices.py",
+                              "errors.py", "config", "data", "model", "optim", "engine", "parallel", "planning",
                               "run", "report", "tasks", "tools"])
 
 

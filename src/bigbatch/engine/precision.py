@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bigbatch.config.sections import Config, PrecisionConfig
+from bigbatch.devices import native_bf16
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,19 +51,6 @@ class Precision:
         """For a loop of your own: "fp32", "bf16" (autocast), "fp16" (autocast and dynamic
         loss scaling, with precision.* defaults) or "auto" (resolve_dtype)."""
         return make_precision(PrecisionConfig(dtype=dtype), torch.device(device))
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Does `device` multiply bf16 natively (faster than fp32)?"""
-    if device.type == "cuda":  # planned from a machine without one: a GPU of this decade
-        return (not torch.cuda.is_available()
-                or torch.cuda.is_bf16_supported(including_emulation=False))
-    if device.type != "cpu":
-        return False
-    # torch.cpu's cpuinfo probes are private: no public torch API says whether oneDNN has a
-    # bf16 kernel for this CPU. Missing probes (another torch) count as "no": fp32 is safe.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[str, str]:

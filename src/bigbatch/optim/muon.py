@@ -2,7 +2,7 @@
 
 `torch.optim.Muon` orthogonalises each update with five quintic Newton-Schulz iterations in
 bf16 (`grad.bfloat16()` inside `_zeropower_via_newtonschulz`). On a GPU, or a CPU that
-multiplies bf16 natively (AVX-512 BF16 or AMX: the test engine/precision.py `native_bf16` makes
+multiplies bf16 natively (AVX-512 BF16 or AMX: the test devices.py `native_bf16` makes
 for precision.dtype = "auto"), that is the fast path and torch's own step runs unchanged. On a
 CPU without them every bf16 matmul is emulated, slower than fp32 (engine/precision.py's
 `slow_autocast_warning` says so for autocast), so there
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim._muon import _adjust_lr
 
+from bigbatch.devices import native_bf16
 from bigbatch.errors import UsageError
 
 
@@ -28,11 +29,7 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16 (torch's choice) unless `device` is a CPU without native bf16 matmuls: fp32."""
     if device.type != "cpu":
         return torch.bfloat16
-    # The probes engine/precision.py `native_bf16` asks (private torch.cpu cpuinfo; a torch
-    # without them counts as "no": fp32 is safe). optim sits below engine, so asked here too.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def newton_schulz(grad: Tensor, coefficients: tuple[float, float, float], steps: int,
