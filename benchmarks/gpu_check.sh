@@ -6,11 +6,14 @@
 #   3. a short bf16 `bigbatch train` with optim.name = "muon" and optim.decay = "wsd"
 #   4. `bigbatch plan` of the default recipe with batch.micro_batch_size = "auto" on the GPU
 #   5. the training benchmark's GPU rows (benchmarks/bench_gpu.py -> BENCHMARKS.md, bench_gpu)
+#   6. one optimizer step of Muon (bf16 Newton-Schulz) against AdamW's, the default recipe's GPT
+#      and GPT-2 small (benchmarks/bench_optim_step.py -> BENCHMARKS.md, bench_optim_step_cuda)
 #
 # It uses the Python that holds the CUDA torch ($GPU_PYTHON, default python3): no venv, no
 # network. Packages that Python lacks (tomli_w) come as wheels from .gpu-wheels/ (fetched on a
 # machine with network by `make gpu-wheels`) into a scratch site directory. Without a CUDA
-# device each GPU step says it is skipped and why, and the script still runs to its end.
+# device each GPU step says it is skipped and why, and the script still runs to its end; a step
+# that fails is named, the rest still run, and the script exits 1 at its end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PYTHON:-python3}
@@ -31,10 +34,13 @@ if not torch.cuda.is_available():
     print('this torch is built without CUDA' if torch.version.cuda is None
           else 'torch sees no CUDA device')")
 began=$SECONDS
-step() { echo; echo "== gpu-check $1 ($((SECONDS - began)) s so far)"; }
+failed=()  # a GPU is lent for minutes: a failing step is recorded and the next one still runs
+step() { echo; echo "== gpu-check $1 ($((SECONDS - began)) s so far)"; current=$1; }
+check() { "$@" || { echo "gpu-check: FAILED (exit $?): $current"; failed+=("$current"); }; }
+on_gpu() { if [ -n "$why_not" ]; then echo "skipped: $why_not"; else check "$@"; fi; }
 
-step "1/5: CUDA tests"
-"$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/integration/test_cuda.py
+step "1/6: CUDA tests"
+check "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/integration/test_cuda.py
 
 short_train() {  # a tiny GPT on the embedded corpus, 20 optimizer steps of 8,192 tokens
     name=$1; shift  # the run's name, then overrides: --precision.dtype first
@@ -43,24 +49,26 @@ short_train() {  # a tiny GPT on the embedded corpus, 20 optimizer steps of 8,19
         --data.cache_dir="$SCRATCH/cache" --out "$SCRATCH/train-$name"
 }
 for dtype in bf16 fp16; do
-    step "2/5: bigbatch train, $dtype"
-    if [ -n "$why_not" ]; then echo "skipped: $why_not"; else
-        short_train "$dtype" --precision.dtype="$dtype"
-    fi
+    step "2/6: bigbatch train, $dtype"
+    on_gpu short_train "$dtype" --precision.dtype="$dtype"
 done
 
-step "3/5: bigbatch train, muon + wsd, bf16 (Newton-Schulz in bf16 on the GPU)"
-if [ -n "$why_not" ]; then echo "skipped: $why_not"; else
-    short_train muon-wsd --precision.dtype=bf16 --optim.name=muon --optim.decay=wsd
-fi
+step "3/6: bigbatch train, muon + wsd, bf16 (Newton-Schulz in bf16 on the GPU)"
+on_gpu short_train muon-wsd --precision.dtype=bf16 --optim.name=muon --optim.decay=wsd
 
-step "4/5: bigbatch plan, default recipe, micro_batch_size = auto"
-if [ -n "$why_not" ]; then echo "skipped: $why_not"; else
-    "$PY" -m bigbatch plan --batch.micro_batch_size=auto --train.device=cuda
-fi
+step "4/6: bigbatch plan, default recipe, micro_batch_size = auto"
+on_gpu "$PY" -m bigbatch plan --batch.micro_batch_size=auto --train.device=cuda
 
-step "5/5: training benchmark, GPU rows"
-"$PY" benchmarks/bench_gpu.py --rounds 1   # says itself when it skips
+step "5/6: training benchmark, GPU rows"
+check "$PY" benchmarks/bench_gpu.py --rounds 1   # says itself when it skips
+
+step "6/6: optimizer step time, muon against adamw"
+check "$PY" benchmarks/bench_optim_step.py --device cuda   # says itself when it skips
 
 echo
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu-check: ${#failed[@]} step(s) FAILED in $((SECONDS - began)) s:"
+    printf '  %s\n' "${failed[@]}"
+    exit 1
+fi
 echo "gpu-check: done in $((SECONDS - began)) s${why_not:+ (GPU steps skipped: $why_not)}"

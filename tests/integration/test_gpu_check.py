@@ -22,9 +22,11 @@ def test_gpu_check_runs_to_its_end_without_a_gpu():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
     assert "7 skipped" in out and "needs a CUDA GPU: this torch is built without CUDA" in out
-    for step in ("1/5: CUDA tests", "2/5: bigbatch train, bf16", "2/5: bigbatch train, fp16",
-                 "3/5: bigbatch train, muon + wsd", "4/5: bigbatch plan", "5/5: training benchmark"):
+    for step in ("1/6: CUDA tests", "2/6: bigbatch train, bf16", "2/6: bigbatch train, fp16",
+                 "3/6: bigbatch train, muon + wsd", "4/6: bigbatch plan", "5/6: training benchmark",
+                 "6/6: optimizer step time"):
         assert step in out
     assert out.count("\nskipped: this torch is built without CUDA\n") == 4  # 3 trains, plan
     assert "bench_gpu: skipped: no CUDA device" in out
+    assert "bench_optim_step: skipped: no CUDA device" in out
     assert "gpu-check: done" in out

@@ -1,0 +1,168 @@
+"""One optimizer step of each optimizer against AdamW's: the cost Muon adds (Newton-Schulz on
+every hidden matrix) per step, on the GPT shapes users train. Table into BENCHMARKS.md.
+
+    python benchmarks/bench_optim_step.py                    # CPU: the default recipe's GPT
+    python benchmarks/bench_optim_step.py --device cuda      # + GPT-2 small (what gpu-check runs)
+
+Each variant builds the optimizer bigbatch builds (optim/registry.py) over the model's trainable
+parameters with fixed random gradients, steps `--warmup` times, then times `--steps` steps
+(CUDA: events after a synchronize); variants are interleaved in rounds with the order flipped every
+other round, and each ratio is the median of the per-round ratios against AdamW. On a CPU, Muon's
+Newton-Schulz runs in fp32 where bf16 is not native (optim/muon.py): the `muon, bf16 NS` row is
+then torch's own bf16 iteration, emulated, for comparison. A step is independent of the batch, so
+its share of a training step falls as the batch grows (bigbatch's point); the share column puts it
+against a training step's forward and backward at the given tokens per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import torch
+
+from bigbatch.config.sections import OptimConfig
+from bigbatch.devices import native_bf16
+from bigbatch.model.gpt import GPT, GPTShape
+from bigbatch.optim import muon as muon_module
+from bigbatch.optim.registry import build_optimizer
+from bench_train import command_line
+from common import loadavg, today, write_section
+
+SECTION = "bench_optim_step"
+SHAPES = {  # name -> (GPTShape, tokens per optimizer step the share column assumes)
+    "default recipe (10M)": (GPTShape(vocab_size=8192, seq_len=256, n_layer=4, n_head=6,
+                                      d_model=384), 65536),
+    "GPT-2 small (124M)": (GPTShape(vocab_size=50304, seq_len=1024, n_layer=12, n_head=12,
+                                    d_model=768), 524288),
+}
+
+
+@dataclasses.dataclass
+class Variant:
+    label: str
+    optimizer: str
+    ns_dtype: torch.dtype | None = None  # None: what bigbatch picks for the device
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def build(model: torch.nn.Module, variant: Variant, device: torch.device):
+    optimizer = build_optimizer(model, OptimConfig(name=variant.optimizer), device)
+    if variant.ns_dtype is not None:
+        for part in getattr(optimizer, "optimizers", [optimizer]):
+            if isinstance(part, muon_module.Muon):
+                part.ns_dtype = variant.ns_dtype
+    return optimizer
+
+
+def time_steps(optimizer, device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per optimizer step."""
+    for _ in range(warmup):
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            optimizer.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / steps
+    began = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    return (time.perf_counter() - began) / steps
+
+
+def train_step_seconds(model: GPT, shape: GPTShape, device: torch.device, tokens: int) -> float:
+    """A forward and backward of `tokens` tokens at 6 x parameters FLOPs per token, at the rate
+    of a bf16 (GPU) or default-dtype (CPU) matmul measured here: the share's denominator."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = 5 * 2 * n**3 / (time.perf_counter() - began)
+    params = sum(p.numel() for p in model.parameters())
+    return 6 * params * tokens / rate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_optim_step: skipped: no CUDA device")
+        return 0
+    device = torch.device(args.device)
+    shapes = SHAPES if device.type == "cuda" else dict(list(SHAPES.items())[:1])
+    rows = []
+    began = time.time()
+    for shape_name, (shape, tokens) in shapes.items():
+        torch.manual_seed(0)
+        model = GPT(shape).to(device)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        variants = [Variant("adamw", "adamw"), Variant("muon", "muon")]
+        if device.type == "cpu":
+            other = torch.float32 if native_bf16(device) else torch.bfloat16
+            variants.append(Variant(f"muon, {'fp32' if other == torch.float32 else 'bf16'} NS",
+                                    "muon", other))
+        for round_index in range(args.rounds):
+            order = variants if round_index % 2 == 0 else variants[::-1]
+            for variant in order:
+                optimizer = build(model, variant, device)
+                variant.times.append(time_steps(optimizer, device, args.warmup, args.steps))
+                del optimizer
+        fwd_bwd = train_step_seconds(model, shape, device, tokens)
+        adamw = variants[0]
+        for variant in variants:
+            ratio = statistics.median(t / a for t, a in zip(variant.times, adamw.times,
+                                                            strict=True))
+            step_ms = 1000 * statistics.median(variant.times)
+            rows.append(f"| {shape_name} | {variant.label} | {step_ms:.2f} | {ratio:.2f}x | "
+                        f"{100 * statistics.median(variant.times) / fwd_bwd:.1f}% of "
+                        f"{tokens:,} tokens |")
+            print(rows[-1], flush=True)
+    where = (torch.cuda.get_device_name() if device.type == "cuda"
+             else f"CPU ({cpu_model()}, native bf16: {native_bf16(device)}, "
+                  f"{torch.get_num_threads()} threads, load average {loadavg():.1f} at the end)")
+    lines = [
+        f"## Optimizer step time against AdamW ({SECTION}, {device.type})", "",
+        f"`{command_line()}`, {today()}, on {where}, torch {torch.__version__}; "
+        f"{time.time() - began:.0f} s. {args.rounds} rounds of {args.steps} steps after "
+        f"{args.warmup}, interleaved; ratio = median of per-round ratios to AdamW. Share = the "
+        "step's time against a forward + backward of that many tokens at this device's measured "
+        "matmul rate (6 x parameters FLOPs per token; a lower bound on the training step).", "",
+        "| model | optimizer | ms per step (median) | vs AdamW | share of a training step |",
+        "|---|---|---:|---:|---:|", *rows,
+    ]
+    markdown = "\n".join(lines)
+    print(markdown)
+    if not args.no_write:
+        write_section(f"{SECTION}_{device.type}", markdown)
+    return 0
+
+
+def cpu_model() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
