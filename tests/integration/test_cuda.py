@@ -151,7 +151,7 @@ def test_resume_on_cuda_equals_an_uninterrupted_run(own_text, tmp_path):
     from safetensors.torch import load_file
 
     saved = next((tmp_path / "resumed" / "checkpoints").glob("step-*")) / "rng.safetensors"
-    assert "torch_cuda" in load_file(str(saved))
+    assert "rank0.torch_cuda" in load_file(str(saved))  # each rank's own, rank-prefixed
     train(cfg, tmp_path / "resumed", verbose=False, resume="auto")
     rows, want = metric_rows(tmp_path / "resumed"), metric_rows(straight.out_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in want]
