@@ -69,6 +69,13 @@ def make_variants(args: argparse.Namespace) -> list[Variant]:
                     baseline_argv("hf_trainer_loop.py", "bf16", "--device=cuda"),
                     json_tokens_per_s, run),
         ]
+    # The fused loss kernel on the GPU, side by side with the standard loss `auto` picks there
+    # (engine/fused_loss.py: `auto` fuses on a CPU only).
+    variants.append(Variant("bigbatch_fused_50k", "bigbatch bf16, fused loss (vocab 50K)", "bf16",
+                            bigbatch_argv("bf16", "--train.device=cuda",
+                                          "--model.loss_kernel=fused"),
+                            bigbatch_tokens_per_s, Run(wide, args.global_tokens,
+                                                       args.warmup_steps, args.steps)))
     return variants
 
 
@@ -123,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios = [a / b for a, b in zip(by_key[f"bigbatch{suffix}"].speeds,
                                             by_key[f"{other}{suffix}"].speeds, strict=True)]
             lines.append(f"| bigbatch / {label}, bf16{tag} | {statistics.median(ratios):.2f}x |")
+    fused = [a / b for a, b in zip(by_key["bigbatch_fused_50k"].speeds, by_key["bigbatch_50k"].speeds,
+                                   strict=True)]
+    lines.append(f"| bigbatch fused loss / standard loss, vocab 50K | {statistics.median(fused):.2f}x |")
     markdown = "\n".join(lines)
     print(markdown)
     if not args.no_write:

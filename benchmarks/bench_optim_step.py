@@ -11,7 +11,7 @@ other round, and each ratio is the median of the per-round ratios against AdamW.
 Newton-Schulz runs in fp32 where bf16 is not native (optim/muon.py): the `muon, bf16 NS` row is
 then torch's own bf16 iteration, emulated, for comparison. A step is independent of the batch, so
 its share of a training step falls as the batch grows (bigbatch's point); the share column puts it
-against a training step's forward and backward at the given tokens per step.
+against the measured forward and backward of one global batch of the given tokens.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import time
 
 import torch
 
+from bench_train import command_line
 from bigbatch.config.sections import OptimConfig
 from bigbatch.devices import native_bf16
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.optim import muon as muon_module
 from bigbatch.optim.registry import build_optimizer
-from bench_train import command_line
 from common import loadavg, today, write_section
 
 SECTION = "bench_optim_step"
@@ -78,22 +78,30 @@ def time_steps(optimizer, device: torch.device, warmup: int, steps: int) -> floa
 
 
 def train_step_seconds(model: GPT, shape: GPTShape, device: torch.device, tokens: int) -> float:
-    """A forward and backward of `tokens` tokens at 6 x parameters FLOPs per token, at the rate
-    of a bf16 (GPU) or default-dtype (CPU) matmul measured here: the share's denominator."""
-    n = 4096 if device.type == "cuda" else 1024
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    torch.mm(a, b)
+    """Seconds for the forward and backward of `tokens` tokens, measured: a few micro-batches
+    of `rows` sequences (bf16 autocast on a GPU or a CPU with native bf16, else fp32), scaled to
+    `tokens`. The share's denominator: what the optimizer step is added to."""
+    rows = 8 if device.type == "cuda" else 2
+    dtype = (torch.bfloat16 if device.type == "cuda" or native_bf16(device) else torch.float32)
+    ids = torch.randint(0, shape.vocab_size, (rows, shape.seq_len + 1), device=device)
+
+    def forward_backward() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+
+    forward_backward()
+    repeats = 5 if device.type == "cuda" else 2
     if device.type == "cuda":
         torch.cuda.synchronize()
     began = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, b)
+    for _ in range(repeats):
+        forward_backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    rate = 5 * 2 * n**3 / (time.perf_counter() - began)
-    params = sum(p.numel() for p in model.parameters())
-    return 6 * params * tokens / rate
+    per_token = (time.perf_counter() - began) / (repeats * rows * shape.seq_len)
+    return per_token * tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape_name, (shape, tokens) in shapes.items():
         torch.manual_seed(0)
         model = GPT(shape).to(device)
+        fwd_bwd = train_step_seconds(model, shape, device, tokens)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         variants = [Variant("adamw", "adamw"), Variant("muon", "muon")]
@@ -127,14 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer = build(model, variant, device)
                 variant.times.append(time_steps(optimizer, device, args.warmup, args.steps))
                 del optimizer
-        fwd_bwd = train_step_seconds(model, shape, device, tokens)
         adamw = variants[0]
         for variant in variants:
             ratio = statistics.median(t / a for t, a in zip(variant.times, adamw.times,
                                                             strict=True))
             step_ms = 1000 * statistics.median(variant.times)
             rows.append(f"| {shape_name} | {variant.label} | {step_ms:.2f} | {ratio:.2f}x | "
-                        f"{100 * statistics.median(variant.times) / fwd_bwd:.1f}% of "
+                        f"{100 * statistics.median(variant.times) / fwd_bwd:.2f}% of "
                         f"{tokens:,} tokens |")
             print(rows[-1], flush=True)
     where = (torch.cuda.get_device_name() if device.type == "cuda"

@@ -30,8 +30,9 @@ class ModelConfig:
                                       "logits, then cross-entropy; checkpointed slices with "
                                       "loss_chunk_tokens) | fused (lm_head and cross-entropy "
                                       "chunk by chunk, gradients in forward, compiled: the "
-                                      "logits never exist whole) | auto (fused from a 32,768-"
-                                      "token vocabulary up, where it pays; not with FSDP).")
+                                      "logits never exist whole) | auto (fused on a CPU from a "
+                                      "32,768-token vocabulary up, where it pays; not on a GPU, "
+                                      "where it cost 22% at 50K; not with FSDP).")
     attention: str = option("auto", "Attention kernel: sdpa (scaled_dot_product_attention, "
                                     "flash where the device has it) | explicit (softmax(qk^T)v "
                                     "as plain ops: faster on CPU, keeps T x T probabilities) | "

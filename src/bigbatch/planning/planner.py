@@ -81,7 +81,7 @@ def plan_for_config(cfg: Config, vocab_size: int, *, world_size: int = 1, device
         from bigbatch.engine.fused_loss import resolve_loss_kernel
 
         loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, dims.vocab_size,
-                                          cfg.parallel.strategy, world_size)
+                                          cfg.parallel.strategy, world_size, device_type)
     base = Setup(micro_batch_size=1, precision=cfg.precision.dtype, optimizer=cfg.optim.name,
                  world_size=world_size, strategy=cfg.parallel.strategy, data_bytes=data_bytes,
                  loss_kernel=loss_kernel, optimizer_state_elements=state_elements)

@@ -133,6 +133,8 @@ def test_auto_uses_the_fused_kernel_from_its_vocabulary_up_and_never_under_fsdp(
     assert resolve_loss_kernel("auto", FUSED_MIN_VOCAB, "ddp", 4) == "fused"
     assert resolve_loss_kernel("auto", FUSED_MIN_VOCAB - 1, "ddp", 1) == "standard"
     assert resolve_loss_kernel("auto", 50304, "fsdp", 2) == "standard"
+    assert resolve_loss_kernel("auto", 50304, "ddp", 1, "cuda") == "standard"  # bench_gpu
+    assert resolve_loss_kernel("auto", 50304, "ddp", 1, "cpu") == "fused"
     assert resolve_loss_kernel("standard", 50304, "ddp", 1) == "standard"
     with pytest.raises(UsageError, match="loss_kernel = 'fused'.*fsdp"):
         resolve_loss_kernel("fused", 50304, "fsdp", 2)

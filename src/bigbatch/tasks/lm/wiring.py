@@ -128,7 +128,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
                                        cfg.model.checkpoint_every)  # before compile and DDP/FSDP
         loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, corpus.vocab_size,
-                                          cfg.parallel.strategy, dist.world_size)
+                                          cfg.parallel.strategy, dist.world_size, device.type)
     loss_sum_fn = make_loss_sum_fn(cfg.model.loss_chunk_tokens, loss_kernel)
     loader = TokenLoader(corpus.train_tokens, corpus.eot_id, split, dist.rank, cfg.train.seed)
     val_batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len,
