@@ -44,6 +44,7 @@ class Example:
     ids: np.ndarray   # (n,) int64 token ids
     loss: np.ndarray  # (n,) bool: this token is predicted with a loss (the response's)
     answer: str | None = None  # the reference response, for exact-match evaluation
+    prompt_length: int = 0     # ids before the (last) response: what generation starts from
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -133,7 +134,8 @@ def pair_example(row: dict[str, Any], number: int, fields: Fields, encode, eot_i
     ids = np.array([*prompt_ids, *response_ids, eot_id], dtype=np.int64)
     loss = np.zeros(len(ids), dtype=bool)
     loss[0 if loss_on_prompt else len(prompt_ids):] = True
-    return Example(ids, loss, answer=response)
+    return Example(ids, loss, answer=response if prompt_ids else None,  # nothing to continue
+                   prompt_length=len(prompt_ids))
 
 
 def chat_example(row: dict[str, Any], number: int, fields: Fields, tokenizer: Any,
@@ -166,7 +168,9 @@ def chat_example(row: dict[str, Any], number: int, fields: Fields, tokenizer: An
                              "turn by turn (a prefix of the conversation renders differently "
                              "from the start of the whole): give prompt/response rows instead")
         loss |= (starts >= len(before)) & (starts < len(through))
-    return Example(ids, loss, answer=str(messages[turns[-1]]["content"]))
+    prompt_length = int(np.searchsorted(starts, len(before)))  # `before` is the last turn's
+    return Example(ids, loss, answer=str(messages[turns[-1]]["content"]),
+                   prompt_length=prompt_length)
 
 
 def tokenize_rows(rows: list[dict[str, Any]], fields: Fields, tokenizer: Any, *,
