@@ -3,7 +3,7 @@
 
 Each rank takes its half of dist_worker.make_problem(2)'s global batch (ranks with very
 different target counts) and runs `STEPS` `train_step`s with `optim.name = "muon"`, under DDP
-and then under FSDP2; rank 0 saves each strategy's losses and full parameters. The GPT has
+and then under FSDP2 (each matrix orthogonalised by one rank, then by every rank); rank 0 saves each strategy's losses and full parameters. The GPT has
 d_model = 15, so FSDP's dim-0 shards of every Muon matrix are uneven over 2 ranks (qkv: 45 rows,
 23 + 22). Newton-Schulz runs in fp32 (`fp32_newton_schulz`) so that the comparison with one
 process is not bf16 rounding of a reduction-order ulp.
@@ -31,7 +31,8 @@ ODD_SHAPE = GPTShape(vocab_size=SHAPE.vocab_size, seq_len=SHAPE.seq_len, n_layer
                      d_model=15)
 K = 2  # micro-steps per rank; one process takes 2K
 STEPS = 3
-STRATEGIES = ("ddp", "fsdp")
+# "fsdp-repeated": every rank orthogonalises every matrix (Muon's spread=False) instead of one.
+STRATEGIES = ("ddp", "fsdp", "fsdp-repeated")
 
 
 def fp32_newton_schulz(device: torch.device) -> torch.dtype:
@@ -45,8 +46,9 @@ def run(info: DistInfo, rank: int, strategy: str = "ddp") -> dict:
     _, batches = make_problem(K)
     torch.manual_seed(0)
     model = GPT(ODD_SHAPE)
-    wrapped = parallelize(model, strategy, cpu, info)
+    wrapped = parallelize(model, strategy.removesuffix("-repeated"), cpu, info)
     optimizer = build_optimizer(model, MUON, cpu)
+    optimizer.optimizers[0].spread = not strategy.endswith("-repeated")
     share = len(batches) // info.world_size
     mine = batches[rank * share:(rank + 1) * share]
     precision = make_precision(PrecisionConfig(dtype="fp32"), cpu)

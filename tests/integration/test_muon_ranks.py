@@ -4,7 +4,8 @@ Invariants:
 - under DDP and under FSDP2, 3 muon steps on 2 ranks (each with its half of a global batch of
   very different target counts) give the losses and the weights of one process over the whole
   batch, to fp32 rounding; under FSDP the momentum buffer stays sharded like its parameter,
-  unevenly where the rows do not divide by 2 (muon_dist_worker.py);
+  unevenly where the rows do not divide by 2 (muon_dist_worker.py); one rank orthogonalising
+  each matrix and scattering it gives the weights of every rank orthogonalising all, bit for bit;
 - a `bigbatch train --nproc 2` run under FSDP with muon, stopped after its step-2 checkpoint
   and resumed on 2 ranks, logs every value and writes the final weights of the uninterrupted
   run bit for bit (the sharded momentum buffers go through torch.distributed.checkpoint).
@@ -70,6 +71,15 @@ def test_under_fsdp_the_momentum_buffer_stays_sharded_unevenly(two_ranks):
     """qkv's 45 x 15 buffer: rank 0 holds rows 0-22 (torch.chunk's split), a DTensor."""
     assert two_ranks["fsdp"]["qkv_buffer"] == ("DTensor", (45, 15), (23, 15))
     assert two_ranks["ddp"]["qkv_buffer"] == ("Tensor", (45, 15), (45, 15))
+
+
+def test_spreading_the_matrices_over_the_ranks_changes_no_bit(two_ranks):
+    """Every rank gathers the same whole update, so the rank that orthogonalises it computes
+    what each would have."""
+    spread, repeated = two_ranks["fsdp"], two_ranks["fsdp-repeated"]
+    assert spread["losses"] == repeated["losses"]
+    for name, weight in repeated["params"].items():
+        assert torch.equal(spread["params"][name], weight), name
 
 
 def test_fsdp_muon_stop_and_resume_is_bit_identical(tiny_overrides, tmp_path):
