@@ -19,7 +19,7 @@ Over ranks:
   (`Shard(0)`; the buffer stays sharded like its parameter, so torch.distributed.checkpoint
   saves and reloads it as FSDP's other optimizer state). Newton-Schulz needs the whole matrix
   (Moonlight's "distributed Muon"): each rank all-gathers the matrix's momentum update, one
-  rank orthogonalises it (matrix i on rank i mod world_size, so the ranks share the work), and
+  rank orthogonalises it (the matrices dealt over the ranks by their cost: `deal_matrices`), and
   scatters each rank its shard of the result (`distribute_tensor` with that rank as the source:
   torch's own split, uneven shards included); momentum, weight decay and the lr adjustment (by
   the whole matrix's shape: a DTensor's `shape`) stay local. BENCHMARKS.md ("Muon over ranks")
@@ -90,28 +90,44 @@ def muon_update(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor]
                                           group["eps"], dtype), group)
 
 
+def deal_matrices(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
+    """The rank that orthogonalises each matrix: largest first, each to the rank with the least
+    work so far (a matrix of m x n costs ~ min(m, n)^2 (2 max(m, n) + min(m, n)) per
+    Newton-Schulz iteration), so a GPT layer's four matrices of two sizes still split evenly.
+    Pure and deterministic: every rank deals the same."""
+    def cost(shape: tuple[int, int]) -> int:
+        small, large = sorted(shape)
+        return small * small * (2 * large + small)
+
+    owners, work = [0] * len(shapes), [0] * world_size
+    for index in sorted(range(len(shapes)), key=lambda i: -cost(shapes[i])):
+        owners[index] = min(range(world_size), key=lambda rank: work[rank])
+        work[owners[index]] += cost(shapes[index])
+    return owners
+
+
 @torch.no_grad()
-def sharded_muon_update(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor],
-                        group: dict, dtype: torch.dtype, first_index: int = 0,
-                        spread: bool = True) -> None:
-    """`muon_update` over DTensors on a 1-D mesh (FSDP2's): every rank calls it with the same
-    parameters in the same order (each matrix is a collective). Matrix `first_index + i` is
-    orthogonalised by rank (first_index + i) mod world_size and scattered from there; with
-    `spread=False` every rank orthogonalises every matrix and keeps its own shard."""
+def sharded_muon_update(matrices: list[tuple[Tensor, Tensor, Tensor, dict]],
+                        dtype: torch.dtype, spread: bool = True) -> None:
+    """`muon_update` over DTensors on a 1-D mesh (FSDP2's), each matrix given as (parameter,
+    gradient, momentum buffer, its group): every rank calls it with the same matrices in the
+    same order (each one is a collective). Each is orthogonalised by the rank `deal_matrices`
+    gives it and scattered from there; with `spread=False` every rank orthogonalises every
+    matrix and keeps its own shard."""
     from torch.distributed.tensor import distribute_tensor
 
-    for index, (param, grad, buffer) in enumerate(zip(params, grads, buffers, strict=True),
-                                                  start=first_index):
+    mesh = matrices[0][0].device_mesh
+    owners = (deal_matrices([tuple(m[0].shape) for m in matrices], mesh.size()) if spread
+              else [None] * len(matrices))
+    for (param, grad, buffer, group), owner in zip(matrices, owners, strict=True):
         update = momentum_update(grad, buffer, group)
-        mesh = update.device_mesh
         whole = update.full_tensor()  # all-gather
-        owner = index % mesh.size() if spread else None
         if owner is None or owner == mesh.get_local_rank():
             ortho = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"],
                                   group["eps"], dtype).contiguous()
         else:  # the shape the scatter expects; the owner's values replace it
             ortho = torch.empty(whole.shape, dtype=dtype, device=whole.device)
-        apply_update(param, distribute_tensor(ortho, mesh, update.placements,
+        apply_update(param, distribute_tensor(ortho, update.device_mesh, update.placements,
                                               src_data_rank=owner), group)
 
 
@@ -142,16 +158,19 @@ class Muon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        done = 0  # matrices stepped so far: the next one's owner continues the round
+        # (param, grad, buffer, group) of every group's sharded matrices, dealt over the
+        # ranks at once
+        sharded_matrices: list[tuple[Tensor, Tensor, Tensor, dict]] = []
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             buffers: list[Tensor] = []
             self._init_group(group, params, grads, buffers)
             if sharded:
-                sharded_muon_update(params, grads, buffers, group, self.ns_dtype, done,
-                                    self.spread)
+                sharded_matrices += [(p, g, b, group) for p, g, b in zip(params, grads, buffers,
+                                                                         strict=True)]
             else:
                 muon_update(params, grads, buffers, group, self.ns_dtype)
-            done += len(params)
+        if sharded_matrices:
+            sharded_muon_update(sharded_matrices, self.ns_dtype, self.spread)
         return loss
