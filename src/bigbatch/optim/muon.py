@@ -19,7 +19,8 @@ Over ranks:
   (`Shard(0)`; the buffer stays sharded like its parameter, so torch.distributed.checkpoint
   saves and reloads it as FSDP's other optimizer state). Newton-Schulz needs the whole matrix
   (Moonlight's "distributed Muon"): each rank all-gathers the matrix's momentum update, one
-  rank orthogonalises it (the matrices dealt over the ranks by their cost: `deal_matrices`), and
+  rank orthogonalises it (rounds of world_size matrices of about equal cost, one a rank, the
+  ranks at once: `newton_schulz_rounds`), and
   scatters each rank its shard of the result (`distribute_tensor` with that rank as the source:
   torch's own split, uneven shards included); momentum, weight decay and the lr adjustment (by
   the whole matrix's shape: a DTensor's `shape`) stay local. BENCHMARKS.md ("Muon over ranks")
@@ -90,20 +91,18 @@ def muon_update(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor]
                                           group["eps"], dtype), group)
 
 
-def deal_matrices(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
-    """The rank that orthogonalises each matrix: largest first, each to the rank with the least
-    work so far (a matrix of m x n costs ~ min(m, n)^2 (2 max(m, n) + min(m, n)) per
-    Newton-Schulz iteration), so a GPT layer's four matrices of two sizes still split evenly.
-    Pure and deterministic: every rank deals the same."""
-    def cost(shape: tuple[int, int]) -> int:
-        small, large = sorted(shape)
+def newton_schulz_rounds(shapes: list[tuple[int, int]], world_size: int) -> list[list[int]]:
+    """The matrices (indices into `shapes`) in rounds of `world_size`, the j-th of a round
+    orthogonalised by rank j while the others do theirs. Largest first (a matrix of m x n costs
+    ~ min(m, n)^2 (2 max(m, n) + min(m, n)) per iteration), so a round's matrices cost about
+    the same and no rank waits long for another; a round holds `world_size` whole matrices at a
+    time, not all of them. Pure and deterministic: every rank makes the same rounds."""
+    def cost(index: int) -> int:
+        small, large = sorted(shapes[index])
         return small * small * (2 * large + small)
 
-    owners, work = [0] * len(shapes), [0] * world_size
-    for index in sorted(range(len(shapes)), key=lambda i: -cost(shapes[i])):
-        owners[index] = min(range(world_size), key=lambda rank: work[rank])
-        work[owners[index]] += cost(shapes[index])
-    return owners
+    order = sorted(range(len(shapes)), key=cost, reverse=True)
+    return [order[start:start + world_size] for start in range(0, len(order), world_size)]
 
 
 @torch.no_grad()
@@ -111,24 +110,29 @@ def sharded_muon_update(matrices: list[tuple[Tensor, Tensor, Tensor, dict]],
                         dtype: torch.dtype, spread: bool = True) -> None:
     """`muon_update` over DTensors on a 1-D mesh (FSDP2's), each matrix given as (parameter,
     gradient, momentum buffer, its group): every rank calls it with the same matrices in the
-    same order (each one is a collective). Each is orthogonalised by the rank `deal_matrices`
-    gives it and scattered from there; with `spread=False` every rank orthogonalises every
+    same order (each round is collectives). Round by round (`newton_schulz_rounds`): all-gather
+    the round's updates, rank j orthogonalises the j-th (the ranks at once), and each result is
+    scattered in shards from its rank. With `spread=False` every rank orthogonalises every
     matrix and keeps its own shard."""
     from torch.distributed.tensor import distribute_tensor
 
     mesh = matrices[0][0].device_mesh
-    owners = (deal_matrices([tuple(m[0].shape) for m in matrices], mesh.size()) if spread
-              else [None] * len(matrices))
-    for (param, grad, buffer, group), owner in zip(matrices, owners, strict=True):
-        update = momentum_update(grad, buffer, group)
-        whole = update.full_tensor()  # all-gather
-        if owner is None or owner == mesh.get_local_rank():
-            ortho = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"],
-                                  group["eps"], dtype).contiguous()
-        else:  # the shape the scatter expects; the owner's values replace it
-            ortho = torch.empty(whole.shape, dtype=dtype, device=whole.device)
-        apply_update(param, distribute_tensor(ortho, update.device_mesh, update.placements,
-                                              src_data_rank=owner), group)
+    me = mesh.get_local_rank()
+    for round_ in newton_schulz_rounds([tuple(m[0].shape) for m in matrices], mesh.size()):
+        updates = [momentum_update(grad, buffer, group)
+                   for param, grad, buffer, group in (matrices[i] for i in round_)]
+        wholes = [update.full_tensor() for update in updates]  # all-gathers
+        for position, (index, update, whole) in enumerate(zip(round_, updates, wholes,
+                                                              strict=True)):
+            param, _, _, group = matrices[index]
+            owner = position if spread else None
+            if owner is None or owner == me:
+                ortho = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"],
+                                      group["eps"], dtype).contiguous()
+            else:  # the shape the scatter expects; the owner's values replace it
+                ortho = torch.empty(whole.shape, dtype=dtype, device=whole.device)
+            apply_update(param, distribute_tensor(ortho, mesh, update.placements,
+                                                  src_data_rank=owner), group)
 
 
 def is_dtensor(tensor: Tensor) -> bool:

@@ -9,8 +9,8 @@ Invariants:
   Newton-Schulz iteration with torch's coefficients, lr x 0.2 sqrt(max(A, B)), decoupled decay)
   to 1e-5; in bf16 the fp32-capable update is torch's own step bit for bit;
 - accumulation over 4 micro-steps gives the gradients of one big batch, and then the same step;
-- under FSDP the matrices are dealt over the ranks for Newton-Schulz so each rank's share of
-  the work is even (the default GPT's four matrix shapes split exactly in half);
+- under FSDP the matrices go to Newton-Schulz in rounds of one a rank, each matrix once, a
+  round's matrices of equal cost where the shapes allow (the default GPT's do);
 - the planner counts 1 state tensor per Muon parameter and 2 per AdamW one: exactly the state
   the built optimizer holds after a step;
 - a power-of-2 fp16 loss scale changes nothing; a checkpoint reloads and the run continues bit
@@ -37,7 +37,7 @@ from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT, GPTShape
-from bigbatch.optim.muon import Muon, deal_matrices, muon_update, newton_schulz_dtype
+from bigbatch.optim.muon import Muon, muon_update, newton_schulz_dtype, newton_schulz_rounds
 from bigbatch.optim.registry import build_optimizer, trainable_parameters
 from bigbatch.planning.memory import ModelDims
 from bigbatch.planning.planner import count_optimizer_state
@@ -165,18 +165,16 @@ def test_the_newton_schulz_dtype_is_bf16_only_where_the_cpu_multiplies_it_native
     assert newton_schulz_dtype(CPU) == torch.float32
 
 
-def test_the_matrices_are_dealt_over_the_ranks_evenly_by_their_cost():
+def test_newton_schulz_rounds_hold_one_matrix_a_rank_of_equal_cost():
     layer = [(1152, 384), (384, 384), (1536, 384), (384, 1536)]  # the default GPT's matrices
     shapes = layer * 4
-    owners = deal_matrices(shapes, 2)
-    cost = {s: min(s) ** 2 * (2 * max(s) + min(s)) for s in layer}
-    work = [sum(cost[s] for s, o in zip(shapes, owners, strict=True) if o == r) for r in (0, 1)]
-    assert work[0] == work[1]
-    # A plain round (matrix i on rank i mod 2) would give rank 0 both wide qkv and fc.
-    assert owners != [i % 2 for i in range(len(shapes))]
-    assert deal_matrices(shapes, 1) == [0] * len(shapes)
-    assert sorted(deal_matrices(layer, 4)) == [0, 1, 2, 3]  # one each
-    assert deal_matrices([(5, 3)], 2) == [0]
+    rounds = newton_schulz_rounds(shapes, 2)
+    assert sorted(i for r in rounds for i in r) == list(range(16))  # each matrix once
+    assert all(len(r) == 2 for r in rounds)
+    # Cost ~ min^2 (2 max + min): fc and its projection cost the same, so they pair up.
+    assert all({max(shapes[i]) for i in r} in ({1536}, {1152}, {384}) for r in rounds)
+    assert newton_schulz_rounds(shapes, 1) == [[i] for i in newton_schulz_rounds(shapes, 16)[0]]
+    assert newton_schulz_rounds([(5, 3)], 2) == [[0]]  # fewer matrices than ranks
 
 
 def test_accumulation_with_muon_equals_one_big_batch():
