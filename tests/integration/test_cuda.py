@@ -11,7 +11,8 @@ Invariants:
   out-of-memory as "out of memory" (caught in the probe, not a crash);
 - a run stopped by a signal and resumed on the GPU (CUDA tensors, CUDA RNG with dropout)
   logs what an uninterrupted run logs;
-- FSDP2 on one GPU (a 1-rank NCCL group) shards per layer and steps as the unwrapped model.
+- FSDP2 on one GPU (a 1-rank NCCL group) shards per layer and steps as the unwrapped model,
+  with SGD and with muon (sharded momentum, bf16 Newton-Schulz).
 """
 
 from __future__ import annotations
@@ -183,5 +184,45 @@ def test_fsdp_on_one_gpu_shards_per_layer_and_steps_as_the_plain_model(monkeypat
                                      strict=True):
             torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=1e-5, atol=1e-6,
                                        msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_muon_on_one_gpu_steps_as_the_plain_model_with_muon(monkeypatch):
+    """optim.name = "muon" under FSDP2 (a 1-rank NCCL group: the gather, Newton-Schulz in bf16
+    as on any GPU, the scatter) moves the weights as the unwrapped model's muon does. Bound: the
+    weights' change agrees to 2^-7 of its largest element: bf16 keeps 8 bits, so an ulp of
+    difference in a gradient (FSDP's reduce-scatter against none) can round Newton-Schulz's
+    result one bf16 step apart; a wrong algorithm (a lost momentum, a shard's lr) is ~1e-1."""
+    import torch.distributed as dist
+
+    from bigbatch.parallel.wrap import shard
+
+    monkeypatch.setitem(os.environ, "MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setitem(os.environ, "MASTER_PORT", "29518")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    try:
+        plain, sharded = tiny_gpt(device), shard(tiny_gpt(device), device, 1)
+        before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+        precision = make_precision(PrecisionConfig(dtype="fp32", tf32=False), device)
+        optimizers = []
+        for model in (plain, sharded):
+            optimizer = build_optimizer(model, OptimConfig(name="muon", warmup_steps=0), device)
+            assert optimizer.optimizers[0].ns_dtype == torch.bfloat16
+            for _ in range(2):
+                train_step(model, optimizer, micro_batches(2, device), precision=precision)
+            optimizers.append(optimizer)
+        buffer = optimizers[1].optimizers[0].state[sharded.blocks[0].attn.qkv.weight]
+        assert type(buffer["momentum_buffer"]).__name__ == "DTensor"
+        for (name, a), (_, b) in zip(plain.named_parameters(), sharded.named_parameters(),
+                                     strict=True):
+            if name.endswith("qkv.bias"):  # AdamW's; its key third's gradient is 0 in exact
+                continue  # arithmetic, so Adam turns rounding noise into full steps there
+            moved, moved_sharded = a.detach() - before[name], b.full_tensor() - before[name]
+            assert moved.abs().max() > 0, name
+            error = (moved_sharded - moved).abs().max() / moved.abs().max()
+            assert error <= 2**-7, (name, float(error))
     finally:
         dist.destroy_process_group()

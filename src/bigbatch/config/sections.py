@@ -358,13 +358,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        # Muon orthogonalises whole weight matrices: not FSDP's shards (torch's Muon reads the
-        # local shard as the matrix), and not LoRA's low-rank factors (the base weights it is
-        # for are frozen; the adapters train best under adamw).
+        # Muon orthogonalises whole weight matrices (under FSDP it gathers each: optim/muon.py),
+        # not LoRA's low-rank factors (the base weights it is for are frozen; the adapters train
+        # best under adamw).
         if self.optim.name == "muon":
-            require(self.parallel.strategy == "ddp", "parallel.strategy", self.parallel.strategy,
-                    "ddp with optim.name = 'muon' (torch's Muon cannot orthogonalise FSDP's "
-                    "sharded matrices), or another optimizer with fsdp")
             require(self.model.adapter == "none", "model.adapter", self.model.adapter,
                     "none with optim.name = 'muon' (Muon updates whole weight matrices, which "
                     "LoRA freezes; train adapters with adamw)")
