@@ -64,9 +64,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_index + 1} document_mask={masked}: {row}", flush=True)
     markdown = render(args, runs)
     print(markdown)
-    if not args.no_write:
-        write_section(SECTION, markdown)
+    if not args.no_write:  # the default recipe trains on the GPU where there is one
+        write_section(SECTION + ("_cuda" if gpu_name() else ""), markdown)
     return 0
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
 
 
 def render(args: argparse.Namespace, runs: dict[bool, list[dict[str, float]]]) -> str:
@@ -76,7 +82,8 @@ def render(args: argparse.Namespace, runs: dict[bool, list[dict[str, float]]]) -
     lines = [
         "## Document masking: cost and effect on the default recipe",
         "",
-        f"`{command_line()}` ({today()}; {machine_description()}). `bigbatch train` with no "
+        f"`{command_line()}` ({today()}; {gpu_name() or 'CPU'}; {machine_description()}). "
+        "`bigbatch train` with no "
         f"arguments but `--train.max_steps={args.steps}` and `--data.document_mask`, "
         f"{args.rounds} round(s), order alternated; other processes used up to {worst:.2f} "
         f"cores during a run{' (busy: tokens/s are noisy)' if worst > args.max_other_cores else ''}.",
