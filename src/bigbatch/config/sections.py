@@ -50,8 +50,9 @@ class DataConfig:
     document_mask: bool = option(False, "lm: attention stays within each document of a packed "
                                         "row and learned positions restart at each document "
                                         "(rows carry position_ids); off: a token attends to "
-                                        "earlier documents in its row too (BENCHMARKS.md, "
-                                        "bench_document_mask, says why the default).")
+                                        "earlier documents in its row too. Off until a "
+                                        "measurement shows it pays (BENCHMARKS.md, "
+                                        "bench_document_mask: so far inconclusive).")
     # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
     text_field: str = option("text", "The JSONL key or Parquet/datasets column of the text; "
                                      "classify: also the TSV/CSV header column.")
