@@ -12,7 +12,9 @@ Invariants:
 - a run stopped by a signal and resumed on the GPU (CUDA tensors, CUDA RNG with dropout)
   logs what an uninterrupted run logs;
 - FSDP2 on one GPU (a 1-rank NCCL group) shards per layer and steps as the unwrapped model,
-  with SGD and with muon (sharded momentum, bf16 Newton-Schulz).
+  with SGD and with muon (sharded momentum, bf16 Newton-Schulz);
+- document masking's CUDA path (flex_attention with a block mask, compiled) gives the logits and
+  gradients of the boolean-mask SDPA path.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import torch
 
 from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import OptimConfig, PrecisionConfig
+from bigbatch.data.packing import document_positions
 from bigbatch.engine.fused_loss import FusedLinearCrossEntropy, loss_and_grad
 from bigbatch.engine.precision import make_precision
-from bigbatch.engine.step import train_step
+from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.optim.registry import build_optimizer
 from bigbatch.parallel.process_group import DistInfo, init_process_group
@@ -226,3 +229,30 @@ def test_fsdp_muon_on_one_gpu_steps_as_the_plain_model_with_muon(monkeypatch):
             assert error <= 2**-7, (name, float(error))
     finally:
         dist.destroy_process_group()
+def test_document_mask_flex_equals_the_boolean_mask_forward_and_backward(monkeypatch):
+    """fp32 (TF32 off), rows of 256 tokens (two of flex's 128-token blocks) with documents of
+    assorted lengths: the compiled flex kernel skips whole blocks, the mask path computes them."""
+    device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    shape = GPTShape(vocab_size=512, seq_len=256, n_layer=2, n_head=4, d_model=64)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, shape.vocab_size, (4, shape.seq_len + 1), generator=gen)
+    tokens[torch.rand(tokens.shape, generator=gen) < 0.02] = 0  # end-of-text: id 0 here
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    batch = MicroBatch(inputs, targets, document_positions(inputs, 0)).to(device)
+    results = {}
+    for use_flex in (True, False):
+        torch.manual_seed(0)
+        model = GPT(shape).to(device)
+        assert model.uses_flex(device)
+        if not use_flex:
+            monkeypatch.setattr(model, "uses_flex", lambda _: False)
+        logits = model(**batch.model_inputs())
+        lm_loss_sum(model, batch).backward()
+        results[use_flex] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (flex_logits, flex_grads), (mask_logits, mask_grads) = results[True], results[False]
+    assert torch.allclose(flex_logits, mask_logits, rtol=0, atol=1e-4)
+    for name, grad in mask_grads.items():
+        error = (flex_grads[name] - grad).norm() / grad.norm()
+        assert error < 1e-4, (name, float(error))

@@ -47,6 +47,12 @@ class DataConfig:
                                            "tokens (tokens per micro-batch constant); 0 = off.")
     seq_len_start: int = option(0, "First sequence length of the warmup; must divide `seq_len` "
                                    "(lengths in between are the divisors of `seq_len`).")
+    document_mask: bool = option(False, "lm: attention stays within each document of a packed "
+                                        "row and learned positions restart at each document "
+                                        "(rows carry position_ids); off: a token attends to "
+                                        "earlier documents in its row too. Off until a "
+                                        "measurement shows it pays (BENCHMARKS.md, "
+                                        "bench_document_mask: so far inconclusive).")
     # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
     text_field: str = option("text", "The JSONL key or Parquet/datasets column of the text; "
                                      "classify: also the TSV/CSV header column.")
