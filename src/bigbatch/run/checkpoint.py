@@ -206,10 +206,13 @@ class Checkpointer:
         now = config_to_dict(self.cfg)
         if not branch:
             check_same_batch(path, meta["config"], now)
-        all_changes = config_changes(meta["config"], now)
-        extension = None if branch else check_extension(path, meta, now, all_changes)
         tensors = load_file(str(path / "model.safetensors"))
         self._check_compatible(path, meta, tensors)
+        all_changes = config_changes(meta["config"], now)
+        # A longer max_steps continues this run (--out) for longer; a checkpoint of another run
+        # directory starts a new run from its weights, whose schedule is its own (a note below).
+        own = path.parent.resolve() == self.directory.resolve()
+        extension = check_extension(path, meta, now, all_changes) if own and not branch else None
         # How often to checkpoint, how to spread the work over ranks and where metrics go
         # change no result (up to reduction order), so only the other settings are worth a note.
         changes = [c for c in all_changes if not c.startswith(RESULT_NEUTRAL)]

@@ -7,6 +7,8 @@ max_steps). The run therefore continues from its newest checkpoint before the co
 the Checkpointer keeps for that purpose (its state.json says `"before_cooldown": true`), and the
 schedule then ends at M, its cooldown moved to the new end: bit for bit the longer run. Cosine
 and linear decay depend on max_steps at every step, so they cannot be extended without a jump.
+This applies to a resume of the run in --out (`--resume auto`, or a PATH inside it); a checkpoint
+of another run directory starts a new run from its weights, with its own schedule.
 """
 
 from __future__ import annotations
