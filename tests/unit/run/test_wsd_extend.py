@@ -1,5 +1,5 @@
 """The checkpoints a wsd run keeps for an extension (run/checkpoint.py, run/extend.py); the
-whole extension against a run planned long from the start is tests/integration/test_wsd_extend.py.
+whole extension against a run planned long from the start is tests/integration/test_wsd_extend_run.py.
 
 Invariants, for a wsd run of 10 steps (cooldown past step 7, 0-based: steps 9 and 10):
 - with checkpointing on, the last state before the cooldown (step 8) is saved, marked in its
