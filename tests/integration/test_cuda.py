@@ -233,8 +233,10 @@ def test_document_mask_flex_equals_the_boolean_mask_forward_and_backward(monkeyp
     """fp32 (TF32 off), rows of 256 tokens (two of flex's 128-token blocks) with documents of
     assorted lengths: the compiled flex kernel skips whole blocks, the mask path computes them."""
     device = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    # The fp32_precision API, as the product's set_tf32 uses: the legacy allow_tf32 flags, read
+    # after an earlier test had set the new ones, made torch 2.11 refuse (the second GPU run).
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
     shape = GPTShape(vocab_size=512, seq_len=256, n_layer=2, n_head=4, d_model=64)
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(1, shape.vocab_size, (4, shape.seq_len + 1), generator=gen)
