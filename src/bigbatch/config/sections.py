@@ -154,7 +154,7 @@ MUON_ADJUST_LRS = ("match_rms_adamw", "original")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = option("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)} "
+    name: str = option("muon", f"Optimizer: one of {', '.join(OPTIMIZERS)} "
                                   "(optim/registry.py).")
     lr: float = option(1e-3, "Peak learning rate, reached at the end of warmup.")
     weight_decay: float = option(0.1, "Weight decay, applied to weights of 2+ dims only "
@@ -175,7 +175,7 @@ class OptimConfig:
     warmup_steps: int = option(6, "Linear warmup from ~0 to `lr` over this many steps (of "
                                    "batch.global_tokens tokens each: counted in tokens when the "
                                    "batch or sequence length ramps).")
-    decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)} (wsd: "
+    decay: str = option("wsd", f"Decay after warmup: one of {', '.join(DECAYS)} (wsd: "
                                   "warmup-stable-decay, the peak until the last "
                                   "`cooldown_fraction` of the steps, then a cooldown to the "
                                   "floor; Hägele et al. 2024).")
@@ -362,15 +362,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-    def __post_init__(self) -> None:
-        # Muon orthogonalises whole weight matrices (under FSDP it gathers each: optim/muon.py),
-        # not LoRA's low-rank factors (the base weights it is for are frozen; the adapters train
-        # best under adamw).
-        if self.optim.name == "muon":
-            require(self.model.adapter == "none", "model.adapter", self.model.adapter,
-                    "none with optim.name = 'muon' (Muon updates whole weight matrices, which "
-                    "LoRA freezes; train adapters with adamw)")
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

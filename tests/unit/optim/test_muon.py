@@ -16,7 +16,8 @@ Invariants:
 - a power-of-2 fp16 loss scale changes nothing; a checkpoint reloads and the run continues bit
   for bit; stop-and-resume of a whole run is exact (slow); 2 ranks under DDP and FSDP equal 1
   process (tests/integration/test_muon_ranks.py);
-- bad values, muon with LoRA, and a model without repeated layers are one-line errors; muon
+- bad values and a model without repeated layers are one-line errors; with LoRA every adapter
+  trains under AdamW (Muon takes nothing); muon
   under FSDP is accepted.
 """
 
@@ -256,7 +257,6 @@ def test_a_checkpoint_reloads_and_the_run_continues_bit_for_bit():
     ("--optim.muon_momentum=1.0", "optim.muon_momentum = 1.0 is invalid: a number in [0, 1)"),
     ("--optim.muon_ns_steps=0", "optim.muon_ns_steps = 0 is invalid: an integer from 1 to 99"),
     ("--optim.muon_adjust_lr=keller", "optim.muon_adjust_lr = 'keller' is invalid: one of"),
-    ("--model.adapter=lora", "model.adapter = 'lora' is invalid: none with optim.name = 'muon'"),
 ])
 def test_bad_muon_settings_are_one_line_errors(override, message):
     with pytest.raises(UsageError) as raised:
@@ -264,10 +264,37 @@ def test_bad_muon_settings_are_one_line_errors(override, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
+def test_with_lora_every_adapter_trains_under_adamw_and_muon_takes_nothing():
+    """LoRA freezes the whole matrices Muon is for; its low-rank factors go to AdamW."""
+    pytest.importorskip("peft")
+    from bigbatch.config.sections import ModelConfig
+    from bigbatch.model.adapters import apply_adapter
+
+    torch.manual_seed(0)
+    model = apply_adapter(GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=2, n_head=2,
+                                       d_model=16)),
+                          ModelConfig(adapter="lora", lora_rank=4), "causal-lm")
+    optimizer = build_optimizer(model, MUON, CPU)
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    assert not any(isinstance(part, Muon) for part in parts)
+    stepped = {id(p) for part in parts for group in part.param_groups for p in group["params"]}
+    adapters = {id(p) for name, p in trainable_parameters(model) if ".lora_" in name}
+    assert adapters and adapters <= stepped
+    assert stepped == {id(p) for _, p in trainable_parameters(model)}
+
+
 def test_a_model_without_repeated_layers_is_a_one_line_error():
-    one_layer = GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
+    no_layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     with pytest.raises(UsageError, match="needs repeated Transformer layers .* adamw$"):
-        build_optimizer(one_layer, MUON, CPU)
+        build_optimizer(no_layers, MUON, CPU)
+
+
+def test_a_one_layer_gpt_has_its_layer_s_matrices_under_muon():
+    one_layer = GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
+    optimizer = build_optimizer(one_layer, MUON, CPU)
+    [muon] = [part for part in optimizer.optimizers if isinstance(part, Muon)]
+    took = {id(p) for group in muon.param_groups for p in group["params"]}
+    assert took == {id(p) for p in one_layer.blocks[0].parameters() if p.dim() == 2}
 
 
 def test_muon_under_fsdp_is_accepted():
