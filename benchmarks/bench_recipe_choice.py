@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             out = scratch / f"{arm}-{budget}-{seed}"
             if (out / "model.safetensors").is_file() or args.analyse_only:
                 return
-            threads = "1" if args.device == "cpu" and args.jobs > 1 else "4"
+            threads = ("2" if args.device == "cuda"  # the card's host has cores for all jobs
+                       else "1" if args.jobs > 1 else "2")
             run = run_child(train_command(out, arm, budget, seed, args.device, cache),
                             scratch / f"{out.name}.log", env={"OMP_NUM_THREADS": threads})
             if run.returncode:

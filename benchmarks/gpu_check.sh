@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the CUDA path proven on a GPU, from a source checkout, in under 8 minutes.
+# `make gpu-check`: the CUDA path proven on a GPU, from a source checkout, in about 12 minutes (steps 1-6 in about 5).
 #
 #   1. the CUDA tests (tests/integration/test_cuda.py, pytest -m cuda)
 #   2. a short bf16 and a short fp16 `bigbatch train` on the GPU
@@ -8,6 +8,10 @@
 #   5. the training benchmark's GPU rows (benchmarks/bench_gpu.py -> BENCHMARKS.md, bench_gpu)
 #   6. one optimizer step of Muon (bf16 Newton-Schulz) against AdamW's, the default recipe's GPT
 #      and GPT-2 small (benchmarks/bench_optim_step.py -> BENCHMARKS.md, bench_optim_step_cuda)
+#   7. document masking's cost and effect on the default recipe, flex_attention on the GPU
+#      (benchmarks/bench_document_mask.py -> BENCHMARKS.md, bench_document_mask_cuda)
+#   8. the default recipe's optimizer and schedule: AdamW/Muon x cosine/WSD, 3 seeds, runs side
+#      by side on the card (benchmarks/bench_recipe_choice.py -> bench_recipe_choice_cuda)
 #
 # It uses the Python that holds the CUDA torch ($GPU_PYTHON, default python3): no venv, no
 # network. Packages that Python lacks (tomli_w) come as wheels from .gpu-wheels/ (fetched on a
@@ -39,7 +43,7 @@ step() { echo; echo "== gpu-check $1 ($((SECONDS - began)) s so far)"; current=$
 check() { "$@" || { echo "gpu-check: FAILED (exit $?): $current"; failed+=("$current"); }; }
 on_gpu() { if [ -n "$why_not" ]; then echo "skipped: $why_not"; else check "$@"; fi; }
 
-step "1/6: CUDA tests"
+step "1/8: CUDA tests"
 check "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider tests/integration/test_cuda.py
 
 short_train() {  # a tiny GPT on the embedded corpus, 20 optimizer steps of 8,192 tokens
@@ -49,21 +53,27 @@ short_train() {  # a tiny GPT on the embedded corpus, 20 optimizer steps of 8,19
         --data.cache_dir="$SCRATCH/cache" --out "$SCRATCH/train-$name"
 }
 for dtype in bf16 fp16; do
-    step "2/6: bigbatch train, $dtype"
+    step "2/8: bigbatch train, $dtype"
     on_gpu short_train "$dtype" --precision.dtype="$dtype"
 done
 
-step "3/6: bigbatch train, muon + wsd, bf16 (Newton-Schulz in bf16 on the GPU)"
+step "3/8: bigbatch train, muon + wsd, bf16 (Newton-Schulz in bf16 on the GPU)"
 on_gpu short_train muon-wsd --precision.dtype=bf16 --optim.name=muon --optim.decay=wsd
 
-step "4/6: bigbatch plan, default recipe, micro_batch_size = auto"
+step "4/8: bigbatch plan, default recipe, micro_batch_size = auto"
 on_gpu "$PY" -m bigbatch plan --batch.micro_batch_size=auto --train.device=cuda
 
-step "5/6: training benchmark, GPU rows"
+step "5/8: training benchmark, GPU rows"
 check "$PY" benchmarks/bench_gpu.py --rounds 1   # says itself when it skips
 
-step "6/6: optimizer step time, muon against adamw"
+step "6/8: optimizer step time, muon against adamw"
 check "$PY" benchmarks/bench_optim_step.py --device cuda   # says itself when it skips
+
+step "7/8: document masking on the default recipe (flex_attention)"
+on_gpu "$PY" benchmarks/bench_document_mask.py --steps 30 --rounds 1
+
+step "8/8: the default recipe's optimizer and schedule, 3 seeds"
+check "$PY" benchmarks/bench_recipe_choice.py --device cuda --jobs 12 --seeds 3 --budgets 30 20
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then

@@ -61,26 +61,39 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 @dataclass
 class MicroBatch:
     """Token ids and their next-token targets; `num_targets()` counts the ones with a loss.
-    Every field is a tensor with one row per sequence: `to()` and `first_rows()` carry all of
-    them, so a field added here travels with the batch everywhere."""
+    Every field is a tensor with one row per sequence (or None where unset): `to()` and
+    `first_rows()` carry all of them, so a field added here travels with the batch everywhere.
+
+    `position_ids`, where set, say where the row's documents start: each token's position inside
+    its document, 0 at every document's first token (and at the row's first, which may be inside
+    one). A model given them attends within a document only (document masking; Hugging Face's
+    packed-sequence convention, which transformers detects from these same positions)."""
 
     inputs: torch.Tensor   # (micro_batch_size, seq_len) token ids
     targets: torch.Tensor  # same shape; IGNORE_INDEX where no loss is taken
+    position_ids: torch.Tensor | None = None  # same shape; restart at 0 at each document
 
     def num_targets(self) -> torch.Tensor:
         return (self.targets != IGNORE_INDEX).sum()
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The model's forward keyword arguments (Hugging Face's names)."""
-        return {"input_ids": self.inputs}
+        """The model's forward keyword arguments (Hugging Face's names); a field left None is
+        not passed, so a model that never takes it is called as before."""
+        inputs = {"input_ids": self.inputs}
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
 
     def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(*(to_device(getattr(self, f.name), device)
-                            for f in dataclasses.fields(self)))
+        return self._each(lambda tensor: to_device(tensor, device))
 
     def first_rows(self, count: int) -> MicroBatch:
         """The first `count` sequences, every field cut alike."""
-        return MicroBatch(*(getattr(self, f.name)[:count] for f in dataclasses.fields(self)))
+        return self._each(lambda tensor: tensor[:count])
+
+    def _each(self, change) -> MicroBatch:
+        return MicroBatch(*(None if getattr(self, f.name) is None else change(getattr(self, f.name))
+                            for f in dataclasses.fields(self)))
 
 
 @dataclass(frozen=True)

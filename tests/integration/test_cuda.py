@@ -11,7 +11,10 @@ Invariants:
   out-of-memory as "out of memory" (caught in the probe, not a crash);
 - a run stopped by a signal and resumed on the GPU (CUDA tensors, CUDA RNG with dropout)
   logs what an uninterrupted run logs;
-- FSDP2 on one GPU (a 1-rank NCCL group) shards per layer and steps as the unwrapped model.
+- FSDP2 on one GPU (a 1-rank NCCL group) shards per layer and steps as the unwrapped model,
+  with SGD and with muon (sharded momentum, bf16 Newton-Schulz);
+- document masking's CUDA path (flex_attention with a block mask, compiled) gives the logits and
+  gradients of the boolean-mask SDPA path.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import torch
 
 from bigbatch.batch import MicroBatch
 from bigbatch.config.sections import OptimConfig, PrecisionConfig
+from bigbatch.data.packing import document_positions
 from bigbatch.engine.fused_loss import FusedLinearCrossEntropy, loss_and_grad
 from bigbatch.engine.precision import make_precision
-from bigbatch.engine.step import train_step
+from bigbatch.engine.step import lm_loss_sum, train_step
 from bigbatch.model.gpt import GPT, GPTShape
 from bigbatch.optim.registry import build_optimizer
 from bigbatch.parallel.process_group import DistInfo, init_process_group
@@ -185,3 +189,72 @@ def test_fsdp_on_one_gpu_shards_per_layer_and_steps_as_the_plain_model(monkeypat
                                        msg=name)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_muon_on_one_gpu_steps_as_the_plain_model_with_muon(monkeypatch):
+    """optim.name = "muon" under FSDP2 (a 1-rank NCCL group: the gather, Newton-Schulz in bf16
+    as on any GPU, the scatter) moves the weights as the unwrapped model's muon does. Bound: the
+    weights' change agrees to 2^-7 of its largest element: bf16 keeps 8 bits, so an ulp of
+    difference in a gradient (FSDP's reduce-scatter against none) can round Newton-Schulz's
+    result one bf16 step apart; a wrong algorithm (a lost momentum, a shard's lr) is ~1e-1."""
+    import torch.distributed as dist
+
+    from bigbatch.parallel.wrap import shard
+
+    monkeypatch.setitem(os.environ, "MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setitem(os.environ, "MASTER_PORT", "29518")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    try:
+        plain, sharded = tiny_gpt(device), shard(tiny_gpt(device), device, 1)
+        before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+        precision = make_precision(PrecisionConfig(dtype="fp32", tf32=False), device)
+        optimizers = []
+        for model in (plain, sharded):
+            optimizer = build_optimizer(model, OptimConfig(name="muon", warmup_steps=0), device)
+            assert optimizer.optimizers[0].ns_dtype == torch.bfloat16
+            for _ in range(2):
+                train_step(model, optimizer, micro_batches(2, device), precision=precision)
+            optimizers.append(optimizer)
+        buffer = optimizers[1].optimizers[0].state[sharded.blocks[0].attn.qkv.weight]
+        assert type(buffer["momentum_buffer"]).__name__ == "DTensor"
+        for (name, a), (_, b) in zip(plain.named_parameters(), sharded.named_parameters(),
+                                     strict=True):
+            if name.endswith("qkv.bias"):  # AdamW's; its key third's gradient is 0 in exact
+                continue  # arithmetic, so Adam turns rounding noise into full steps there
+            moved, moved_sharded = a.detach() - before[name], b.full_tensor() - before[name]
+            assert moved.abs().max() > 0, name
+            error = (moved_sharded - moved).abs().max() / moved.abs().max()
+            assert error <= 2**-7, (name, float(error))
+    finally:
+        dist.destroy_process_group()
+def test_document_mask_flex_equals_the_boolean_mask_forward_and_backward(monkeypatch):
+    """fp32 (TF32 off), rows of 256 tokens (two of flex's 128-token blocks) with documents of
+    assorted lengths: the compiled flex kernel skips whole blocks, the mask path computes them."""
+    device = torch.device("cuda", 0)
+    # The fp32_precision API, as the product's set_tf32 uses: the legacy allow_tf32 flags, read
+    # after an earlier test had set the new ones, made torch 2.11 refuse (the second GPU run).
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
+    shape = GPTShape(vocab_size=512, seq_len=256, n_layer=2, n_head=4, d_model=64)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, shape.vocab_size, (4, shape.seq_len + 1), generator=gen)
+    tokens[torch.rand(tokens.shape, generator=gen) < 0.02] = 0  # end-of-text: id 0 here
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    batch = MicroBatch(inputs, targets, document_positions(inputs, 0)).to(device)
+    results = {}
+    for use_flex in (True, False):
+        torch.manual_seed(0)
+        model = GPT(shape).to(device)
+        assert model.uses_flex(device)
+        if not use_flex:
+            monkeypatch.setattr(model, "uses_flex", lambda _: False)
+        logits = model(**batch.model_inputs())
+        lm_loss_sum(model, batch).backward()
+        results[use_flex] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (flex_logits, flex_grads), (mask_logits, mask_grads) = results[True], results[False]
+    assert torch.allclose(flex_logits, mask_logits, rtol=0, atol=1e-4)
+    for name, grad in mask_grads.items():
+        error = (flex_grads[name] - grad).norm() / grad.norm()
+        assert error < 1e-4, (name, float(error))

@@ -21,12 +21,14 @@ def test_gpu_check_runs_to_its_end_without_a_gpu():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
-    assert "7 skipped" in out and "needs a CUDA GPU: this torch is built without CUDA" in out
-    for step in ("1/6: CUDA tests", "2/6: bigbatch train, bf16", "2/6: bigbatch train, fp16",
-                 "3/6: bigbatch train, muon + wsd", "4/6: bigbatch plan", "5/6: training benchmark",
-                 "6/6: optimizer step time"):
+    assert "9 skipped" in out and "needs a CUDA GPU: this torch is built without CUDA" in out
+    for step in ("1/8: CUDA tests", "2/8: bigbatch train, bf16", "2/8: bigbatch train, fp16",
+                 "3/8: bigbatch train, muon + wsd", "4/8: bigbatch plan", "5/8: training benchmark",
+                 "6/8: optimizer step time", "7/8: document masking", "8/8: the default recipe"):
         assert step in out
-    assert out.count("\nskipped: this torch is built without CUDA\n") == 4  # 3 trains, plan
+    assert out.count("\nskipped: this torch is built without CUDA\n") == 5  # 3 trains, plan,
+    # document masking
     assert "bench_gpu: skipped: no CUDA device" in out
     assert "bench_optim_step: skipped: no CUDA device" in out
+    assert "bench_recipe_choice: skipped: no CUDA device" in out
     assert "gpu-check: done" in out

@@ -47,6 +47,12 @@ class DataConfig:
                                            "tokens (tokens per micro-batch constant); 0 = off.")
     seq_len_start: int = option(0, "First sequence length of the warmup; must divide `seq_len` "
                                    "(lengths in between are the divisors of `seq_len`).")
+    document_mask: bool = option(False, "lm: attention stays within each document of a packed "
+                                        "row and learned positions restart at each document "
+                                        "(rows carry position_ids); off: a token attends to "
+                                        "earlier documents in its row too. Off until a "
+                                        "measurement shows it pays (BENCHMARKS.md, "
+                                        "bench_document_mask: so far inconclusive).")
     # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
     text_field: str = option("text", "The JSONL key or Parquet/datasets column of the text; "
                                      "classify: also the TSV/CSV header column.")
@@ -148,7 +154,7 @@ MUON_ADJUST_LRS = ("match_rms_adamw", "original")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = option("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)} "
+    name: str = option("muon", f"Optimizer: one of {', '.join(OPTIMIZERS)} "
                                   "(optim/registry.py).")
     lr: float = option(1e-3, "Peak learning rate, reached at the end of warmup.")
     weight_decay: float = option(0.1, "Weight decay, applied to weights of 2+ dims only "
@@ -169,7 +175,7 @@ class OptimConfig:
     warmup_steps: int = option(6, "Linear warmup from ~0 to `lr` over this many steps (of "
                                    "batch.global_tokens tokens each: counted in tokens when the "
                                    "batch or sequence length ramps).")
-    decay: str = option("cosine", f"Decay after warmup: one of {', '.join(DECAYS)} (wsd: "
+    decay: str = option("wsd", f"Decay after warmup: one of {', '.join(DECAYS)} (wsd: "
                                   "warmup-stable-decay, the peak until the last "
                                   "`cooldown_fraction` of the steps, then a cooldown to the "
                                   "floor; Hägele et al. 2024).")
@@ -356,18 +362,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-    def __post_init__(self) -> None:
-        # Muon orthogonalises whole weight matrices: not FSDP's shards (torch's Muon reads the
-        # local shard as the matrix), and not LoRA's low-rank factors (the base weights it is
-        # for are frozen; the adapters train best under adamw).
-        if self.optim.name == "muon":
-            require(self.parallel.strategy == "ddp", "parallel.strategy", self.parallel.strategy,
-                    "ddp with optim.name = 'muon' (torch's Muon cannot orthogonalise FSDP's "
-                    "sharded matrices), or another optimizer with fsdp")
-            require(self.model.adapter == "none", "model.adapter", self.model.adapter,
-                    "none with optim.name = 'muon' (Muon updates whole weight matrices, which "
-                    "LoRA freezes; train adapters with adamw)")
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bigbatch.batch import IGNORE_INDEX, BatchSplit, MicroBatch, StepShape
-from bigbatch.data.packing import gather_windows, num_windows
+from bigbatch.data.packing import num_windows, window_batch
 from bigbatch.data.window_order import WindowOrder
 from bigbatch.errors import UsageError
 
@@ -72,7 +72,7 @@ class TokenLoader:
     """The training stream of one rank: `next_step()` returns its micro-batches for one step."""
 
     def __init__(self, tokens: np.ndarray, eot_id: int, split: BatchSplit, rank: int,
-                 seed: int) -> None:
+                 seed: int, document_mask: bool = False) -> None:
         windows = num_windows(len(tokens), split.seq_len)
         if windows < split.global_sequences:
             raise UsageError(f"the training split holds {windows} sequences of "
@@ -80,6 +80,7 @@ class TokenLoader:
                              f"({split.global_sequences}): lower batch.global_tokens or "
                              "data.seq_len, or give more text")
         self.tokens, self.eot_id, self.split, self.rank = tokens, eot_id, split, rank
+        self.document_mask = document_mask
         self.sampler = GlobalBatchSampler(windows, split.global_sequences, seed)
         self.last_step_tokens = 0
 
@@ -92,8 +93,8 @@ class TokenLoader:
             num_micro_steps * split.micro_batch_size * split.world_size)
         self.last_step_tokens = len(global_batch) * split.seq_len  # all ranks, for tokens/s
         piece_len = shape.seq_len if shape else None
-        return [MicroBatch(*gather_windows(self.tokens, idx, split.seq_len, self.eot_id,
-                                           piece_len))
+        return [window_batch(self.tokens, idx, split.seq_len, self.eot_id, piece_len,
+                             self.document_mask)
                 for idx in shard_micro_batches(global_batch, self.rank, split.world_size,
                                                split.micro_batch_size)]
 
@@ -105,7 +106,8 @@ class TokenLoader:
 
 
 def eval_micro_batches(tokens: np.ndarray, eot_id: int, seq_len: int, eval_tokens: int,
-                       micro_batch_size: int, rank: int, world_size: int) -> list[MicroBatch]:
+                       micro_batch_size: int, rank: int, world_size: int,
+                       document_mask: bool = False) -> list[MicroBatch]:
     """A fixed validation set: windows spread evenly over the whole split, dealt to ranks in turn.
 
     Spread, not the first ones: the split is whole documents one after another, and the first
@@ -118,11 +120,12 @@ def eval_micro_batches(tokens: np.ndarray, eot_id: int, seq_len: int, eval_token
                          f"data.seq_len = {seq_len} tokens: lower data.seq_len or give more text")
     windows = (np.arange(count) * available) // count  # distinct, increasing, first one is 0
     chunks = [windows[i:i + micro_batch_size] for i in range(0, count, micro_batch_size)]
-    mine = [MicroBatch(*gather_windows(tokens, idx, seq_len, eot_id))
+    mine = [window_batch(tokens, idx, seq_len, eot_id, document_mask=document_mask)
             for idx in chunks[rank::world_size]]
     # FSDP gathers weights inside every forward, so all ranks must run as many: the short ranks
     # get fully masked batches (no targets, so they add nothing to the loss sum or the count).
-    first = MicroBatch(*gather_windows(tokens, chunks[0], seq_len, eot_id))
+    first = window_batch(tokens, chunks[0], seq_len, eot_id, document_mask=document_mask)
     while len(mine) < -(-len(chunks) // world_size):
-        mine.append(MicroBatch(first.inputs, torch.full_like(first.targets, IGNORE_INDEX)))
+        mine.append(MicroBatch(first.inputs, torch.full_like(first.targets, IGNORE_INDEX),
+                               first.position_ids))
     return mine

@@ -10,6 +10,12 @@ ops. On a CPU in bf16 the explicit form's batched matmuls reach the matmul units
 CPU flash kernel's blocked loop does not, at the price of T x T probabilities per head kept for
 backward (measured: BENCHMARKS.md, "Numbers that were in docstrings"). `resolve_attention` picks
 it on CPU only.
+
+With `position_ids` (packed rows whose documents restart at position 0; `data.document_mask`)
+each token attends only to earlier tokens of its own document, and its learned position is its
+position inside the document, so every document's logits are those it has run alone
+(document_attention.py: a boolean mask for either kernel, flex_attention on CUDA). Without them
+the model is exactly the plain causal GPT.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bigbatch.model.document_attention import DocumentMask, flex_available
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(shape.d_model, shape.d_model)
         self.dropout = shape.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: DocumentMask | None = None) -> torch.Tensor:
         batch, time, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
         # (B, T, C) -> (B, heads, T, head_dim)
         q, k, v = (t.view(batch, time, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
-        if self.kernel == "explicit":
+        if documents is not None:
+            y = documents.attend(q, k, v, self.kernel == "explicit", dropout_p)
+        elif self.kernel == "explicit":
             y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -106,8 +116,8 @@ class Block(nn.Module):
         self.mlp = MLP(shape)
         self.drop = nn.Dropout(shape.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, documents: DocumentMask | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), documents))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -135,17 +145,30 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def uses_flex(self, device: torch.device) -> bool:
+        """flex_attention for document masking: on CUDA with the SDPA kernel, where it is
+        installed and no attention dropout is asked (flex has none)."""
+        return (device.type == "cuda" and self.blocks[0].attn.kernel == "sdpa"
+                and not (self.training and self.shape.dropout > 0) and flex_available())
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """Logits; or, with `return_hidden`, the final normed hidden states (B, T, d_model), so
-        a chunked loss can apply `lm_head` a slice at a time (through DDP's forward)."""
+        a chunked loss can apply `lm_head` a slice at a time (through DDP's forward).
+        `position_ids` (B, T), restarting at 0 at each document: attention within documents."""
         _, time = input_ids.shape
-        positions = torch.arange(time, device=input_ids.device)
+        documents = None
+        if position_ids is None:
+            positions = torch.arange(time, device=input_ids.device)
+        else:
+            positions = position_ids
+            documents = DocumentMask.build(position_ids, self.uses_flex(input_ids.device))
         x = self.drop(self.wte(input_ids) + self.wpe(positions))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, documents)
         hidden = self.ln_f(x)
         return hidden if return_hidden else self.lm_head(hidden)
 

@@ -52,7 +52,40 @@ def build_hf_lm(cfg: Config, source: HFSource, vocab_size: int) -> nn.Module:
         model.resize_token_embeddings(vocab_size)
     apply_hf_checkpointing(model, cfg.model.activation_checkpointing,
                            cfg.model.checkpoint_every)
+    if cfg.data.document_mask:
+        require_packed_sequences(model, cfg.model.source)
     return model.train()
+
+
+def require_packed_sequences(model: nn.Module, source: str) -> None:
+    """Document masking through transformers' packed-sequence support: given `position_ids`
+    that restart at 0 and no attention mask, its models build a mask that is causal within each
+    document (masking_utils.find_packed_sequence_indices), for the eager and sdpa attention on
+    CPU as for flash attention. It does so only without a generation cache, which training never
+    uses, so the cache is turned off. Checked, not assumed: a tiny packed row of two documents
+    must give the second one's logits alone; a model that ignores the positions (or takes none)
+    is refused in one line."""
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(1, 7).remainder(vocab).unsqueeze(0)  # two documents of three tokens
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=positions).logits[:, 3:]
+            alone = model(input_ids=ids[:, 3:]).logits
+    except TypeError as err:  # a forward without position_ids
+        packed, alone = None, str(err).splitlines()[0]
+    finally:
+        model.train(training)
+    if packed is None or not torch.allclose(packed, alone, rtol=1e-4, atol=1e-4):
+        raise UsageError(f"data.document_mask = true: model.source = {source!r} "
+                         f"({type(model).__name__}) does not keep packed documents apart by "
+                         "their position_ids; set data.document_mask = false, or use a "
+                         "transformers model with packed-sequence support (GPT-2, Llama, "
+                         "Mistral, Qwen2, ...)")
 
 
 def save_hf_model(model: nn.Module, cfg: Config, source: HFSource, out_dir: Path,

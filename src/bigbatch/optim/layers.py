@@ -6,7 +6,8 @@ checks `optim.name` against the registry), and both ask it.
 The layers are found, not named: the classes a Hugging Face model lists in `_no_split_modules`
 that occur more than once (BERT's `BertLayer`, GPT-2's `GPT2Block`, Llama's
 `LlamaDecoderLayer`), else the children of the largest ModuleList of one class (the built-in
-GPT's `blocks`, most custom models).
+GPT's `blocks`, most custom models; one of a single layer too, so a one-layer GPT has its layer:
+Muon, the default optimizer, takes its matrices).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def transformer_layers(model: nn.Module) -> list[nn.Module]:
     if repeated:  # a single no-split module (BertEmbeddings) is not a layer: the root keeps it
         layers = [m for m in model.modules() if type(m).__name__ in repeated]
     else:
-        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) >= 1
                  and len({type(child) for child in m}) == 1]
         layers = list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()),
                           default=()))

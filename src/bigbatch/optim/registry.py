@@ -178,7 +178,10 @@ def hidden_matrices(model: nn.Module) -> Rule:
                          f"their matrices) and {type(model).__name__} has none bigbatch can "
                          "find (a model of one layer?): a model of 2+ layers, or adamw")
     inside = {id(p) for layer in layers for p in layer.parameters()}
-    return lambda name, p: p.dim() == 2 and id(p) in inside
+    # LoRA's adapter factors (peft's `lora_A` / `lora_B`) are low-rank by construction and
+    # Muon's whole matrices are frozen under LoRA: the adapters train under AdamW, so
+    # `optim.name = "muon"` with `model.adapter = "lora"` is AdamW on the adapters.
+    return lambda name, p: p.dim() == 2 and id(p) in inside and ".lora_" not in name
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {

@@ -51,7 +51,7 @@ def wsd(step: float, *, peak_lr: float, floor: float, warmup_steps: int, total_s
     s = T - 1: lr = floor + (peak - floor) x (1 - sqrt(p)) for "1-sqrt", x (1 - p) for
     "linear", p = (s - (T - 1 - C)) / C. A cooldown longer than the steps after warmup starts
     where warmup ends (s = W - 1) instead."""
-    start = max(total_steps - 1 - cooldown_fraction * total_steps, warmup_steps - 1, 0)
+    start = wsd_cooldown_start(total_steps, warmup_steps, cooldown_fraction)
     length = total_steps - 1 - start
     if step <= start:
         return peak_lr
@@ -61,6 +61,26 @@ def wsd(step: float, *, peak_lr: float, floor: float, warmup_steps: int, total_s
     if cooldown_shape == "linear":
         return floor + (peak_lr - floor) * (1.0 - progress)
     raise ValueError(f"unknown cooldown shape {cooldown_shape!r}")
+
+
+def wsd_cooldown_start(total_steps: int, warmup_steps: int, cooldown_fraction: float) -> float:
+    """The (fractional) step of `wsd` after which the cooldown runs: every step s <= it is at
+    the peak or in warmup. It never falls as total_steps grows (T x (1 - C) - 1, C <= 1), so what
+    a run trained up to it is shared by every longer run of the same settings."""
+    return max(total_steps - 1 - cooldown_fraction * total_steps, warmup_steps - 1, 0)
+
+
+def before_cooldown(tokens_seen: int, opt: OptimConfig, *, full_batch_tokens: int,
+                    max_steps: int) -> bool:
+    """Whether a wsd run that has trained `tokens_seen` tokens took all its steps before the
+    cooldown: its last step, ending at tokens_seen, sits at tokens_seen / full_batch_tokens - 1
+    (`learning_rate_at_tokens`, the same float operations) and not past `wsd_cooldown_start`.
+    Such a state is also a state of any longer run of the same settings: one can be extended
+    from it exactly. False for every other decay, whose lr depends on max_steps throughout."""
+    if opt.decay != "wsd":
+        return False
+    start = wsd_cooldown_start(max_steps, opt.warmup_steps, opt.cooldown_fraction)
+    return tokens_seen / full_batch_tokens - 1 <= start
 
 
 def scaled_peak_lr(lr: float, rule: str, batch_tokens: int, reference_tokens: int) -> float:

@@ -12,6 +12,10 @@
 The files are written atomically and checked before loading (checkpoint_files.py). The learning
 rate has no state of its own: the schedule is a pure function of `TrainState.tokens_seen` (and the
 config), so restoring the state restores it.
+
+A warmup-stable-decay run also keeps its newest checkpoint before the cooldown, whatever
+`checkpoint.keep` says (state.json: `"before_cooldown": true`), and writes one at the last step
+before the cooldown: a longer run continues from it exactly (run/extend.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from bigbatch.engine.loop import TrainState
 from bigbatch.engine.seeding import derived_seed, seed_everything
 from bigbatch.errors import UsageError
 from bigbatch.model.artifacts import unwrap
+from bigbatch.optim.schedule import before_cooldown
 from bigbatch.parallel.process_group import DistInfo, barrier
 from bigbatch.run.checkpoint_files import (
     FORMAT,
@@ -54,6 +59,7 @@ from bigbatch.run.checkpoint_state import (
     trainable_keys,
 )
 from bigbatch.run.disk_space import tensor_bytes
+from bigbatch.run.extend import RESULT_NEUTRAL, check_extension, marked_before_cooldown
 from bigbatch.run.preemption import any_rank
 from bigbatch.run.rng_state import gather_rng, rank_rng, restore_rng
 
@@ -99,10 +105,11 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg: Config, *, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  loader: TokenLoader, dist: DistInfo, device: torch.device,
-                 say: Callable[[str], None] = print) -> None:
+                 full_batch_tokens: int, say: Callable[[str], None] = print) -> None:
         self.directory = run_dir / "checkpoints"
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
         self.loader, self.dist, self.device, self.say = loader, dist, device, say
+        self.full_batch_tokens = full_batch_tokens  # the schedule's unit: where the cooldown is
         self.last_path: Path | None = None  # the newest checkpoint written or resumed from
         self.last_step = -1
         self.last_time = time.monotonic()
@@ -130,10 +137,25 @@ class Checkpointer:
         if every.every_minutes > 0:  # clocks differ between ranks: any rank's "due" counts
             minutes = (time.monotonic() - self.last_time) / 60
             due = any_rank(due or minutes >= every.every_minutes, self.dist, self.device)
+        # A wsd run with checkpointing on also saves at its last step before the cooldown: the
+        # latest point a longer run shares with it, so an extension redoes no stable steps.
+        checkpointing = every.every_steps > 0 or every.every_minutes > 0
+        due = due or (checkpointing and self.last_before_cooldown(state.tokens_seen))
         # Not while steps are being skipped as non-finite: the last good checkpoint must survive
         # the rotation below if the run then stops for too many of them.
         if due and state.bad_steps_in_row == 0:
             self.save(state)
+
+    def before_cooldown(self, tokens_seen: int) -> bool:
+        return before_cooldown(tokens_seen, self.cfg.optim, full_batch_tokens=self.full_batch_tokens,
+                               max_steps=self.cfg.train.max_steps)
+
+    def last_before_cooldown(self, tokens_seen: int) -> bool:
+        """Before the cooldown, and a full batch more would be in it. The next step's batch is
+        at most the full one, so the last state before the cooldown is always among these (under
+        a batch ramp a step or two before it may be too: each is saved, the newest kept)."""
+        return (self.before_cooldown(tokens_seen)
+                and not self.before_cooldown(tokens_seen + self.full_batch_tokens))
 
     def save(self, state: TrainState) -> Path:
         """Every rank calls this (the state getters may be collectives); rank 0 writes."""
@@ -145,7 +167,8 @@ class Checkpointer:
             meta = {"format": FORMAT, "train_state": state.state_dict(),
                     "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
                     "rng": rng_plain, "model_shape": model_description(self.model),
-                    "config": config_to_dict(self.cfg)}
+                    "config": config_to_dict(self.cfg),
+                    "before_cooldown": self.before_cooldown(state.tokens_seen)}
             if trainable_keys(self.model) is not None:  # what model.safetensors leaves out
                 meta["frozen_base"] = {"source": self.cfg.model.source,
                                        "note": "not in this checkpoint: rebuilt from source"}
@@ -155,11 +178,20 @@ class Checkpointer:
                 "rng.safetensors": lambda path: save_file(rng_tensors, str(path)),
                 "state.json": lambda path: path.write_text(json.dumps(meta, indent=1)),
             }, needed=tensor_bytes([tensors, optim, rng_tensors]))
-            for old in list_checkpoints(self.directory)[:-self.cfg.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._rotate()
         barrier(self.dist)
         self.last_path, self.last_step, self.last_time = final, state.step, time.monotonic()
         return final
+
+    def _rotate(self) -> None:
+        """Delete all but the newest `checkpoint.keep` checkpoints, and the newest one before a
+        wsd cooldown (only that one: older ones before it go as usual)."""
+        checkpoints = list_checkpoints(self.directory)
+        kept = next((p for p in reversed(checkpoints) if marked_before_cooldown(p)), None
+                    ) if self.cfg.optim.decay == "wsd" else None
+        for old in checkpoints[:-self.cfg.checkpoint.keep]:
+            if old != kept:
+                shutil.rmtree(old, ignore_errors=True)
 
     def save_unless_saved(self, state: TrainState) -> Path:
         if self.last_path is not None and self.last_step == state.step:
@@ -171,15 +203,22 @@ class Checkpointer:
         batch is refused unless `branch` (a new run that starts from the checkpoint and counts
         its own steps in the new batch, as cbs's branches do)."""
         meta = json.loads((path / "state.json").read_text())
+        now = config_to_dict(self.cfg)
         if not branch:
-            check_same_batch(path, meta["config"], config_to_dict(self.cfg))
+            check_same_batch(path, meta["config"], now)
         tensors = load_file(str(path / "model.safetensors"))
         self._check_compatible(path, meta, tensors)
+        all_changes = config_changes(meta["config"], now)
+        # A longer max_steps continues this run (--out) for longer; a checkpoint of another run
+        # directory starts a new run from its weights, whose schedule is its own (a note below).
+        own = path.parent.resolve() == self.directory.resolve()
+        extension = check_extension(path, meta, now, all_changes) if own and not branch else None
         # How often to checkpoint, how to spread the work over ranks and where metrics go
         # change no result (up to reduction order), so only the other settings are worth a note.
-        changes = [c for c in config_changes(meta["config"], config_to_dict(self.cfg))
-                   if not c.startswith(("checkpoint.", "parallel.", "train.trackers:"))]
-        if changes:
+        changes = [c for c in all_changes if not c.startswith(RESULT_NEUTRAL)]
+        if extension:  # only max_steps changed: the longer run, exactly
+            self.say(extension)
+        elif changes:
             self.say(f"note: settings changed since the checkpoint, so this run will not match "
                      f"an uninterrupted one: {'; '.join(changes)}")
         load_model_state(self.model, tensors)

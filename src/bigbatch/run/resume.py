@@ -1,7 +1,8 @@
 """Where a run resumes from (`bigbatch train --resume auto|PATH`), and what it must not clobber.
 
 `auto` takes the newest intact checkpoint in the run directory (`--out`); a damaged newer one is
-reported on one warning line and the one before it used. With no checkpoint at all, `auto`
+reported on one warning line and the one before it used. A larger `train.max_steps` than the
+run's extends a wsd run from its last checkpoint before the cooldown instead (run/extend.py). With no checkpoint at all, `auto`
 starts at step 0, so a job script can always pass `--resume auto`. metrics.jsonl keeps one row
 per step: the rows the interrupted attempt logged after its checkpoint are dropped on resume.
 """
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from bigbatch.errors import UsageError
 from bigbatch.run.checkpoint_files import MANIFEST, NAME, list_checkpoints, verify_checkpoint
+from bigbatch.run.extend import extension_start
 
 if TYPE_CHECKING:  # torch only where it is used: the --nproc launcher checks without it
     from bigbatch.parallel.process_group import DistInfo
@@ -36,12 +38,16 @@ def newest_valid(directory: Path, warn: Callable[[str], None]) -> Path | None:
     return None
 
 
-def find_resume_checkpoint(resume: str, out_dir: Path, warn: Callable[[str], None]
-                           ) -> Path | None:
-    """`--resume auto`: the newest intact checkpoint of `out_dir`, or None for a fresh start.
+def find_resume_checkpoint(resume: str, out_dir: Path, warn: Callable[[str], None],
+                           max_steps: int | None = None) -> Path | None:
+    """`--resume auto`: the newest intact checkpoint of `out_dir`, or None for a fresh start; a
+    wsd run lengthened to `max_steps` continues from its newest one before the cooldown.
     `--resume PATH`: that checkpoint directory, or the newest intact one of that run directory."""
     if resume == "auto":
-        return newest_valid(out_dir / "checkpoints", warn)
+        newest = newest_valid(out_dir / "checkpoints", warn)
+        if newest is None or max_steps is None:
+            return newest
+        return extension_start(newest, max_steps, warn)
     path = Path(resume)
     if (path / MANIFEST).exists() or NAME.fullmatch(path.name):
         problem = verify_checkpoint(path)
@@ -60,7 +66,8 @@ def not_resumable(resume: str) -> UsageError:
 
 
 def agree_on_resume_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
-                               warn: Callable[[str], None]) -> Path | None:
+                               warn: Callable[[str], None], max_steps: int | None = None
+                               ) -> Path | None:
     """`find_resume_checkpoint` on rank 0 only, its answer broadcast: every rank resumes from the
     same checkpoint (a checkpoint rank 0 is still renaming into place could otherwise be seen by
     one rank and not another), and only one rank reads every file for its checksums. A refusal
@@ -72,7 +79,7 @@ def agree_on_resume_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo
     found, problem = None, None
     if dist.is_main:
         try:
-            found = find_resume_checkpoint(resume, out_dir, warn)
+            found = find_resume_checkpoint(resume, out_dir, warn, max_steps)
         except UsageError as err:
             problem = str(err)
     found, problem = broadcast_from_main((found, problem), dist)

@@ -176,7 +176,7 @@ def _train(cfg: Config, out_dir: Path, lock: RunLock, *, verbose: bool, resume: 
         lock.acquire()  # before looking at what the directory holds
         check_out_dir(out_dir, resume, overwrite)
         check_trackers_usable(cfg.train.trackers, out_dir)  # before the model: opened after it
-    resume_from = agree_on_resume_checkpoint(resume, out_dir, dist, warn)
+    resume_from = agree_on_resume_checkpoint(resume, out_dir, dist, warn, cfg.train.max_steps)
     say = print if verbose and dist.is_main else (lambda *a, **k: None)
 
     started, began = time.perf_counter(), time.time()
@@ -206,7 +206,8 @@ def _train(cfg: Config, out_dir: Path, lock: RunLock, *, verbose: bool, resume: 
                        num_trainable_parameters=run.num_trainable_parameters)
     checkpointer = Checkpointer(out_dir, cfg, model=wrapped, optimizer=optimizer,
                                 scaler=precision.scaler, loader=run.loader, dist=dist,
-                                device=device, say=say)
+                                device=device,
+                                full_batch_tokens=run.schedule.full_batch.global_tokens, say=say)
     checkpointer.remove_partial_saves()
     state = TrainState(noise=NoiseScaleEMA(cfg.batch.noise_scale_ema))
     if resume_from is not None:

@@ -9,11 +9,16 @@ Invariants:
   Newton-Schulz iteration with torch's coefficients, lr x 0.2 sqrt(max(A, B)), decoupled decay)
   to 1e-5; in bf16 the fp32-capable update is torch's own step bit for bit;
 - accumulation over 4 micro-steps gives the gradients of one big batch, and then the same step;
+- under FSDP the matrices go to Newton-Schulz in rounds of one a rank, each matrix once, a
+  round's matrices of equal cost where the shapes allow (the default GPT's do);
 - the planner counts 1 state tensor per Muon parameter and 2 per AdamW one: exactly the state
   the built optimizer holds after a step;
 - a power-of-2 fp16 loss scale changes nothing; a checkpoint reloads and the run continues bit
-  for bit; 2 DDP ranks equal 1 process (slow); stop-and-resume of a whole run is exact (slow);
-- bad values, muon under FSDP or LoRA, and a model without repeated layers are one-line errors.
+  for bit; stop-and-resume of a whole run is exact (slow); 2 ranks under DDP and FSDP equal 1
+  process (tests/integration/test_muon_ranks.py);
+- bad values and a model without repeated layers are one-line errors; with LoRA every adapter
+  trains under AdamW (Muon takes nothing); muon
+  under FSDP is accepted.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ import copy
 import io
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -35,7 +38,7 @@ from bigbatch.engine.precision import make_precision
 from bigbatch.engine.step import train_step
 from bigbatch.errors import UsageError
 from bigbatch.model.gpt import GPT, GPTShape
-from bigbatch.optim.muon import Muon, muon_update, newton_schulz_dtype
+from bigbatch.optim.muon import Muon, muon_update, newton_schulz_dtype, newton_schulz_rounds
 from bigbatch.optim.registry import build_optimizer, trainable_parameters
 from bigbatch.planning.memory import ModelDims
 from bigbatch.planning.planner import count_optimizer_state
@@ -46,8 +49,7 @@ from bigbatch.tools.verify import (
     max_relative_error,
     reference_gradients,
 )
-from conftest import ROOT
-from small_runs import RECIPE, cli_command
+from small_runs import RECIPE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -164,6 +166,18 @@ def test_the_newton_schulz_dtype_is_bf16_only_where_the_cpu_multiplies_it_native
     assert newton_schulz_dtype(CPU) == torch.float32
 
 
+def test_newton_schulz_rounds_hold_one_matrix_a_rank_of_equal_cost():
+    layer = [(1152, 384), (384, 384), (1536, 384), (384, 1536)]  # the default GPT's matrices
+    shapes = layer * 4
+    rounds = newton_schulz_rounds(shapes, 2)
+    assert sorted(i for r in rounds for i in r) == list(range(16))  # each matrix once
+    assert all(len(r) == 2 for r in rounds)
+    # Cost ~ min^2 (2 max + min): fc and its projection cost the same, so they pair up.
+    assert all({max(shapes[i]) for i in r} in ({1536}, {1152}, {384}) for r in rounds)
+    assert newton_schulz_rounds(shapes, 1) == [[i] for i in newton_schulz_rounds(shapes, 16)[0]]
+    assert newton_schulz_rounds([(5, 3)], 2) == [[0]]  # fewer matrices than ranks
+
+
 def test_accumulation_with_muon_equals_one_big_batch():
     """4 micro-batches of 2 rows give the gradients of one batch of 8 (verify's check), and one
     Muon step from them moves the weights as the one-batch step does."""
@@ -243,9 +257,6 @@ def test_a_checkpoint_reloads_and_the_run_continues_bit_for_bit():
     ("--optim.muon_momentum=1.0", "optim.muon_momentum = 1.0 is invalid: a number in [0, 1)"),
     ("--optim.muon_ns_steps=0", "optim.muon_ns_steps = 0 is invalid: an integer from 1 to 99"),
     ("--optim.muon_adjust_lr=keller", "optim.muon_adjust_lr = 'keller' is invalid: one of"),
-    ("--parallel.strategy=fsdp", "parallel.strategy = 'fsdp' is invalid: ddp with optim.name "
-                                 "= 'muon'"),
-    ("--model.adapter=lora", "model.adapter = 'lora' is invalid: none with optim.name = 'muon'"),
 ])
 def test_bad_muon_settings_are_one_line_errors(override, message):
     with pytest.raises(UsageError) as raised:
@@ -253,41 +264,42 @@ def test_bad_muon_settings_are_one_line_errors(override, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
+def test_with_lora_every_adapter_trains_under_adamw_and_muon_takes_nothing():
+    """LoRA freezes the whole matrices Muon is for; its low-rank factors go to AdamW."""
+    pytest.importorskip("peft")
+    from bigbatch.config.sections import ModelConfig
+    from bigbatch.model.adapters import apply_adapter
+
+    torch.manual_seed(0)
+    model = apply_adapter(GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=2, n_head=2,
+                                       d_model=16)),
+                          ModelConfig(adapter="lora", lora_rank=4), "causal-lm")
+    optimizer = build_optimizer(model, MUON, CPU)
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    assert not any(isinstance(part, Muon) for part in parts)
+    stepped = {id(p) for part in parts for group in part.param_groups for p in group["params"]}
+    adapters = {id(p) for name, p in trainable_parameters(model) if ".lora_" in name}
+    assert adapters and adapters <= stepped
+    assert stepped == {id(p) for _, p in trainable_parameters(model)}
+
+
 def test_a_model_without_repeated_layers_is_a_one_line_error():
-    one_layer = GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
+    no_layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     with pytest.raises(UsageError, match="needs repeated Transformer layers .* adamw$"):
-        build_optimizer(one_layer, MUON, CPU)
+        build_optimizer(no_layers, MUON, CPU)
 
 
-def test_the_command_line_refuses_muon_under_fsdp_in_one_line():
-    done = subprocess.run(cli_command("config", str(RECIPE), "--optim.name=muon",
-                                      "--parallel.strategy=fsdp"),
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert "parallel.strategy = 'fsdp' is invalid" in done.stderr
+def test_a_one_layer_gpt_has_its_layer_s_matrices_under_muon():
+    one_layer = GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
+    optimizer = build_optimizer(one_layer, MUON, CPU)
+    [muon] = [part for part in optimizer.optimizers if isinstance(part, Muon)]
+    took = {id(p) for group in muon.param_groups for p in group["params"]}
+    assert took == {id(p) for p in one_layer.blocks[0].parameters() if p.dim() == 2}
 
 
-@pytest.mark.slow  # torchrun: 2 processes
-def test_two_ddp_ranks_equal_one_process(tmp_path, monkeypatch):
-    """Every rank orthogonalises the same averaged gradient, so 2 ranks under DDP take the step
-    of one process over both halves (Newton-Schulz in fp32 in both: muon_dist_worker.py)."""
-    from bigbatch.optim import muon
-    from muon_dist_worker import fp32_newton_schulz, one_process
-
-    out = tmp_path / "ranks.pt"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", "tests/muon_dist_worker.py", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    monkeypatch.setattr(muon, "newton_schulz_dtype", fp32_newton_schulz)
-    expected = one_process()
-    ranks = torch.load(out)
-    assert ranks.keys() == expected.keys()
-    # Not qkv.bias: its key third has a gradient of exactly 0 in exact arithmetic (softmax is
-    # shift-invariant per query), so AdamW normalises rounding noise into full steps there.
-    names = [n for n in expected if not n.endswith("qkv.bias")]
-    assert max_relative_error([ranks[n] for n in names], [expected[n] for n in names]) < 1e-5
+def test_muon_under_fsdp_is_accepted():
+    cfg = load_config(RECIPE, ["--optim.name=muon", "--parallel.strategy=fsdp"])
+    assert (cfg.optim.name, cfg.parallel.strategy) == ("muon", "fsdp")
 
 
 @pytest.mark.slow  # three training runs

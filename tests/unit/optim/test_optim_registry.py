@@ -249,7 +249,7 @@ def test_an_optimizer_state_from_before_base_lrs_loads_and_the_run_continues():
     """What the old engine/optim.py built (AdamW over the two groups, no base lr anywhere) and
     the old loop did (one lr in every group): its state loads into the registry's AdamW, and
     the continued run equals the old one continued, bit for bit."""
-    cfg = OptimConfig(warmup_steps=3)
+    cfg = OptimConfig(name="adamw", decay="cosine", warmup_steps=3)  # what the old engine ran
     old_net = model()
     old = torch.optim.AdamW(parameter_groups(trainable_parameters(old_net), cfg.weight_decay),
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)

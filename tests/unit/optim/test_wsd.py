@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from bigbatch.config.files import load_config
 from bigbatch.config.sections import OptimConfig
 from bigbatch.errors import UsageError
-from bigbatch.optim.schedule import learning_rate, step_learning_rate
+from bigbatch.optim.schedule import before_cooldown, learning_rate, step_learning_rate
 from small_runs import RECIPE
 
 
@@ -100,3 +100,32 @@ def test_bad_wsd_settings_are_one_line_errors(override, message):
 def test_an_unknown_cooldown_shape_is_an_error_in_the_pure_function():
     with pytest.raises(ValueError, match="cooldown shape"):
         wsd(90, shape="cosine")
+
+
+@given(total=st.integers(1, 200), more=st.integers(1, 200), warmup=st.integers(0, 50),
+       fraction=st.sampled_from([0.05, 0.1, 0.2, 1 / 3, 0.5, 1.0]),
+       full=st.sampled_from([1, 2048, 3000]))
+def test_before_cooldown_is_exactly_the_steps_a_longer_run_shares(total, more, warmup, fraction,
+                                                                  full):
+    """Invariant (run/extend.py rests on it): a state after s whole steps is `before_cooldown`
+    exactly when each of those steps had the lr of the same step in a run planned for any longer
+    length (warmup or the peak: floor 0, so the cooldown is strictly below the peak), and it is
+    before the longer run's cooldown too."""
+    opt = OptimConfig(lr=1.0, decay="wsd", warmup_steps=warmup, min_lr_ratio=0.0,
+                      cooldown_fraction=fraction)
+
+    def lr(step: int, steps: int) -> float:
+        return step_learning_rate(opt, batch_tokens=full, tokens_end=(step + 1) * full,
+                                  full_batch_tokens=full, max_steps=steps)
+
+    shared = True  # so far: the first `done` steps have the longer run's lr
+    for done in range(total + 1):
+        if done:
+            shared = shared and lr(done - 1, total) == lr(done - 1, total + more)
+        before = before_cooldown(done * full, opt, full_batch_tokens=full, max_steps=total)
+        assert before == shared, done
+        if before:
+            assert before_cooldown(done * full, opt, full_batch_tokens=full,
+                                   max_steps=total + more)
+    cosine = OptimConfig(lr=1.0, decay="cosine", warmup_steps=warmup)
+    assert not before_cooldown(0, cosine, full_batch_tokens=full, max_steps=total)

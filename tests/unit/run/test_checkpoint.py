@@ -81,6 +81,9 @@ def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path):
     assert verify_checkpoint(directory / "step-00000001") is None
 
 
+FULL_BATCH_TOKENS = 16 * 8  # small_objects' global batch
+
+
 def small_objects(seed: int = 0):
     """A model (initialised from `seed`), optimizer, scaler and loader over a fixed corpus,
     small enough to build in milliseconds."""
@@ -88,7 +91,7 @@ def small_objects(seed: int = 0):
     cfg = Config()
     model = GPT(GPTShape(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.1))
     optimizer = build_optimizer(model, cfg.optim, CPU)
-    plan = split_batch(global_tokens=16 * 8, seq_len=16, micro_batch_size=4)
+    plan = split_batch(global_tokens=FULL_BATCH_TOKENS, seq_len=16, micro_batch_size=4)
     tokens = np.random.default_rng(0).integers(0, 63, size=4096).astype(np.uint16)
     loader = TokenLoader(tokens, 63, plan, rank=0, seed=1)
     scaler = make_precision(cfg.precision, CPU).scaler
@@ -98,7 +101,8 @@ def small_objects(seed: int = 0):
 def checkpointer_for(run_dir, objects) -> Checkpointer:
     cfg, model, optimizer, scaler, loader = objects
     return Checkpointer(run_dir, cfg, model=model, optimizer=optimizer, scaler=scaler,
-                        loader=loader, dist=SINGLE_PROCESS, device=CPU, say=lambda line: None)
+                        loader=loader, dist=SINGLE_PROCESS, device=CPU,
+                        full_batch_tokens=FULL_BATCH_TOKENS, say=lambda line: None)
 
 
 def rng_draws() -> tuple:
@@ -170,7 +174,8 @@ def test_checkpoints_by_steps_and_by_minutes_with_rotation(tmp_path):
     model, optimizer, scaler, loader = live
     by_time = Checkpointer(tmp_path, replace(cfg, checkpoint=CheckpointConfig(
         every_steps=3, every_minutes=1.0, keep=2)), model=model, optimizer=optimizer,
-        scaler=scaler, loader=loader, dist=SINGLE_PROCESS, device=CPU, say=lambda line: None)
+        scaler=scaler, loader=loader, dist=SINGLE_PROCESS, device=CPU,
+        full_batch_tokens=FULL_BATCH_TOKENS, say=lambda line: None)
     by_time.maybe_save(TrainState(step=1))
     assert list_checkpoints(tmp_path / "checkpoints") == []  # neither 3 steps nor a minute
     by_time.last_time -= 61

@@ -17,7 +17,7 @@ from bigbatch.engine.loop import TrainState
 from bigbatch.errors import UsageError
 from bigbatch.run.checkpoint import Checkpointer
 from bigbatch.run.resume import find_resume_checkpoint
-from test_checkpoint import CPU, SINGLE_PROCESS, checkpointer_for, small_objects
+from test_checkpoint import CPU, FULL_BATCH_TOKENS, SINGLE_PROCESS, checkpointer_for, small_objects
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,7 +31,7 @@ def restore_into(run_dir, objects, path, branch=False) -> TrainState:
     cfg, model, optimizer, scaler, loader = objects
     checkpointer = Checkpointer(run_dir, cfg, model=model, optimizer=optimizer, scaler=scaler,
                                 loader=loader, dist=SINGLE_PROCESS, device=CPU,
-                                say=lambda line: None)
+                                full_batch_tokens=FULL_BATCH_TOKENS, say=lambda line: None)
     state = TrainState()
     checkpointer.restore(path, state, branch=branch)
     return state

@@ -130,10 +130,11 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
         loss_kernel = resolve_loss_kernel(cfg.model.loss_kernel, corpus.vocab_size,
                                           cfg.parallel.strategy, dist.world_size, device.type)
     loss_sum_fn = make_loss_sum_fn(cfg.model.loss_chunk_tokens, loss_kernel)
-    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, split, dist.rank, cfg.train.seed)
+    loader = TokenLoader(corpus.train_tokens, corpus.eot_id, split, dist.rank, cfg.train.seed,
+                         cfg.data.document_mask)
     val_batches = eval_micro_batches(corpus.val_tokens, corpus.eot_id, cfg.data.seq_len,
                                      cfg.train.eval_tokens, cfg.batch.micro_batch_size,
-                                     dist.rank, dist.world_size)
+                                     dist.rank, dist.world_size, cfg.data.document_mask)
 
     @functools.cache
     def baseline() -> float:  # once per run: the end lines and run_info both report it
@@ -174,7 +175,9 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     return TaskRun(
         cfg=cfg, schedule=schedule, model=model, loader=loader, evaluate=validation_loss,
         start_lines=[*startup_lines(cfg, schedule, model),
-                     f"loss: {describe_loss(loss_kernel, cfg.model.loss_chunk_tokens)}"],
+                     f"loss: {describe_loss(loss_kernel, cfg.model.loss_chunk_tokens)}",
+                     *(["attention: within each document of a packed row, positions restart "
+                        "at each (data.document_mask)"] if cfg.data.document_mask else [])],
         save=save, end_lines=end_lines, loss_sum_fn=loss_sum_fn,
         num_parameters=parameter_counts(model)[1],
         num_trainable_parameters=parameter_counts(model)[0],
