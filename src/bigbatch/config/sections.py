@@ -53,12 +53,23 @@ class DataConfig:
                                         "earlier documents in its row too. Off until a "
                                         "measurement shows it pays (BENCHMARKS.md, "
                                         "bench_document_mask: so far inconclusive).")
+    # train.task = "sft": `path` is a .jsonl / .json / .parquet file or a datasets directory.
+    prompt_field: str = option("prompt", "sft: the field of a row's prompt (with response_field).")
+    response_field: str = option("response", "sft: the field of a row's response.")
+    messages_field: str = option("messages", "sft: the field of a row's chat messages "
+                                             "([{role, content}], rendered with the "
+                                             "tokenizer's chat template), used where present.")
+    loss_on_prompt: bool = option(False, "sft: take the loss on the prompt's tokens too "
+                                         "(default: the responses' only).")
+    eval_generations: int = option(64, "sft: held-out examples scored at each evaluation by exact "
+                                       "match of a greedy generation with the reference "
+                                       "response; 0 = off.")
     # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
     text_field: str = option("text", "The JSONL key or Parquet/datasets column of the text; "
                                      "classify: also the TSV/CSV header column.")
     label_field: str = option("label", "classify: the column or JSONL key of the label.")
-    val_path: str = option("", "classify: validation file; empty holds out `val_fraction` of the "
-                               "training file's texts.")
+    val_path: str = option("", "classify, sft: validation file; empty holds out "
+                               "`val_fraction` of the training file's texts (rows).")
     max_length: int = option(128, "classify: tokens per window, special tokens included; longer "
                                   "texts are split into overlapping windows.")
     stride: int = option(32, "classify: tokens shared by consecutive windows of a long text.")
@@ -81,6 +92,8 @@ class DataConfig:
                 self.seq_len_start, f"a divisor of data.seq_len ({self.seq_len}) when "
                 "data.seq_len_warmup_tokens > 0")
         require(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
+        require(self.eval_generations >= 0, "data.eval_generations", self.eval_generations,
+                "an integer >= 0 (0 = off)")
         require(0 <= self.stride <= self.max_length // 2, "data.stride", self.stride,
                 f"an integer in [0, data.max_length / 2 = {self.max_length // 2}]")
         require(self.aggregate in AGGREGATES, "data.aggregate", self.aggregate,
@@ -257,7 +270,7 @@ class PrecisionConfig:
 
 
 ALLOCATORS = ("tuned", "system")
-TASKS = ("lm", "classify")
+TASKS = ("lm", "classify", "sft")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -279,7 +292,9 @@ class TrainConfig:
                                      "mallopt), so a step does not fault its buffers in again "
                                      "(BENCHMARKS.md); system: leave malloc alone.")
     task: str = option("lm", "lm (next-token prediction on text) | classify (sequence "
-                             "classification of labelled texts; needs an hf model.source).")
+                             "classification of labelled texts; needs an hf model.source) | sft "
+                             "(supervised fine-tuning of a causal LM on prompt/response or chat "
+                             "rows, loss on the responses; needs an hf model.source).")
     trackers: tuple[str, ...] = option(
         ("tensorboard",), "Where rank 0 also sends every metrics.jsonl row, the resolved config "
                           "and, at the end, report.html and plan.json: any of tensorboard "

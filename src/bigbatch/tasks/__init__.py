@@ -1,5 +1,5 @@
-"""The tasks (`train.task`), each one folder: lm/ (language modelling) and classify/ (sequence
-classification). `task_of(cfg)` is how any other room asks about the task of a run (tasks/base.py
+"""The tasks (`train.task`), each one folder: lm/ (language modelling), classify/ (sequence
+classification) and sft/ (supervised fine-tuning of a causal LM). `task_of(cfg)` is how any other room asks about the task of a run (tasks/base.py
 says what a task answers); no module outside tasks/ compares `train.task` with a name."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 from bigbatch.errors import UsageError
 from bigbatch.tasks.classify import CLASSIFY
 from bigbatch.tasks.lm import LM
+from bigbatch.tasks.sft import SFT
 
 if TYPE_CHECKING:
     from bigbatch.config.sections import Config
     from bigbatch.tasks.base import Task
 
-TASKS: dict[str, Task] = {task.name: task for task in (LM, CLASSIFY)}
+TASKS: dict[str, Task] = {task.name: task for task in (LM, CLASSIFY, SFT)}
 
 
 def task_named(name: str) -> Task:
