@@ -87,8 +87,8 @@ def test_packed_rows_hold_every_example_once_with_positions_restarting(tokenizer
 def test_an_example_longer_than_a_row_is_cut_and_counted():
     ids = np.arange(30)
     packed = pack_examples([(ids, np.ones(30, dtype=bool))], seq_len=8, pad_id=0, seed=0)
-    assert packed.truncated == 1 and packed.inputs.tolist() == [list(range(8))]
-    assert packed.targets.tolist() == [list(range(1, 9))]
+    assert packed.truncated == 1 and packed.inputs.tolist() == [list(range(21, 29))]
+    assert packed.targets.tolist() == [list(range(22, 30))]  # the end (the response) is kept
 
 
 def naive_best_fit_decreasing(lengths: list[int], seq_len: int) -> list[int]:

@@ -37,9 +37,11 @@ class PackedRows:
 
 def example_pairs(ids: np.ndarray, loss: np.ndarray, seq_len: int
                   ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(inputs, targets, truncated) of one example, at most `seq_len` pairs."""
+    """(inputs, targets, truncated) of one example: its last `seq_len` pairs at most."""
     cut = len(ids) > seq_len + 1
-    ids, loss = ids[:seq_len + 1], loss[:seq_len + 1]
+    # Cut from the start: the response (the end) is what the example teaches; a prompt cut from
+    # its beginning still leads into it. (TRL's default keeps the start and can cut the answer.)
+    ids, loss = ids[-(seq_len + 1):], loss[-(seq_len + 1):]
     targets = np.where(loss[1:], ids[1:], IGNORE_INDEX)
     return ids[:-1], targets, cut
 
