@@ -5,7 +5,6 @@ step's rows exactly, and packed examples do not see each other."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -22,42 +21,14 @@ from bigbatch.tasks.sft.packing import pack_examples
 from bigbatch.tools.verify import GradientRecorder, max_relative_error
 
 transformers = pytest.importorskip("transformers")
-from conftest import SHARED  # noqa: E402
+from sft_tiny import make_tiny, sst2_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-SST2 = SHARED / "data" / "sst2" / "train.tsv"
-EOT = "<|endoftext|>"
-
-
-def sst2_rows(count: int, offset: int = 0) -> list[dict[str, str]]:
-    if not SST2.is_file():
-        pytest.fail(f"{SST2} is missing: tests need ../shared beside the project")
-    with SST2.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[offset:offset + count]
-    return [{"prompt": f"Review: {r['sentence'].strip()}\nSentiment:",
-             "response": " positive" if r["label"] == "1" else " negative"} for r in rows]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(a tokenizer directory with an end-of-text token, a tiny GPT-2 config.json there)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    root = tmp_path_factory.mktemp("tiny-sft")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    texts = [r["prompt"] + r["response"] for r in sst2_rows(2000)]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    from tokenizers import decoders
-
-    bpe.decoder = decoders.ByteLevel()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT)
-    tokenizer.save_pretrained(str(root))
-    transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2,
-                            n_head=2, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.eos_token_id).save_pretrained(str(root))
-    return root, tokenizer
+    return make_tiny(tmp_path_factory.mktemp("tiny-sft"))
 
 
 def gpt2(root):
