@@ -58,6 +58,10 @@ def test_the_response_loss_falls_and_exact_match_is_scored(tiny, data, tmp_path)
     # end of text, so a model that learned the format scores about the majority share or more
     # (measured: 0.66 over 32 held-out reviews); one that did not scores 0.
     assert rows[-1]["val_exact_match"] >= 0.4
+    from bigbatch.tools.sample import sample_text
+
+    said = sample_text(result.out_dir, "Review: a gem\nSentiment:", 2, 0.0, 0, 0)
+    assert said.startswith("Review: a gem\nSentiment:") and len(said) > len("Review: a gem\n")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(result.out_dir))
     assert model.config.vocab_size == transformers.AutoTokenizer.from_pretrained(
         str(result.out_dir)).__len__()
