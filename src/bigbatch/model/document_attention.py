@@ -15,13 +15,12 @@ the position is 0. Two forms of the one mask, built once per forward and shared 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-_compiled_flex: Any = None  # torch.compile(flex_attention), made on first use
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -107,7 +106,12 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> 
 
     if not q.is_cuda:
         return flex_attention(q, k, v, block_mask=block_mask)
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return compiled_flex()(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def compiled_flex() -> Any:
+    """torch.compile(flex_attention), made once per process on first use."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
