@@ -122,6 +122,14 @@ def means(results: dict[str, list[dict]], level: float) -> dict[str, tuple[float
     return out
 
 
+def muon_time_ratios(results: dict[str, list[dict]]) -> dict[str, float]:
+    """Mean training time of each Muon arm over that of the AdamW arm it mirrors."""
+    return {arm: statistics.fmean(r["train_s"] for r in runs)
+            / statistics.fmean(r["train_s"] for r in results["adamw" + arm[len("muon"):]])
+            for arm, runs in results.items()
+            if arm.startswith("muon") and "adamw" + arm[len("muon"):] in results}
+
+
 def render(results: dict[str, list[dict]], levels: list[float], load: list[float], seeds: int,
            budget: int, command: str) -> str:
     lines = [f"Measured {today()} on {machine_description()}.", "",
@@ -161,10 +169,19 @@ def render(results: dict[str, list[dict]], levels: list[float], load: list[float
                      f"{h['thrifty_steps']:,.0f} | **{h['arm']}, {h['steps']:,.0f} steps**, "
                      f"{h['tokens'] / 1000:,.0f}K (+{h['tokens'] / h['thrifty_tokens'] - 1:.0%}) "
                      f"| {1 - h['steps'] / h['thrifty_steps']:.0%} | {', '.join(h['eligible'])} |")
+    deepest = headline(means(results, levels[-1]))
+    lines += ["", f"**Headline** (the deepest loss, {levels[-1]:.2f}): {deepest['arm']} reaches "
+              f"it in {deepest['steps']:,.0f} serial steps and {deepest['tokens'] / 1000:,.0f}K "
+              f"tokens, against {deepest['thrifty_steps']:,.0f} steps and "
+              f"{deepest['thrifty_tokens'] / 1000:,.0f}K tokens for the most token-efficient arm, "
+              f"{deepest['thrifty']}."]
     lines += ["", "![validation loss against tokens and steps](benchmarks/steps_to_target.png)", "",
-              "Optimizer step time against AdamW's: see bench_optim_step's section "
-              "(`python benchmarks/bench_optim_step.py`); the training-time column above is the "
-              "sum of step_seconds (evaluations excluded) on a shared machine.", "",
+              "Optimizer step time against AdamW's is bench_optim_step's (`python benchmarks/"
+              "bench_optim_step.py [--device cuda]`, sections bench_optim_step and "
+              "bench_optim_step_cuda). Here, training time (the sum of step_seconds, evaluations "
+              "excluded, on a shared machine) of Muon against AdamW, same batch and decay: "
+              + "; ".join(f"{arm[len('muon-'):]} {ratio:.2f}x" for arm, ratio in
+                          muon_time_ratios(results).items()) + ".", "",
               "The compare page (each arm's first seed): `bigbatch compare DIR/<arm>-"
               f"{SEEDS[0]} ... --out compare.html` after `--keep DIR` (the script writes "
               "`DIR/compare.html`)."]
@@ -194,6 +211,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     by_tokens.set_xlabel("training tokens (K)")
     by_steps.set_xlabel("optimizer steps")
     by_steps.set_xscale("log")
+    by_steps.set_xlim(left=1)
     by_tokens.set_ylabel("validation loss (nats/token)")
     top = max(r["evals"][1][2] for runs in results.values() for r in runs)
     by_tokens.set_ylim(min(r["best"] for runs in results.values() for r in runs) - 0.05, top)
