@@ -105,7 +105,7 @@ def headline(reach: dict[str, tuple[float, float] | None], slack: float = TOKEN_
             "thrifty_steps": reached[thrifty][1], "eligible": eligible}
 
 
-def deep_levels(results: dict[str, list[dict]], quantiles: tuple[float, ...] = (0.5, 0.25)
+def deep_levels(results: dict[str, list[dict]], quantiles: tuple[float, ...] = (0.75, 0.5, 0.25)
                 ) -> list[float]:
     """Losses that every seed of the better `q` share of arms reaches (rounded up to 0.05): the
     targets where the arms that keep learning part."""
