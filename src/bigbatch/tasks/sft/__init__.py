@@ -8,40 +8,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bigbatch.tasks.lm import LanguageModelling
+
 if TYPE_CHECKING:
     import torch
 
     from bigbatch.batch import MicroBatch
     from bigbatch.config.sections import Config
-    from bigbatch.engine.step import LossSumFn
     from bigbatch.tasks.base import TaskContext, TaskRun
 
 
-class SupervisedFineTuning:
+class SupervisedFineTuning(LanguageModelling):
+    """Language modelling's batch arithmetic, planning and loss (rows of `data.seq_len` tokens,
+    next-token cross-entropy over the targets that carry one); its own data, wiring and probe."""
+
     name = "sft"
-    unit = "tokens"
-    model_head = "causal-lm"  # wiring.MODEL_HEAD
     verifiable = False        # `bigbatch verify` builds the built-in GPT on token windows
     measures_critical_batch = False  # `bigbatch cbs` branches language-model runs
-    probe_labels = None
 
     def prepare(self, cfg: Config, ctx: TaskContext) -> TaskRun:
         from bigbatch.tasks.sft.wiring import prepare
 
         return prepare(cfg, ctx)
-
-    def describe_batch(self, cfg: Config, world_size: int) -> list[str]:
-        from bigbatch.tasks.lm import LM
-
-        return LM.describe_batch(cfg, world_size)  # the same arithmetic: rows of seq_len tokens
-
-    def planning_config(self, cfg: Config) -> Config:
-        return cfg
-
-    def probe_loss_sum(self) -> LossSumFn:
-        from bigbatch.engine.step import lm_loss_sum
-
-        return lm_loss_sum
 
     def probe_batch(self, vocab_size: int, rows: int, seq_len: int,
                     device: torch.device) -> MicroBatch:
