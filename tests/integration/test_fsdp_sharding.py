@@ -92,7 +92,8 @@ def bf16_parameters_update(case: Case) -> dict[str, torch.Tensor]:
     compute = copy.deepcopy(model).to(torch.bfloat16)
     for layer in transformer_layers(compute):  # FSDP casts each unit's floating inputs too
         layer.register_forward_pre_hook(lambda m, args: tuple(
-            a.to(torch.bfloat16) if torch.is_floating_point(a) else a for a in args))
+            a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and torch.is_floating_point(a)
+            else a for a in args))  # a block also takes its document mask, None without one
     total = sum(int(mb.num_targets()) for mb in batches)
     sums = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for batch in batches:
