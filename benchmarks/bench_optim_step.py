@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup}, interleaved; other processes used {min(disturbance):.2f}-"
         f"{max(disturbance):.2f} cores during the kept rounds ({redone} round(s) redone for "
         f"using more than {args.max_other_cores}); ratio = median of per-round ratios to AdamW. "
-        "Share = the "
-        "step's time against a forward + backward of that many tokens at this device's measured "
-        "matmul rate (6 x parameters FLOPs per token; a lower bound on the training step).", "",
+        "Share = the optimizer step's time against the forward + backward of that many tokens "
+        "(one global batch), measured here on micro-batches of the model in bf16 autocast "
+        "(fp32 on a CPU without native bf16).", "",
         "| model | optimizer | ms per step (median) | vs AdamW | share of a training step |",
         "|---|---|---:|---:|---:|", *rows,
     ]
