@@ -119,6 +119,30 @@ def test_two_ranks_equal_one_process(tiny, data, tmp_path):
         torch.testing.assert_close(weights2[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_chat_rows_train_through_the_tokenizer_s_template(tiny, data, tmp_path):
+    """Messages rows and a tokenizer with a chat template: the run renders, trains and scores
+    the assistant's answers (a prompt/response run's machinery, reached through the template)."""
+    model_dir, tokenizer = tiny
+    chat_dir = tmp_path / "chat-tokenizer"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                               "{{ eos_token if m['role'] == 'assistant' else '\n' }}"
+                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.save_pretrained(str(chat_dir))
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]},
+                           {"role": "assistant", "content": r["response"].strip()}]}
+             for r in sst2_rows(600)]
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    result = train(load_config(None, [
+        *args(model_dir, data, f"--data.path={rows}", "--data.val_path=",
+              f"--data.tokenizer={chat_dir}", "--train.max_steps=4", "--train.eval_every=4",
+              "--data.val_fraction=0.1")]), tmp_path / "run", verbose=False)
+    evaluations = [r for r in metric_rows(result.out_dir) if "val_loss" in r]
+    assert evaluations[-1]["val_loss"] < evaluations[0]["val_loss"]
+    assert "val_exact_match" in evaluations[-1]
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"question": "a", "answer": "b"}], "has neither 'messages' nor both 'prompt' and"),
     ([{"prompt": "a", "response": " "}], "has an empty 'response'"),
