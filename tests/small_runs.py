@@ -59,3 +59,42 @@ class StopAfter(Preemption):
         if self.asked >= self.step:
             self.signal = signal.SIGTERM
         return self.signal is not None
+
+
+def runs_on_ranks(argv: list[str], tmp_path: Path, counts=(1, 2)) -> dict:
+    """`bigbatch train ARGV --nproc N` for each N (one thread a process): N -> (step losses,
+    validation losses, final weights)."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for nproc in counts:
+        out = tmp_path / f"nproc{nproc}"
+        done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *argv, "--nproc",
+                               str(nproc), "--out", str(out)], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        runs[nproc] = ([r["loss"] for r in rows if "loss" in r],
+                       [r["val_loss"] for r in rows if "val_loss" in r],
+                       load_file(str(out / "model.safetensors")))
+    return runs
+
+
+def assert_ranks_agree(runs: dict, steps: int) -> None:
+    """Every rank count's run equals the first's to fp32 rounding (the ranks sum gradients in
+    another order): each step's loss and each evaluation to 1e-5, the weights to 1e-4."""
+    import numpy as np
+    import torch
+
+    (loss1, val1, weights1), *others = runs.values()
+    assert len(loss1) == steps
+    for loss, val, weights in others:
+        assert len(loss) == steps and len(val) == len(val1)
+        np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+        np.testing.assert_allclose(val, val1, rtol=1e-5)
+        assert weights.keys() == weights1.keys()
+        for name, tensor in weights1.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

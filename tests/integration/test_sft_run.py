@@ -17,7 +17,7 @@ from bigbatch.run.train import train
 
 transformers = pytest.importorskip("transformers")
 from sft_tiny import make_tiny, sst2_rows  # noqa: E402
-from small_runs import StopAfter, metric_rows  # noqa: E402
+from small_runs import StopAfter, assert_ranks_agree, metric_rows, runs_on_ranks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,39 +84,16 @@ def test_two_ranks_equal_one_process(tiny, data, tmp_path):
     one process's, to fp32 rounding (the ranks sum their gradients in another order). Dropout
     off (each rank draws its own masks) and AdamW (Muon's bf16 Newton-Schulz on this CPU would
     widen that rounding to bf16's)."""
-    import os
-
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
-
-    model_dir, tokenizer = tiny
+    model_dir, _ = tiny
     quiet = tmp_path / "nodrop"
     config = transformers.GPT2Config.from_pretrained(str(model_dir))
     config.attn_pdrop = config.resid_pdrop = config.embd_pdrop = 0.0
     config.save_pretrained(str(quiet))
-    runs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"nproc{nproc}"
-        done = subprocess.run(
-            [sys.executable, "-m", "bigbatch", "train",
-             *args(model_dir, data, f"--model.source=hf-config:{quiet / 'config.json'}",
-                   "--train.max_steps=3", "--train.eval_every=3", "--optim.name=adamw",
-                   "--data.eval_generations=0"),
-             "--nproc", str(nproc), "--out", str(out)],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-        runs[nproc] = ([r["loss"] for r in rows if "loss" in r],
-                       [r["val_loss"] for r in rows if "val_loss" in r],
-                       load_file(str(out / "model.safetensors")))
-    (loss1, val1, weights1), (loss2, val2, weights2) = runs[1], runs[2]
-    assert len(loss1) == len(loss2) == 3 and len(val1) == len(val2) == 2
-    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
-    np.testing.assert_allclose(val2, val1, rtol=1e-5)
-    assert weights1.keys() == weights2.keys()
-    for name, tensor in weights1.items():
-        torch.testing.assert_close(weights2[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    runs = runs_on_ranks(args(model_dir, data, f"--model.source=hf-config:{quiet / 'config.json'}",
+                              "--train.max_steps=3", "--train.eval_every=3",
+                              "--optim.name=adamw", "--data.eval_generations=0"), tmp_path)
+    assert_ranks_agree(runs, steps=3)
+    assert len(runs[1][1]) == 2  # before training and at the end
 
 
 def test_chat_rows_train_through_the_tokenizer_s_template(tiny, data, tmp_path):

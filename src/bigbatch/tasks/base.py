@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,3 +94,10 @@ class TaskRun:
     flops_per_token: int | None = None  # run_info.json's FLOPs (MFU); None: not counted
     closing_facts: Callable[[], dict[str, Any]] = field(default=lambda: {})  # for run_info
 
+
+def hold_out(num_texts: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of `num_texts` texts or rows: a seeded random `fraction` held
+    out (at least one), for a task whose data has no validation file."""
+    order = np.random.default_rng(seed).permutation(num_texts)
+    num_val = max(1, round(num_texts * fraction))
+    return np.sort(order[num_val:]), np.sort(order[:num_val])

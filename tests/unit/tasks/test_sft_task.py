@@ -131,7 +131,7 @@ def test_the_data_file_round_trip_and_exact_match_of_a_known_answer(tiny, tmp_pa
 
     _, tokenizer = tiny
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in sst2_rows(5)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in sst2_rows(20)))
     examples = tokenize_rows(read_rows(path), Fields(), tokenizer, shape="pair",
                              eot_id=tokenizer.eos_token_id)
     answer = tokenizer(examples[0].answer, add_special_tokens=False)["input_ids"]
@@ -152,6 +152,6 @@ def test_the_data_file_round_trip_and_exact_match_of_a_known_answer(tiny, tmp_pa
                         len(answer) + 3, 1024, fp32, DistInfo(), torch.device("cpu"))
     assert score == 1.0
     other = [e for e in examples if e.answer != examples[0].answer]
-    if other:
-        assert exact_match(Parrot(), other[:1], tokenizer.decode, tokenizer.eos_token_id,
+    assert other  # the rows hold both answers: the scorer must also say "wrong"
+    assert exact_match(Parrot(), other[:1], tokenizer.decode, tokenizer.eos_token_id,
                            len(answer) + 3, 1024, fp32, DistInfo(), torch.device("cpu")) == 0.0

@@ -38,7 +38,7 @@ from bigbatch.model.hf import (
     load_tokenizer,
     parse_source,
 )
-from bigbatch.tasks.base import TaskContext, TaskRun
+from bigbatch.tasks.base import TaskContext, TaskRun, hold_out
 from bigbatch.tasks.classify.batch import split_text_batch
 from bigbatch.tasks.classify.data import (
     ClassificationLoader,
@@ -60,13 +60,6 @@ class LabelledSplits:
     train: Windows
     val: Windows
     labels: list[str]
-
-
-def hold_out(num_texts: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) text indices: a seeded random `fraction` held out (at least one)."""
-    order = np.random.default_rng(seed).permutation(num_texts)
-    num_val = max(1, round(num_texts * fraction))
-    return np.sort(order[num_val:]), np.sort(order[:num_val])
 
 
 def first_texts_within(windows_tokens: list[int], doc_start: np.ndarray, budget: int) -> int:

@@ -26,7 +26,7 @@ from bigbatch.errors import UsageError
 from bigbatch.model.adapters import apply_adapter, describe_parameters, parameter_counts
 from bigbatch.model.hf import HFSource, describe_hf_model, load_tokenizer, parse_source, text_dims
 from bigbatch.model.hf_lm import build_hf_lm, require_packed_sequences, save_hf_model
-from bigbatch.tasks.base import TaskContext, TaskRun
+from bigbatch.tasks.base import TaskContext, TaskRun, hold_out
 from bigbatch.tasks.sft.evaluation import exact_match
 from bigbatch.tasks.sft.examples import Example, Fields, read_rows, row_shape, tokenize_rows
 from bigbatch.tasks.sft.loader import SFTLoader, eval_batches
@@ -62,13 +62,6 @@ def check_config(cfg: Config) -> HFSource:
     return source
 
 
-def held_out(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) indices: a seeded `fraction` of the rows held out (at least one)."""
-    order = np.random.default_rng(seed).permutation(count)
-    num_val = max(1, round(count * fraction))
-    return sorted(order[num_val:].tolist()), sorted(order[:num_val].tolist())
-
-
 def first_within(examples: list[Example], budget: int) -> list[Example]:
     """The leading examples whose tokens fit `budget` (at least one): the fixed validation set,
     like the language model's `train.eval_tokens`."""
@@ -90,7 +83,7 @@ def load_data(cfg: Config, source: HFSource) -> SFTData:
     if data.val_path:
         val_rows = read_rows(Path(data.val_path).expanduser())
     else:
-        keep, held = held_out(len(rows), data.val_fraction, cfg.train.seed)
+        keep, held = hold_out(len(rows), data.val_fraction, cfg.train.seed)
         rows, val_rows = [rows[i] for i in keep], [rows[i] for i in held]
 
     def tokenized(some: list[dict]) -> list[Example]:
