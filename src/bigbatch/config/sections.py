@@ -64,6 +64,10 @@ class DataConfig:
     eval_generations: int = option(64, "sft: held-out examples scored at each evaluation by exact "
                                        "match of a greedy generation with the reference "
                                        "response; 0 = off.")
+    packing: bool = option(True, "sft: pack examples into rows of seq_len with attention kept "
+                                 "inside each (true), or pad each micro-batch of whole examples "
+                                 "to its longest (false; any causal LM, no packed-sequence "
+                                 "support needed; costs the padding: README, SFT).")
     # train.task = "classify": `path` is the training file (TSV, CSV or JSONL).
     text_field: str = option("text", "The JSONL key or Parquet/datasets column of the text; "
                                      "classify: also the TSV/CSV header column.")

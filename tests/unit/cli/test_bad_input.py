@@ -95,6 +95,8 @@ TABLE = [
     Case("zero-keep", lambda c: c.train("--checkpoint.keep=0"), "checkpoint.keep = 0"),
     Case("indivisible-batch", lambda c: c.train("--batch.global_tokens=2000"),
          "not a whole number of micro-steps"),
+    Case("packing-off-for-lm", lambda c: c.train("--data.packing=false"),
+         "data.packing = false is for train.task = 'sft'"),
     Case("micro-batch-too-large", lambda c: c.train("--batch.micro_batch_size=64"),
          "larger than the per-rank batch"),
     Case("tracker-unknown", lambda c: c.train('--train.trackers=["comet"]'),

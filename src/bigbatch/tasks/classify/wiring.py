@@ -126,6 +126,9 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
                          "hf:DIR or hf-config:FILE")
     if cfg.model.loss_chunk_tokens:
         raise UsageError("model.loss_chunk_tokens is for language modelling; set it to 0")
+    if not cfg.data.packing:
+        raise UsageError("data.packing = false is for train.task = 'sft'; classify always pads "
+                         "each micro-batch to its longest window: set it true")
     if cfg.model.loss_kernel == "fused":
         raise UsageError("model.loss_kernel = 'fused' is for language modelling with the "
                          "built-in GPT; use 'auto' or 'standard'")

@@ -22,6 +22,7 @@ from bigbatch.engine.loop import TrainState, evaluate
 from bigbatch.engine.noise_scale import noise_scale_summary
 from bigbatch.engine.seeding import seed_everything, seed_rank_streams
 from bigbatch.engine.throughput import flops_per_token
+from bigbatch.errors import UsageError
 from bigbatch.model.adapters import (
     apply_adapter,
     base_model,
@@ -104,6 +105,9 @@ def startup_lines(cfg: Config, schedule: BatchSchedule, model: nn.Module) -> lis
 def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     from bigbatch.model.hf_lm import save_hf_model, with_model_tokenizer
 
+    if not cfg.data.packing:
+        raise UsageError("data.packing = false is for train.task = 'sft' (whole examples, "
+                         "padded); a language model trains on windows of its corpus: set true")
     cfg, hf_source = with_model_tokenizer(cfg)  # a Hugging Face LM tokenizes with its own
     dist, device, say = ctx.dist, ctx.device, ctx.say
     auto_micro_batch = cfg.batch.micro_batch_size == "auto"  # planned once the vocab is known

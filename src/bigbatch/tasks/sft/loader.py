@@ -57,6 +57,9 @@ class SFTLoader:
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "num_windows" not in state:  # padding.py's sampler: examples, not rows
+            raise UsageError("the checkpoint's data sampler drew padded examples (data.packing "
+                             "= false): resume it with --data.packing=false")
         self.sampler.load_state_dict(state)
 
 

@@ -1,6 +1,7 @@
 """The wiring of `train.task = "sft"`: prompt/response or chat rows, a pretrained causal LM (a
 Hugging Face model, or a bigbatch GPT after `bigbatch export RUN --format hf`), the loss on
-response tokens only, examples packed into rows with document masking, and evaluation by
+response tokens only, examples packed into rows with document masking (or, with
+`data.packing = false`, padded in token-budget micro-batches: padding.py), and evaluation by
 response loss and exact match. The rest (devices, ranks, optimizer, checkpoints, the loop) is
 train()'s, as for every task."""
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigbatch.batch import split_batch
+from bigbatch.batch import BatchSplit, split_batch
 from bigbatch.config.sections import Config
 from bigbatch.engine.batch_schedule import build_batch_schedule
 from bigbatch.engine.loop import TrainState, evaluate
@@ -31,14 +32,20 @@ from bigbatch.tasks.sft.evaluation import exact_match
 from bigbatch.tasks.sft.examples import Example, Fields, read_rows, row_shape, tokenize_rows
 from bigbatch.tasks.sft.loader import SFTLoader, eval_batches
 from bigbatch.tasks.sft.packing import PackedRows, pack_examples
+from bigbatch.tasks.sft.padding import (
+    PaddedExamples,
+    PaddedLoader,
+    pad_examples,
+    padded_eval_batches,
+)
 
 MODEL_HEAD = "causal-lm"  # the Task's model_head (tasks/sft/__init__.py), said here too
 
 
 @dataclass
 class SFTData:
-    train: PackedRows
-    val: PackedRows
+    train: PackedRows | PaddedExamples  # PaddedExamples with data.packing = false
+    val: PackedRows | PaddedExamples
     val_examples: list[Example]  # for exact match
     tokenizer: object
     eot_id: int
@@ -94,11 +101,21 @@ def load_data(cfg: Config, source: HFSource) -> SFTData:
     val = first_within(val, cfg.train.eval_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
 
-    def packed(examples: list[Example], seed: int) -> PackedRows:
-        return pack_examples([(e.ids, e.loss) for e in examples], data.seq_len, pad_id, seed)
+    def batched(examples: list[Example], seed: int) -> PackedRows | PaddedExamples:
+        pairs = [(e.ids, e.loss) for e in examples]
+        if not data.packing:
+            return pad_examples(pairs, data.seq_len, pad_id)
+        return pack_examples(pairs, data.seq_len, pad_id, seed)
 
-    return SFTData(packed(train, cfg.train.seed), packed(val, 0),
+    return SFTData(batched(train, cfg.train.seed), batched(val, 0),
                    val[:data.eval_generations], tokenizer, eot_id)
+
+
+def padded_batch(split: BatchSplit) -> str:
+    return (f"up to {split.global_tokens:,} tokens of whole examples per step, in micro-batches "
+            f"of up to {split.micro_batch_size} x {split.seq_len} = {split.micro_batch_tokens:,} "
+            f"padded tokens x {split.world_size} rank(s) (as many micro-steps as the examples' "
+            "lengths need)")
 
 
 def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
@@ -108,25 +125,35 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     data = load_data(cfg, source)
     vocab_size = len(data.tokenizer)
     train = data.train
-    say(f"data: {train.examples:,} training examples packed into {len(train.inputs):,} rows of "
-        f"{cfg.data.seq_len} tokens ({100 * train.fill:.1f}% filled), {data.val.examples:,} "
+    layout = (f"packed into {len(train.inputs):,} rows of {cfg.data.seq_len} tokens "
+              f"({100 * train.fill:.1f}% filled)" if cfg.data.packing else
+              f"of {train.lengths.mean():.1f} tokens on average, padded per micro-batch "
+              "(data.packing = false)")
+    say(f"data: {train.examples:,} training examples {layout}, {data.val.examples:,} "
         f"validation examples ({time.perf_counter() - started:.1f}s)")
     for name, rows in (("training", train), ("validation", data.val)):
         if rows.truncated:  # never silently: the cut tokens carry no loss
             say(f"data: {rows.truncated:,} {name} examples are longer than data.seq_len = "
                 f"{cfg.data.seq_len} tokens and were cut to it")
     if cfg.batch.micro_batch_size == "auto":
-        cfg = ctx.plan_micro_batch(cfg, vocab_size, train.inputs.nbytes * 3)
+        cfg = ctx.plan_micro_batch(cfg, vocab_size, (train.nbytes if not cfg.data.packing
+                                                      else train.inputs.nbytes * 3))
     split = split_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
                         dist.world_size)
     schedule = build_batch_schedule(cfg, split)
     seed_everything(cfg.train.seed)
     model = build_hf_lm(cfg, source, vocab_size)
-    require_packed_sequences(model, cfg.model.source)  # packed rows: documents kept apart
+    if cfg.data.packing:  # packed rows: documents kept apart by their positions
+        require_packed_sequences(model, cfg.model.source)
     model = apply_adapter(model, cfg.model, MODEL_HEAD).to(device)
     seed_rank_streams(cfg.train.seed, dist.rank)
-    loader = SFTLoader(train, split, dist.rank, cfg.train.seed)
-    val_batches = eval_batches(data.val, split.micro_batch_size, dist.rank, dist.world_size)
+    if cfg.data.packing:
+        loader = SFTLoader(train, split, dist.rank, cfg.train.seed)
+        val_batches = eval_batches(data.val, split.micro_batch_size, dist.rank, dist.world_size)
+    else:
+        loader = PaddedLoader(train, split, dist.rank, cfg.train.seed)
+        val_batches = padded_eval_batches(data.val, split.micro_batch_tokens, dist.rank,
+                                          dist.world_size)
     answers = [e for e in data.val_examples if e.answer is not None]
     max_new_tokens = 1 + max((len(data.tokenizer(e.answer, add_special_tokens=False)["input_ids"])
                               for e in answers), default=0)
@@ -156,10 +183,13 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     return TaskRun(
         cfg=cfg, schedule=schedule, model=model, loader=loader, evaluate=evaluation,
         start_lines=[describe_hf_model(model, source), describe_parameters(model),
-                     f"batch: {split.describe()}",
+                     f"batch: {split.describe() if cfg.data.packing else padded_batch(split)}",
                      "loss: response tokens only" + (" and prompts (data.loss_on_prompt)"
                                                      if cfg.data.loss_on_prompt else "")
-                     + ", exact mean over the step; attention within each packed example"],
+                     + ", exact mean over the step; " + (
+                         "attention within each packed example" if cfg.data.packing else
+                         "each example padded alone, micro-batches of up to "
+                         f"{split.micro_batch_tokens:,} padded tokens")],
         save=save, end_lines=end_lines, loss_sum_fn=lm_loss_sum,
         num_parameters=parameter_counts(model)[1],
         num_trainable_parameters=parameter_counts(model)[0],
