@@ -4,7 +4,8 @@ Each benchmark writes its own marked section of BENCHMARKS.md. Separate processe
 benchmark's threads, heap and imports from colouring the next one's numbers; running them one at
 a time keeps them from competing for the cores. Arguments after `--` go to every benchmark
 (e.g. `--no-write`). A benchmark that fails is reported and the rest still run; the exit status
-is non-zero if any failed.
+is non-zero if any failed. A benchmark whose optional dependency is missing says so in one line
+and exits 0 (bench_sft_trl without TRL: `make bench` installs the `bench` extra first).
 
     python benchmarks/run_all.py [NAME_SUBSTRING ...] [-- ARGS]
 """
