@@ -24,7 +24,9 @@ test: $(STAMP)
 	# elsewhere that one test skips and says why.
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
 		>/dev/null || true
-	$(PY) -m pytest -q
+	# Two workers (pytest-xdist), work-stealing: most tests run one thread (tests/conftest.py's
+	# single_thread), so a 2-core machine runs two at once; the torchrun tests take their own.
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 # The tests not marked slow (no torchrun, compile, browser or run of more than a few steps):
 # under 2 minutes on a 2-core CPU. tests/README.md says what is slow.
