@@ -209,3 +209,20 @@ def test_the_padded_validation_loss_is_the_packed_one(tiny):
                                          4 * 64, 0, 1)
     padded = evaluate(model, padded_batches, fp32, DistInfo(), cpu)
     assert padded == pytest.approx(packed, rel=1e-6)
+
+
+def test_bigbatch_config_says_the_padded_budgets_not_a_packed_micro_step_count():
+    """`bigbatch config` with packing off: the step's token budget and the micro-batch's padded
+    budget, not `num_micro_steps = ...` (the count follows the examples' lengths)."""
+    from bigbatch.config.files import load_config
+    from bigbatch.tasks.sft import SFT
+
+    common = ["--train.task=sft", "--data.seq_len=128", "--batch.global_tokens=16384",
+              "--batch.micro_batch_size=16"]
+    packed = SFT.describe_batch(load_config(None, common), 2)
+    padded = SFT.describe_batch(load_config(None, [*common, "--data.packing=false"]), 2)
+    assert any(line.startswith("num_micro_steps = ") for line in packed)
+    assert not any("num_micro_steps" in line for line in padded)
+    assert padded[0].startswith("up to 16,384 tokens of whole examples per step, in "
+                                "micro-batches of up to 16 x 128 = 2,048 padded tokens x 2")
+    assert padded[1:] == packed[2:]  # the lr scaling and the schedule, as packed

@@ -1,7 +1,8 @@
 """`train.task = "sft"`: supervised fine-tuning of a causal LM on prompt/response or chat rows,
 the loss on the responses only, one slice: examples.py (rows -> ids and loss masks), packing.py
 (examples -> rows, best-fit decreasing, positions restarting per example), loader.py (rows ->
-each rank's micro-batches), evaluation.py (exact match of greedy generations), wiring.py (the
+each rank's micro-batches), padding.py (`data.packing = false`: whole examples in padded
+token-budget micro-batches), evaluation.py (exact match of greedy generations), wiring.py (the
 run)."""
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ class SupervisedFineTuning(LanguageModelling):
     name = "sft"
     verifiable = False        # `bigbatch verify` builds the built-in GPT on token windows
     measures_critical_batch = False  # `bigbatch cbs` branches language-model runs
+
+    def describe_batch(self, cfg: Config, world_size: int) -> list[str]:
+        """Packed rows: language modelling's arithmetic. Padded (`data.packing = false`): the
+        micro-steps follow the examples' lengths, so say the budgets instead of a count."""
+        lines = super().describe_batch(cfg, world_size)
+        if cfg.data.packing or cfg.batch.micro_batch_size == "auto":
+            return lines
+        from bigbatch.batch import split_batch
+        from bigbatch.tasks.sft.padding import describe_padded_batch
+
+        split = split_batch(cfg.batch.global_tokens, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                            world_size)
+        return [describe_padded_batch(split), *lines[2:]]
 
     def prepare(self, cfg: Config, ctx: TaskContext) -> TaskRun:
         from bigbatch.tasks.sft.wiring import prepare

@@ -174,6 +174,13 @@ class PaddedLoader:
         self.sampler.load_state_dict(state)
 
 
+def describe_padded_batch(split: BatchSplit) -> str:
+    return (f"up to {split.global_tokens:,} tokens of whole examples per step, in micro-batches "
+            f"of up to {split.micro_batch_size} x {split.seq_len} = {split.micro_batch_tokens:,} "
+            f"padded tokens x {split.world_size} rank(s) (as many micro-steps as the examples' "
+            "lengths need)")
+
+
 def padded_eval_batches(examples: PaddedExamples, micro_batch_tokens: int, rank: int,
                         world_size: int) -> list[MicroBatch]:
     """Every validation example once, cut as a training step is and dealt to the ranks."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigbatch.batch import BatchSplit, split_batch
+from bigbatch.batch import split_batch
 from bigbatch.config.sections import Config
 from bigbatch.engine.batch_schedule import build_batch_schedule
 from bigbatch.engine.loop import TrainState, evaluate
@@ -35,6 +35,7 @@ from bigbatch.tasks.sft.packing import PackedRows, pack_examples
 from bigbatch.tasks.sft.padding import (
     PaddedExamples,
     PaddedLoader,
+    describe_padded_batch,
     pad_examples,
     padded_eval_batches,
 )
@@ -111,13 +112,6 @@ def load_data(cfg: Config, source: HFSource) -> SFTData:
                    val[:data.eval_generations], tokenizer, eot_id)
 
 
-def padded_batch(split: BatchSplit) -> str:
-    return (f"up to {split.global_tokens:,} tokens of whole examples per step, in micro-batches "
-            f"of up to {split.micro_batch_size} x {split.seq_len} = {split.micro_batch_tokens:,} "
-            f"padded tokens x {split.world_size} rank(s) (as many micro-steps as the examples' "
-            "lengths need)")
-
-
 def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     source = check_config(cfg)
     dist, device, say = ctx.dist, ctx.device, ctx.say
@@ -183,7 +177,7 @@ def prepare(cfg: Config, ctx: TaskContext) -> TaskRun:
     return TaskRun(
         cfg=cfg, schedule=schedule, model=model, loader=loader, evaluate=evaluation,
         start_lines=[describe_hf_model(model, source), describe_parameters(model),
-                     f"batch: {split.describe() if cfg.data.packing else padded_batch(split)}",
+                     f"batch: {split.describe() if cfg.data.packing else describe_padded_batch(split)}",
                      "loss: response tokens only" + (" and prompts (data.loss_on_prompt)"
                                                      if cfg.data.loss_on_prompt else "")
                      + ", exact mean over the step; " + (
