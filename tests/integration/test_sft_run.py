@@ -85,9 +85,11 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny, data, tmp_path, packi
     assert metric_rows(tmp_path / "resumed") == metric_rows(straight.out_dir)
 
 
-def test_two_ranks_equal_one_process(tiny, data, tmp_path):
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_two_ranks_equal_one_process(tiny, data, tmp_path, packing):
     """`--nproc 2` (gloo, DDP): every step's loss, the evaluations and the final weights equal
-    one process's, to fp32 rounding (the ranks sum their gradients in another order). Dropout
+    one process's, to fp32 rounding (the ranks sum their gradients in another order); packed
+    rows, and padded micro-batches dealt to the ranks in turn (a short rank runs fillers). Dropout
     off (each rank draws its own masks) and AdamW (Muon's bf16 Newton-Schulz on this CPU would
     widen that rounding to bf16's)."""
     model_dir, _ = tiny
@@ -97,7 +99,8 @@ def test_two_ranks_equal_one_process(tiny, data, tmp_path):
     config.save_pretrained(str(quiet))
     runs = runs_on_ranks(args(model_dir, data, f"--model.source=hf-config:{quiet / 'config.json'}",
                               "--train.max_steps=3", "--train.eval_every=3",
-                              "--optim.name=adamw", "--data.eval_generations=0"), tmp_path)
+                              "--optim.name=adamw", "--data.eval_generations=0",
+                              f"--data.packing={packing}"), tmp_path)
     assert_ranks_agree(runs, steps=3)
     assert len(runs[1][1]) == 2  # before training and at the end
 
