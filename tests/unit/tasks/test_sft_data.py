@@ -43,6 +43,20 @@ def test_a_pair_row_has_the_loss_on_its_response_and_end_of_text_only(tokenizer)
     assert with_prompt.loss.all()
 
 
+def test_batched_encoding_gives_the_ids_of_the_tokenizer_s_own_call(tokenizer):
+    """Rows are encoded in batches through the fast tokenizer's backend: the ids the
+    tokenizer's own `__call__` gives text by text, added special tokens and odd text included,
+    for a transformers tokenizer and a plain `tokenizers.Tokenizer`."""
+    from bigbatch.tasks.sft.examples import encode_batch
+
+    texts = ["Review: a gem\nSentiment:", " positive", "<|im_start|>user\nhi<|im_end|>",
+             "Ünïcödé\ttab  <|endoftext|>", " 日本語", ""]
+    expected = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert encode_batch(tokenizer, texts) == expected
+    assert encode_batch(tokenizer.backend_tokenizer, texts) == expected
+    assert expected[2][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # one token
+
+
 def test_a_chat_row_renders_what_the_template_renders_and_learns_the_assistant_turns(tokenizer):
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "2+2?"},

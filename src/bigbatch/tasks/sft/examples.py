@@ -114,10 +114,8 @@ def row_shape(rows: list[dict[str, Any]], fields: Fields, path: Path) -> str:
                      "data.response_field name them)")
 
 
-def pair_example(row: dict[str, Any], number: int, fields: Fields, encode, eot_id: int,
-                 loss_on_prompt: bool) -> Example:
-    """A prompt/response row: prompt ids, response ids, end of text; the loss on the response
-    and the end of text (the model learns to stop)."""
+def pair_texts(row: dict[str, Any], number: int, fields: Fields) -> tuple[str, str]:
+    """A prompt/response row's two texts, checked."""
     parts = []
     for key in (fields.prompt, fields.response):
         if key not in row:
@@ -130,7 +128,13 @@ def pair_example(row: dict[str, Any], number: int, fields: Fields, encode, eot_i
     if not response.strip():
         raise UsageError(f"SFT row {number} has an empty {fields.response!r}: every example "
                          "needs a response to learn (drop the row)")
-    prompt_ids, response_ids = encode(prompt), encode(response)
+    return prompt, response
+
+
+def pair_example(response: str, prompt_ids: list[int], response_ids: list[int], eot_id: int,
+                 loss_on_prompt: bool) -> Example:
+    """A prompt/response row: prompt ids, response ids, end of text; the loss on the response
+    and the end of text (the model learns to stop)."""
     ids = np.array([*prompt_ids, *response_ids, eot_id], dtype=np.int64)
     loss = np.zeros(len(ids), dtype=bool)
     loss[0 if loss_on_prompt else len(prompt_ids):] = True
@@ -184,11 +188,30 @@ def tokenize_rows(rows: list[dict[str, Any]], fields: Fields, tokenizer: Any, *,
                              "own), or prompt/response rows")
         return [chat_example(row, number, fields, tokenizer, loss_on_prompt)
                 for number, row in enumerate(rows, 1)]
-    if hasattr(tokenizer, "apply_chat_template"):  # transformers: no BOS/EOS added per part
-        def encode(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        def encode(text: str) -> list[int]:
-            return tokenizer.encode(text, add_special_tokens=False).ids
-    return [pair_example(row, number, fields, encode, eot_id, loss_on_prompt)
-            for number, row in enumerate(rows, 1)]
+    texts = [pair_texts(row, number, fields) for number, row in enumerate(rows, 1)]
+    examples = []
+    # Batches of texts, not one call a row: a fast tokenizer encodes a batch in Rust across
+    # threads (SST-2's 67K rows: 15 s one by one). Bounded so the id lists of a batch, not of
+    # the whole file, are held as Python lists at once.
+    for start in range(0, len(texts), ENCODE_BATCH):
+        chunk = texts[start:start + ENCODE_BATCH]
+        prompts = encode_batch(tokenizer, [prompt for prompt, _ in chunk])
+        responses = encode_batch(tokenizer, [response for _, response in chunk])
+        examples += [pair_example(response, prompt_ids, response_ids, eot_id, loss_on_prompt)
+                     for (_, response), prompt_ids, response_ids in zip(chunk, prompts, responses,
+                                                                         strict=True)]
+    return examples
+
+
+ENCODE_BATCH = 4096
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each text's ids, no special tokens (a prompt and its response are encoded apart). A fast
+    transformers tokenizer is asked through its `tokenizers` backend: the same ids, without the
+    per-text Python conversion of `__call__` (measured: a third of the time on SST-2)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "apply_chat_template"):  # a slow (Python) one
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    backend = backend or tokenizer  # or a `tokenizers.Tokenizer` itself
+    return [encoded.ids for encoded in backend.encode_batch(texts, add_special_tokens=False)]
