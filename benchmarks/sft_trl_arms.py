@@ -78,7 +78,10 @@ def trl_config(spec: dict, out: Path, **overrides):
         max_length=spec["seq_len"], seed=spec["seed"], data_seed=spec["seed"],
         bf16=spec["device"] == "cuda", use_cpu=spec["device"] == "cpu", report_to="none",
         save_strategy="no", eval_strategy="no", logging_steps=max(1, spec["steps"] // 4),
-        dataloader_num_workers=0, disable_tqdm=True)
+        dataloader_num_workers=0, disable_tqdm=True,
+        # SFTConfig's default is True; bigbatch recomputes nothing unless asked
+        # (model.activation_checkpointing): the same compute and memory trade on both sides.
+        gradient_checkpointing=False)
     return SFTConfig(**{**settings, **overrides})
 
 
