@@ -21,6 +21,14 @@ from bigbatch.errors import UsageError
 from bigbatch.tasks.sft.packing import PackedRows
 
 
+def require_full_length(shape: StepShape | None, split: BatchSplit) -> None:
+    """SFT keeps examples whole up to data.seq_len (packed or padded); check_config refuses a
+    sequence-length warmup at start-up, and a schedule that shortens a step anyway stops here."""
+    if shape is not None and shape.seq_len != split.seq_len:
+        raise UsageError("train.task = 'sft' keeps examples whole up to data.seq_len: a "
+                         "sequence-length warmup would cut them (data.seq_len_warmup_tokens = 0)")
+
+
 def rows_batch(rows: PackedRows, index: np.ndarray) -> MicroBatch:
     return MicroBatch(torch.from_numpy(rows.inputs[index]), torch.from_numpy(rows.targets[index]),
                       torch.from_numpy(rows.position_ids[index]))
@@ -41,10 +49,7 @@ class SFTLoader:
 
     def next_step(self, shape: StepShape | None = None) -> list[MicroBatch]:
         split = self.split
-        if shape is not None and shape.seq_len != split.seq_len:
-            raise UsageError("train.task = 'sft' packs whole examples into rows of data.seq_len: "
-                             "a sequence-length warmup would cut them (data.seq_len_warmup_tokens "
-                             "= 0)")
+        require_full_length(shape, split)
         num_micro_steps = shape.num_micro_steps if shape else split.num_micro_steps
         global_batch = self.sampler.next_global_batch(
             num_micro_steps * split.micro_batch_size * split.world_size)

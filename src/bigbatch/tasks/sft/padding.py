@@ -32,6 +32,7 @@ from bigbatch.batch import IGNORE_INDEX, BatchSplit, MicroBatch, StepShape
 from bigbatch.data.window_order import WindowOrder
 from bigbatch.errors import UsageError
 from bigbatch.tasks.classify.data import token_budget_cuts
+from bigbatch.tasks.sft.loader import require_full_length
 from bigbatch.tasks.sft.packing import example_pairs
 
 
@@ -158,10 +159,7 @@ class PaddedLoader:
 
     def next_step(self, shape: StepShape | None = None) -> list[MicroBatch]:
         split = self.split
-        if shape is not None and shape.seq_len != split.seq_len:
-            raise UsageError("train.task = 'sft' keeps examples whole up to data.seq_len: a "
-                             "sequence-length warmup would cut them (data.seq_len_warmup_tokens "
-                             "= 0)")
+        require_full_length(shape, split)
         chosen = self.sampler.next_step(shape.global_tokens if shape else split.global_tokens)
         self.last_step_tokens = int(self.examples.lengths[chosen].sum())  # all ranks, real
         return rank_micro_batches(self.examples, chosen, split.micro_batch_tokens, self.rank,
