@@ -1,9 +1,9 @@
 """SFT packed (`data.packing = true`) against padded (`false`) on configs/sft-sst2.toml's data: the
 share of computed positions that are real tokens, and real tokens/s of `bigbatch train` on a tiny
-GPT-2; table into BENCHMARKS.md.
+GPT-2, and each run's peak RSS; table into BENCHMARKS.md.
 
-    python benchmarks/bench_sft_padding.py              # 4 steps each way, 2-layer 64-wide GPT-2
-    python benchmarks/bench_sft_padding.py --steps 8 --rounds 2
+    python benchmarks/bench_sft_padding.py              # 8 steps each way, 2-layer 64-wide GPT-2
+    python benchmarks/bench_sft_padding.py --steps 18 --rounds 2
 
 Fill: the recipe's SST-2 rows (GPT-2 BPE; data.seq_len 128, micro_batch_size 16, global batch
 16,384 tokens) packed best-fit into rows, against one epoch of padded steps (each micro-batch
@@ -69,7 +69,7 @@ def tokens_per_s(out: Path) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="train.max_steps per run")
+    parser.add_argument("--steps", type=int, default=8, help="train.max_steps per run")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=64)
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 logged, micro_steps = tokens_per_s(out)
                 real = logged * (fill["packed_fill"] if packing == "true" else 1.0)
                 row = {"real_tokens_per_s": real, "micro_steps": micro_steps,
-                       "other_cores": child.other_cores}
+                       "other_cores": child.other_cores, "peak_rss_mib": child.peak_rss_mib,
+                       "cpu_s": child.cpu_s}
                 runs[packing].append(row)
                 print(f"round {round_index + 1} data.packing={packing}: {row}", flush=True)
     markdown = render(args, fill, runs)
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         write_section(SECTION, markdown)
     return 0
+
+
+def each(rows: list[dict[str, float]], key: str) -> str:
+    return ", ".join(f"{row[key]:,.0f}" for row in rows)
 
 
 def render(args: argparse.Namespace, fill: dict[str, float],
@@ -130,17 +135,20 @@ def render(args: argparse.Namespace, fill: dict[str, float],
         f"left out; {args.rounds} round(s); other processes used up to {worst:.2f} cores.",
         "",
         "| data.packing | real tokens / computed positions | micro-steps per step | "
-        "real tokens/s (each round) |",
-        "|---|---|---|---|",
+        "real tokens/s (each round) | peak RSS, MiB (each round) |",
+        "|---|---|---|---|---|",
         f"| true (packed) | {100 * fill['packed_fill']:.1f}% | {fill['packed_micro_steps']} | "
-        + ", ".join(f"{r['real_tokens_per_s']:,.0f}" for r in runs["true"]) + " |",
+        + each(runs["true"], "real_tokens_per_s") + " | " + each(runs["true"], "peak_rss_mib")
+        + " |",
         f"| false (padded) | {100 * fill['padded_fill']:.1f}% | "
-        f"{fill['padded_micro_steps']:.1f} | "
-        + ", ".join(f"{r['real_tokens_per_s']:,.0f}" for r in runs["false"]) + " |",
+        f"{fill['padded_micro_steps']:.1f} | " + each(runs["false"], "real_tokens_per_s")
+        + " | " + each(runs["false"], "peak_rss_mib") + " |",
         "",
         f"Real tokens/s, padded / packed, median of the rounds: {statistics.median(ratios):.3f}. "
         f"A padded step holds {fill['padded_step_tokens']:,.0f} real tokens on average (whole "
-        f"examples up to the {GLOBAL_TOKENS:,}-token budget).",
+        f"examples up to the {GLOBAL_TOKENS:,}-token budget). Peak RSS is the run's whole "
+        "process under the default `train.allocator = \"tuned\"` (glibc keeps freed memory): "
+        "padded shapes change every micro-step and fragment that heap (README, SFT).",
     ]
     return "\n".join(lines)
 
