@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, loadavg, machine_description, run_child, today, write_section  # noqa: E402
+from common import ROOT, compare_page, loadavg, machine_description, run_child, today, write_section  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PLOT = ROOT / "benchmarks" / "batch_choice.png"
@@ -215,10 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         plot(results, PLOT)
         markdown = render(results, levels, load, args.seeds)
         print(markdown)
-        compare = [str(scratch / f"{arm}-{SEEDS[0]}") for arm in ARMS]
-        run_child([sys.executable, "-m", "bigbatch", "compare", *compare, "--out",
-                   str(scratch / "compare.html")], scratch / "compare.log")
-        print(f"compare page: {scratch / 'compare.html'}")
+        compare = [scratch / f"{arm}-{SEEDS[0]}" for arm in ARMS]
+        compare_page(compare, scratch)
         if not args.no_write:
             write_section("bench_batch_choice", "## Batch choice: fixed, doubling, linear and "
                           "auto (tiny recipe, tinyshakespeare)\n\n" + markdown)

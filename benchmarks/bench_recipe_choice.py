@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_batch_choice import crossing, loss_levels, plot, spread, summarize_run  # noqa: E402
-from common import ROOT, machine_description, run_child, today, write_section  # noqa: E402
+from common import ROOT, compare_page, machine_description, run_child, today, write_section  # noqa: E402
 
 PLOT = ROOT / "benchmarks" / "recipe_choice.png"
 ARMS = {
@@ -137,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         plot(results, PLOT)
         markdown = render(results, levels, args, device_name)
         print(markdown)
-        compare = [str(scratch / f"{arm}-{budget}-{SEEDS[0]}") for arm, budget in arms]
-        run_child([sys.executable, "-m", "bigbatch", "compare", *compare, "--out",
-                   str(scratch / "compare.html")], scratch / "compare.log")
+        compare = [scratch / f"{arm}-{budget}-{SEEDS[0]}" for arm, budget in arms]
+        compare_page(compare, scratch)
         if not args.no_write:
             mean_final = {arm: statistics.fmean(r["final"] for r in rs)
                           for arm, rs in results.items()}

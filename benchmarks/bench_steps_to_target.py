@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_batch_choice import DATA, crossing, loss_levels, spread, summarize_run  # noqa: E402
-from common import ROOT, loadavg, machine_description, run_child, today, write_section  # noqa: E402
+from common import ROOT, compare_page, loadavg, machine_description, run_child, today, write_section  # noqa: E402
 
 PLOT = ROOT / "benchmarks" / "steps_to_target.png"
 SMALL, LARGE = 1024, 8192
@@ -281,10 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         plot(results, PLOT)
         markdown = render(results, levels, load, args.seeds, args.budget_tokens, command)
         print(markdown)
-        compare = [str(scratch / f"{arm}-{SEEDS[0]}") for arm in arms]
-        run_child([sys.executable, "-m", "bigbatch", "compare", *compare, "--out",
-                   str(scratch / "compare.html")], scratch / "compare.log")
-        print(f"compare page: {scratch / 'compare.html'}")
+        compare = [scratch / f"{arm}-{SEEDS[0]}" for arm in arms]
+        compare_page(compare, scratch)
         if not args.no_write:
             write_section("bench_steps_to_target", "## Steps to a target loss: AdamW or Muon, "
                           "fixed or auto batch, cosine or WSD (tiny recipe, tinyshakespeare)\n\n"

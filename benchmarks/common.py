@@ -16,6 +16,7 @@ import platform
 import re
 import resource
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,16 @@ def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None
                     peak_rss_mib=usage.ru_maxrss / 1024,  # Linux reports KiB
                     other_cores=max(others, 0.0) / wall, loadavg_before=load_before,
                     log=log_path.read_text())
+
+
+def compare_page(run_dirs: list[Path], scratch: Path) -> Path:
+    """`bigbatch compare` of `run_dirs` into SCRATCH/compare.html (one seed of every arm: the
+    curves to look at beside a benchmark's table); says where it is."""
+    page = scratch / "compare.html"
+    run_child([sys.executable, "-m", "bigbatch", "compare", *map(str, run_dirs), "--out",
+               str(page)], scratch / "compare.log")
+    print(f"compare page: {page}")
+    return page
 
 
 def matmul_peak(dtype_name: str, threads: int, seconds: float = 1.0) -> float:
